@@ -1,0 +1,48 @@
+"""The desired adapter set: what the operator tells every sidecar of a base model to serve.
+
+The operator writes it into one ConfigMap per BaseModelDeployment; sidecars watch that object, so a
+change reaches every replica within a watch round-trip and never restarts a pod.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from loraplex.api.types import AdapterFormat, Model, Runtime
+
+DATA_KEY = "adapters.json"
+
+
+class DesiredAdapter(Model):
+    name: str = Field(description="LoraAdapter metadata.name, where the sidecar reports status.")
+    uid: str
+    generation: int = Field(description="LoraAdapter generation this entry was rendered from.")
+    served_name: str
+    source: str
+    format: AdapterFormat = AdapterFormat.AUTO
+    expected_rank: int | None = None
+    sha256: str | None = None
+
+
+class AdapterLimits(Model):
+    max_rank: int
+    allowed_formats: list[AdapterFormat]
+    allowed_target_modules: list[str] | None = None
+
+
+class AdapterSet(Model):
+    base_model: str
+    runtime: Runtime
+    limits: AdapterLimits
+    adapters: list[DesiredAdapter]
+
+    def to_configmap_data(self) -> dict[str, str]:
+        return {DATA_KEY: json.dumps(self.to_wire(), indent=1, sort_keys=True)}
+
+    @classmethod
+    def from_configmap_data(cls, data: dict[str, str]) -> AdapterSet:
+        if DATA_KEY not in data:
+            raise ValueError(f"ConfigMap has no {DATA_KEY} key")
+        return cls.model_validate_json(data[DATA_KEY])

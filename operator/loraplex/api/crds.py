@@ -1,0 +1,139 @@
+"""Render the CustomResourceDefinitions from the pydantic API types.
+
+Pydantic emits JSON Schema; Kubernetes wants a *structural* OpenAPI v3 schema: every node typed,
+no $ref, no anyOf-with-null, no titles, free-form objects marked x-kubernetes-preserve-unknown-fields.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from loraplex.api.types import GROUP, RESOURCES, VERSION, ResourceDefinition
+
+CATEGORY = "loraplex"
+# In the order they appear in the YAML, so `kubectl explain` and reviewers read type and description first.
+_KEPT_KEYWORDS = (
+    "type", "description", "enum", "default", "pattern", "minimum", "maximum", "minLength", "maxLength",
+    "minItems", "maxItems", "format",
+)
+
+
+def _structural(node: dict[str, Any], defs: dict[str, Any], keep_defaults: bool) -> dict[str, Any]:
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+        return _structural(merged, defs, keep_defaults)
+    if "anyOf" in node:
+        variants = [v for v in node["anyOf"] if v.get("type") != "null"]
+        if len(variants) != 1:
+            raise ValueError(f"cannot express a union of {len(variants)} types structurally: {node}")
+        merged = {**variants[0], **{k: v for k, v in node.items() if k != "anyOf"}}
+        return _structural(merged, defs, keep_defaults)
+
+    out: dict[str, Any] = {"type": node.get("type", "string" if "enum" in node else None)}
+    for key in _KEPT_KEYWORDS:
+        if key not in node or key == "type":
+            continue
+        if key == "default" and (node["default"] is None or not keep_defaults):
+            continue
+        out[key] = copy.deepcopy(node[key])
+    if out["type"] is None:
+        raise ValueError(f"schema node has no type: {node}")
+
+    if node.get("type") == "object":
+        properties = node.get("properties")
+        additional = node.get("additionalProperties")
+        if properties:
+            out["properties"] = {
+                name: _structural(sub, defs, keep_defaults) for name, sub in properties.items()
+            }
+            required = node.get("required")
+            if required:
+                out["required"] = sorted(required)
+        elif isinstance(additional, dict) and additional:
+            out["additionalProperties"] = _structural(additional, defs, keep_defaults)
+        else:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif node.get("type") == "array":
+        out["items"] = _structural(node["items"], defs, keep_defaults)
+    return out
+
+
+def openapi_schema(resource: ResourceDefinition) -> dict[str, Any]:
+    spec = resource.spec.model_json_schema(by_alias=True, mode="validation")
+    status = resource.status.model_json_schema(by_alias=True, mode="validation")
+    spec_schema = _structural(spec, spec.get("$defs", {}), keep_defaults=True)
+    status_schema = _structural(status, status.get("$defs", {}), keep_defaults=False)
+    spec_schema["description"] = f"Desired state of the {resource.kind}, written by its user."
+    status_schema["description"] = f"Observed state of the {resource.kind}, written by loraplex."
+    return {
+        "type": "object",
+        "description": resource.description,
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+    }
+
+
+def render_crd(resource: ResourceDefinition) -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{resource.plural}.{GROUP}"},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.singular,
+                "shortNames": resource.short_names,
+                "categories": [CATEGORY],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": resource.printer_columns,
+                    "schema": {"openAPIV3Schema": openapi_schema(resource)},
+                }
+            ],
+        },
+    }
+
+
+class _NoAliasDumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def crd_files() -> dict[str, str]:
+    """File name → YAML text for every CRD, exactly as committed under crds/."""
+    header = "# Generated by `loraplex crds` from loraplex/api/types.py. Do not edit by hand.\n"
+    return {
+        f"{resource.plural}.yaml": header
+        + yaml.dump(render_crd(resource), Dumper=_NoAliasDumper, sort_keys=False, width=100)
+        for resource in RESOURCES
+    }
+
+
+def write_crds(directory: Path) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, text in crd_files().items():
+        path = directory / name
+        path.write_text(text)
+        written.append(path)
+    return written

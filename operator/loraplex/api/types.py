@@ -1,0 +1,412 @@
+"""The loraplex API: spec and status of BaseModelDeployment and LoraAdapter.
+
+These pydantic models are the single source of truth: `loraplex.api.crds` turns them into the
+CustomResourceDefinitions in `crds/`, the operator parses custom resources with them, and the
+sidecar reads the desired adapter set the operator renders from them.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "loraplex.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# A served name is both the model name clients send and, for NIM, a folder name under the PEFT source.
+SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+SOURCE_URI = r"^(s3|gs|https|hf|file)://.+$"
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$"
+MAX_LORA_RANK = 1024
+
+
+class Model(BaseModel):
+    """Base for every API type: camelCase on the wire, unknown fields refused."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def nested(model: type[Model], description: str) -> Any:
+    """A sub-object that is always present, so the API server fills in its own defaults."""
+    return Field(default_factory=model, description=description, json_schema_extra={"default": {}})
+
+
+class Runtime(enum.StrEnum):
+    VLLM = "vllm"
+    NIM = "nim"
+
+
+class AdapterFormat(enum.StrEnum):
+    AUTO = "auto"
+    HF = "hf"
+    NEMO = "nemo"
+    TRTLLM = "trtllm"
+
+
+# Which adapter formats each runtime can load. vLLM reads Hugging Face PEFT only; NIM reads NeMo
+# and Hugging Face adapters, and TensorRT-LLM adapters on its TensorRT-LLM backend.
+RUNTIME_FORMATS: dict[Runtime, frozenset[AdapterFormat]] = {
+    Runtime.VLLM: frozenset({AdapterFormat.HF}),
+    Runtime.NIM: frozenset({AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM}),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditions (Kubernetes API conventions)
+
+
+class ConditionStatus(enum.StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(Model):
+    """The latest observation of one aspect of the object's state."""
+
+    type: str = Field(description="Type of condition in CamelCase, e.g. Ready.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(default="", description="A human-readable sentence about the transition.")
+    observed_generation: int | None = Field(
+        default=None, description="The .metadata.generation this condition was computed from."
+    )
+    last_transition_time: str | None = Field(
+        default=None, description="When the status last changed (RFC 3339)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# BaseModelDeployment
+
+
+class GpuSpec(Model):
+    count: int = Field(default=1, ge=0, le=64, description="GPUs per replica.")
+    resource_name: str = Field(
+        default="nvidia.com/gpu", description="Extended resource name the GPUs are requested under."
+    )
+
+
+class ComputeResources(Model):
+    """CPU, memory and ephemeral storage for the inference container (GPUs are set in `gpus`)."""
+
+    requests: dict[str, Annotated[str, Field(pattern=QUANTITY)]] | None = Field(
+        default=None, description="Resource requests, e.g. {cpu: '4', memory: 32Gi}."
+    )
+    limits: dict[str, Annotated[str, Field(pattern=QUANTITY)]] | None = Field(
+        default=None, description="Resource limits, e.g. {memory: 48Gi}."
+    )
+
+
+class EnvVar(Model):
+    name: str = Field(min_length=1, description="Environment variable name.")
+    value: str | None = Field(default=None, description="Literal value.")
+    value_from: dict[str, Any] | None = Field(
+        default=None, description="A Kubernetes EnvVarSource (secretKeyRef, configMapKeyRef, fieldRef...)."
+    )
+
+
+class EmptyDirVolume(Model):
+    size_limit: str = Field(default="20Gi", pattern=QUANTITY, description="Size limit of the emptyDir.")
+    medium: Literal["", "Memory"] = Field(default="", description="'' for node disk, Memory for tmpfs.")
+
+
+class ClaimVolume(Model):
+    claim_name: str = Field(pattern=DNS_LABEL, description="Name of an existing PersistentVolumeClaim.")
+
+
+class PeftSourceSpec(Model):
+    """Where adapters live inside the pod: the sidecar writes them, the runtime reads them."""
+
+    mount_path: str = Field(
+        default="/loras", pattern=r"^/.*", description="Mount path in both containers (NIM_PEFT_SOURCE)."
+    )
+    empty_dir: EmptyDirVolume | None = Field(
+        default=None, description="Per-pod scratch volume (the default when no claim is given)."
+    )
+    persistent_volume_claim: ClaimVolume | None = Field(
+        default=None, description="Existing PVC to keep adapters across pod restarts."
+    )
+
+
+class CacheVolumeSpec(Model):
+    """Model weights cache (NIM: /opt/nim/.cache; vLLM: the Hugging Face cache)."""
+
+    empty_dir: EmptyDirVolume | None = Field(default=None, description="Scratch cache per pod.")
+    persistent_volume_claim: ClaimVolume | None = Field(
+        default=None, description="Existing PVC so weights are downloaded once."
+    )
+
+
+class LoraLimits(Model):
+    max_gpu_loras: int = Field(
+        default=8, ge=1, le=1024, description="Adapters resident on the GPU at once (--max-loras)."
+    )
+    max_cpu_loras: int = Field(
+        default=16, ge=1, le=100000, description="Adapters cached in host memory (--max-cpu-loras)."
+    )
+    max_rank: int = Field(
+        default=64, ge=1, le=MAX_LORA_RANK, description="Largest LoRA rank accepted (--max-lora-rank)."
+    )
+    allowed_formats: list[AdapterFormat] | None = Field(
+        default=None,
+        description="Adapter formats accepted; defaults to every format the runtime can load.",
+    )
+    allowed_target_modules: list[str] | None = Field(
+        default=None, description="If set, adapters may only target these modules."
+    )
+    refresh_interval_seconds: int = Field(
+        default=10, ge=1, le=3600, description="How often NIM rescans its PEFT source."
+    )
+
+
+class S3Settings(Model):
+    endpoint: str | None = Field(
+        default=None, pattern=r"^https?://.+", description="S3-compatible endpoint; AWS when unset."
+    )
+    region: str | None = Field(default=None, description="S3 region.")
+    force_path_style: bool = Field(default=False, description="Use path-style bucket addressing.")
+
+
+class AdapterStoreVolume(Model):
+    """A shared volume of adapters read through file:// URIs."""
+
+    claim_name: str = Field(pattern=DNS_LABEL, description="PersistentVolumeClaim holding adapters.")
+    mount_path: str = Field(default="/adapter-store", pattern=r"^/.*", description="Where it is mounted.")
+
+
+class StorageSpec(Model):
+    """How the sidecar reaches adapter sources."""
+
+    credentials_secret: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL,
+        description=(
+            "Secret whose keys become the sidecar's environment (AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS_JSON, HF_TOKEN, HTTP_BEARER_TOKEN)."
+        ),
+    )
+    s3: S3Settings | None = Field(default=None, description="S3 endpoint settings.")
+    adapter_store: AdapterStoreVolume | None = Field(
+        default=None, description="PVC mounted read-only in the sidecar for file:// sources."
+    )
+    service_account_annotations: dict[str, str] | None = Field(
+        default=None, description="Annotations for the pod's ServiceAccount (workload identity)."
+    )
+
+
+class SidecarSpec(Model):
+    image: str | None = Field(default=None, description="Sidecar image; the operator's default when unset.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Pull policy of the sidecar image."
+    )
+    resources: ComputeResources | None = Field(default=None, description="Sidecar resources.")
+    max_concurrent_downloads: int = Field(default=4, ge=1, le=64, description="Parallel adapter downloads.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
+
+
+class BaseModelDeploymentSpec(Model):
+    model: str = Field(min_length=1, description="Model name the runtime serves (also clients' base model).")
+    model_source: str | None = Field(
+        default=None,
+        description="What vLLM loads (path or Hugging Face id); defaults to `model`. Ignored by NIM.",
+    )
+    runtime: Runtime = Field(description="Inference runtime: vllm or nim.")
+    image: str = Field(min_length=1, description="Inference runtime image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        default=None, description="Pull policy of the runtime image."
+    )
+    image_pull_secrets: list[str] | None = Field(default=None, description="Secrets used to pull images.")
+    replicas: int = Field(default=1, ge=0, le=1000, description="Inference pods.")
+    port: int = Field(default=8000, ge=1, le=65535, description="OpenAI-compatible HTTP port.")
+    gpus: GpuSpec = nested(GpuSpec, "GPUs per replica.")
+    resources: ComputeResources | None = Field(default=None, description="Other inference resources.")
+    node_selector: dict[str, str] | None = Field(default=None, description="Pod node selector.")
+    tolerations: list[dict[str, Any]] | None = Field(default=None, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(default=None, description="Pod affinity (a Kubernetes Affinity).")
+    env: list[EnvVar] | None = Field(default=None, description="Extra environment of the runtime.")
+    env_from_secrets: list[str] | None = Field(
+        default=None, description="Secrets exposed whole as runtime environment, e.g. one holding NGC_API_KEY."
+    )
+    runtime_args: list[str] | None = Field(default=None, description="Extra runtime arguments (vLLM).")
+    shm_size: str = Field(default="16Gi", pattern=QUANTITY, description="Size of /dev/shm.")
+    peft_source: PeftSourceSpec = nested(PeftSourceSpec, "PEFT source volume shared by runtime and sidecar.")
+    cache: CacheVolumeSpec | None = Field(default=None, description="Model cache volume.")
+    lora: LoraLimits = nested(LoraLimits, "LoRA limits, enforced by the operator and the sidecar.")
+    storage: StorageSpec | None = Field(default=None, description="Adapter storage access.")
+    sidecar: SidecarSpec = nested(SidecarSpec, "loraplex sidecar settings.")
+
+
+class BaseModelDeploymentStatus(Model):
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    replicas: int | None = Field(default=None, description="Pods of the current Deployment.")
+    ready_replicas: int | None = Field(default=None, description="Pods ready to serve.")
+    adapters: int | None = Field(default=None, description="Adapters that target this base model.")
+    adapters_ready: int | None = Field(default=None, description="Adapters Ready on every replica.")
+    endpoint: str | None = Field(default=None, description="OpenAI-compatible endpoint (Service DNS).")
+    conditions: list[Condition] | None = Field(default=None, description="Observations of the state.")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoraAdapter
+
+
+class LoraAdapterSpec(Model):
+    base_model: str = Field(pattern=DNS_LABEL, description="BaseModelDeployment (same namespace) to serve on.")
+    served_name: str | None = Field(
+        default=None,
+        pattern=SERVED_NAME,
+        max_length=128,
+        description="Model name clients request; defaults to metadata.name.",
+    )
+    source: str = Field(
+        pattern=SOURCE_URI,
+        description="Where the adapter is: s3://, gs://, https://, hf://org/repo@revision or file:// URI.",
+    )
+    format: AdapterFormat = Field(default=AdapterFormat.AUTO, description="auto, hf, nemo or trtllm.")
+    expected_rank: int | None = Field(
+        default=None, ge=1, le=MAX_LORA_RANK, description="Rank the adapter must have, if known."
+    )
+    sha256: str | None = Field(
+        default=None, pattern=r"^[a-f0-9]{64}$", description="SHA-256 of the single adapter file or archive."
+    )
+
+
+class ReplicaState(enum.StrEnum):
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    VALIDATING = "Validating"
+    LOADED = "Loaded"
+    FAILED = "Failed"
+    UNLOADING = "Unloading"
+
+
+class FailureReason(enum.StrEnum):
+    """Why a replica could not serve an adapter; decides which condition turns False."""
+
+    VALIDATION_FAILED = "ValidationFailed"
+    CHECKSUM_MISMATCH = "ChecksumMismatch"
+    SOURCE_NOT_FOUND = "SourceNotFound"
+    ACCESS_DENIED = "AccessDenied"
+    DOWNLOAD_FAILED = "DownloadFailed"
+    DISK_FULL = "DiskFull"
+    LOAD_FAILED = "LoadFailed"
+    RUNTIME_UNAVAILABLE = "RuntimeUnavailable"
+
+
+class ReplicaAdapterStatus(Model):
+    """One replica's view of one adapter, written by that replica's sidecar."""
+
+    state: ReplicaState = Field(description="Pending, Downloading, Validating, Loaded, Failed or Unloading.")
+    reason: str | None = Field(default=None, description="CamelCase reason when Failed.")
+    message: str | None = Field(default=None, description="A sentence on the failure or progress.")
+    observed_generation: int | None = Field(
+        default=None, description="Adapter generation this replica acted on."
+    )
+    bytes_done: int | None = Field(default=None, ge=0, description="Bytes downloaded so far.")
+    bytes_total: int | None = Field(default=None, ge=0, description="Total bytes to download.")
+    format: AdapterFormat | None = Field(default=None, description="Detected format.")
+    rank: int | None = Field(default=None, description="Detected LoRA rank.")
+    target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
+    size_bytes: int | None = Field(default=None, ge=0, description="Adapter size on disk.")
+    updated: str | None = Field(default=None, description="When this entry was written (RFC 3339).")
+
+
+class AdapterPhase(enum.StrEnum):
+    PENDING = "Pending"
+    LOADING = "Loading"
+    READY = "Ready"
+    FAILED = "Failed"
+    TERMINATING = "Terminating"
+
+
+class LoraAdapterStatus(Model):
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    phase: AdapterPhase | None = Field(default=None, description="Pending, Loading, Ready, Failed, Terminating.")
+    served_name: str | None = Field(default=None, description="Model name clients request.")
+    format: AdapterFormat | None = Field(default=None, description="Detected adapter format.")
+    rank: int | None = Field(default=None, description="Detected LoRA rank.")
+    target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
+    size_bytes: int | None = Field(default=None, description="Adapter size in bytes.")
+    replicas: int | None = Field(default=None, description="Replicas of the base model.")
+    ready_replicas: int | None = Field(default=None, description="Replicas serving this adapter.")
+    replica_status: dict[str, ReplicaAdapterStatus] | None = Field(
+        default=None, description="Per-replica state keyed by pod name, written by each pod's sidecar."
+    )
+    conditions: list[Condition] | None = Field(default=None, description="Validated, Synced and Ready.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole resources: what the CRDs describe.
+
+
+class ResourceDefinition(BaseModel):
+    """How one kind is published: names, printer columns, the spec and status models."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    description: str
+    spec: type[Model]
+    status: type[Model]
+    printer_columns: list[dict[str, Any]]
+
+
+BASE_MODEL_DEPLOYMENT = ResourceDefinition(
+    kind="BaseModelDeployment",
+    plural="basemodeldeployments",
+    singular="basemodeldeployment",
+    short_names=["bmd"],
+    description=(
+        "A base model served by a multi-LoRA inference runtime (vLLM or NIM) on GPUs, with the loraplex "
+        "sidecar in every pod to sync and load the LoraAdapters that target it."
+    ),
+    spec=BaseModelDeploymentSpec,
+    status=BaseModelDeploymentStatus,
+    printer_columns=[
+        {"name": "Runtime", "type": "string", "jsonPath": ".spec.runtime"},
+        {"name": "Model", "type": "string", "jsonPath": ".spec.model"},
+        {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Adapters", "type": "integer", "jsonPath": ".status.adapters"},
+        {"name": "Adapters-Ready", "type": "integer", "jsonPath": ".status.adaptersReady"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+)
+
+LORA_ADAPTER = ResourceDefinition(
+    kind="LoraAdapter",
+    plural="loraadapters",
+    singular="loraadapter",
+    short_names=["lora"],
+    description=(
+        "A LoRA adapter served by name on a BaseModelDeployment: synced from its source into every "
+        "replica, validated, and loaded into the runtime."
+    ),
+    spec=LoraAdapterSpec,
+    status=LoraAdapterStatus,
+    printer_columns=[
+        {"name": "Base-Model", "type": "string", "jsonPath": ".spec.baseModel"},
+        {"name": "Served-Name", "type": "string", "jsonPath": ".status.servedName"},
+        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+        {"name": "Format", "type": "string", "jsonPath": ".status.format", "priority": 1},
+        {"name": "Rank", "type": "integer", "jsonPath": ".status.rank", "priority": 1},
+        {"name": "Source", "type": "string", "jsonPath": ".spec.source", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+)
+
+RESOURCES = [BASE_MODEL_DEPLOYMENT, LORA_ADAPTER]

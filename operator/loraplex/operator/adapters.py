@@ -1,0 +1,228 @@
+"""Pure decisions about LoraAdapters: is one acceptable, which ones form a base model's desired set,
+and what each one's status should say given what the replicas reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pydantic
+
+from loraplex.api.adapter_set import DesiredAdapter
+from loraplex.api.conditions import condition
+from loraplex.api.sources import InvalidSource, parse_source
+from loraplex.api.types import (
+    AdapterFormat,
+    AdapterPhase,
+    BaseModelDeploymentSpec,
+    FailureReason,
+    LoraAdapterSpec,
+    ReplicaState,
+)
+from loraplex.operator.render import adapter_limits
+
+FINALIZER = "loraplex.io/adapter-cleanup"
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterView:
+    """The parts of a LoraAdapter object the operator decides on."""
+
+    namespace: str
+    name: str
+    uid: str
+    generation: int
+    created: str
+    deleting: bool
+    finalizers: tuple[str, ...]
+    spec: LoraAdapterSpec | None
+    spec_error: str | None
+    status: dict[str, Any]
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> AdapterView:
+        meta = body.get("metadata") or {}
+        spec, error = None, None
+        try:
+            spec = LoraAdapterSpec.model_validate(body.get("spec") or {})
+        except pydantic.ValidationError as exc:
+            error = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return cls(
+            namespace=meta.get("namespace", ""), name=meta["name"], uid=meta.get("uid", ""),
+            generation=int(meta.get("generation") or 1), created=meta.get("creationTimestamp") or "",
+            deleting=bool(meta.get("deletionTimestamp")), finalizers=tuple(meta.get("finalizers") or ()),
+            spec=spec, spec_error=error, status=dict(body.get("status") or {}),
+        )
+
+    @property
+    def base_model(self) -> str | None:
+        return self.spec.base_model if self.spec else None
+
+    @property
+    def served_name(self) -> str:
+        return (self.spec.served_name if self.spec else None) or self.name
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str
+    message: str
+
+
+ACCEPTED = Verdict(True, "SpecAccepted", "The adapter spec fits its base model's limits.")
+
+
+def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | None,
+                  siblings: list[AdapterView]) -> Verdict:
+    """Whether the operator hands this adapter to its base model's sidecars, and if not, why.
+
+    `siblings` are the other live adapters naming the same base model; among adapters claiming the
+    same served name, the oldest (then the first by name) keeps it.
+    """
+    if adapter.spec is None:
+        return Verdict(False, "InvalidSpec", adapter.spec_error or "The spec could not be read.")
+    spec = adapter.spec
+    base_name = spec.base_model
+    if base_model is None:
+        return Verdict(False, "BaseModelNotFound",
+                       f"BaseModelDeployment {base_name!r} does not exist in namespace {adapter.namespace!r}; "
+                       "the adapter waits for it.")
+    try:
+        source = parse_source(spec.source)
+    except InvalidSource as exc:
+        return Verdict(False, "InvalidSource", str(exc))
+    limits = adapter_limits(base_model)
+    if spec.format != AdapterFormat.AUTO and spec.format not in limits.allowed_formats:
+        allowed = ", ".join(f.value for f in limits.allowed_formats) or "none"
+        return Verdict(False, "FormatNotAllowed",
+                       f"format {spec.format.value} is not accepted by base model {base_name!r} "
+                       f"(runtime {base_model.runtime.value}; allowed: {allowed}).")
+    if spec.expected_rank is not None and spec.expected_rank > limits.max_rank:
+        return Verdict(False, "RankTooHigh",
+                       f"expectedRank {spec.expected_rank} exceeds base model {base_name!r} "
+                       f"lora.maxRank {limits.max_rank}.")
+    if source.scheme == "file":
+        store = base_model.storage.adapter_store if base_model.storage else None
+        if store is None:
+            return Verdict(False, "InvalidSource",
+                           f"file:// sources need spec.storage.adapterStore on base model {base_name!r}.")
+        if not (source.path + "/").startswith(store.mount_path.rstrip("/") + "/"):
+            return Verdict(False, "InvalidSource",
+                           f"source path {source.path!r} is outside the adapter store mounted at "
+                           f"{store.mount_path!r}.")
+    if adapter.served_name == base_model.model:
+        return Verdict(False, "DuplicateServedName",
+                       f"served name {adapter.served_name!r} is the base model's own name.")
+    rivals = [s for s in siblings if s.uid != adapter.uid and not s.deleting and s.spec is not None
+              and s.served_name == adapter.served_name]
+    for rival in rivals:
+        if (rival.created, rival.name) < (adapter.created, adapter.name):
+            return Verdict(False, "DuplicateServedName",
+                           f"served name {adapter.served_name!r} is already used by LoraAdapter {rival.name!r} "
+                           f"on base model {base_name!r}.")
+    return ACCEPTED
+
+
+def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[AdapterView]) -> list[DesiredAdapter]:
+    """The adapters a base model's sidecars should hold: every live, accepted one."""
+    desired = []
+    for adapter in adapters:
+        if adapter.deleting or adapter.spec is None:
+            continue
+        if not check_adapter(adapter, base_model, adapters).accepted:
+            continue
+        spec = adapter.spec
+        desired.append(DesiredAdapter(
+            name=adapter.name, uid=adapter.uid, generation=adapter.generation, served_name=adapter.served_name,
+            source=spec.source, format=spec.format, expected_rank=spec.expected_rank, sha256=spec.sha256,
+        ))
+    return desired
+
+
+_VALIDATION_FAILURES = {FailureReason.VALIDATION_FAILED.value, FailureReason.CHECKSUM_MISMATCH.value}
+_SYNC_FAILURES = {FailureReason.DOWNLOAD_FAILED.value, FailureReason.SOURCE_NOT_FOUND.value,
+                  FailureReason.ACCESS_DENIED.value, FailureReason.DISK_FULL.value}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterStatusUpdate:
+    status: dict[str, Any]  # every operator-owned status field, conditions without transition times
+    stale_replicas: list[str]  # replicaStatus keys of pods that no longer exist
+
+    @property
+    def phase(self) -> str:
+        return self.status["phase"]
+
+
+def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str]) -> AdapterStatusUpdate:
+    generation = adapter.generation
+    reported: dict[str, dict[str, Any]] = adapter.status.get("replicaStatus") or {}
+    stale = sorted(pod for pod in reported if pod not in live_replicas)
+    current = {pod: entry for pod, entry in reported.items()
+               if pod in live_replicas and entry.get("observedGeneration") == generation}
+    loaded = sorted(pod for pod, entry in current.items() if entry.get("state") == ReplicaState.LOADED.value)
+    failed = sorted(pod for pod, entry in current.items() if entry.get("state") == ReplicaState.FAILED.value)
+    replicas = len(live_replicas)
+
+    def conditions(validated: tuple[bool | None, str, str], synced: tuple[bool | None, str, str],
+                   ready: tuple[bool | None, str, str]) -> list[dict[str, Any]]:
+        return [condition("Validated", *validated, generation), condition("Synced", *synced, generation),
+                condition("Ready", *ready, generation)]
+
+    status: dict[str, Any] = {"observedGeneration": generation, "servedName": adapter.served_name,
+                              "replicas": replicas, "readyReplicas": len(loaded)}
+    detected = reported.get(loaded[0]) if loaded else None
+    for field in ("format", "rank", "targetModules", "sizeBytes"):
+        status[field] = detected.get(field) if detected else None
+
+    if adapter.deleting:
+        holding = sorted(pod for pod in reported if pod in live_replicas)
+        message = (f"Unloading from {len(holding)} replica(s): {', '.join(holding)}." if holding
+                   else "Removed from every replica.")
+        status["phase"] = AdapterPhase.TERMINATING.value
+        status["conditions"] = conditions((None, "Terminating", message), (False, "Terminating", message),
+                                          (False, "Terminating", message))
+    elif not verdict.accepted:
+        waiting = verdict.reason == "BaseModelNotFound"
+        status["phase"] = (AdapterPhase.PENDING if waiting else AdapterPhase.FAILED).value
+        validated = (None, "Pending", verdict.message) if waiting else (False, verdict.reason, verdict.message)
+        status["conditions"] = conditions(validated, (False, verdict.reason, verdict.message),
+                                          (False, verdict.reason, verdict.message))
+    elif replicas == 0:
+        message = f"Base model {adapter.base_model!r} has no running replicas."
+        status["phase"] = AdapterPhase.PENDING.value
+        status["conditions"] = conditions((None, "Pending", message), (None, "NoReplicas", message),
+                                          (False, "NoReplicas", message))
+    elif failed:
+        pod = failed[0]
+        entry = current[pod]
+        reason = entry.get("reason") or FailureReason.LOAD_FAILED.value
+        message = f"Replica {pod}: {entry.get('message') or reason}"
+        status["phase"] = AdapterPhase.FAILED.value
+        validated: tuple[bool | None, str, str] = (
+            (False, reason, message) if reason in _VALIDATION_FAILURES
+            else (True if loaded else None, "ValidationPassed" if loaded else "Pending", message))
+        synced = (False, reason, message) if reason in _SYNC_FAILURES else (None, "Syncing", message)
+        status["conditions"] = conditions(validated, synced, (False, reason, message))
+    elif len(loaded) == replicas:
+        message = f"Loaded on all {replicas} replica(s)."
+        status["phase"] = AdapterPhase.READY.value
+        status["conditions"] = conditions((True, "ValidationPassed", "The adapter passed validation."),
+                                          (True, "Synced", f"Present on all {replicas} replica(s)."),
+                                          (True, "Loaded", message))
+    else:
+        message = f"Loaded on {len(loaded)} of {replicas} replica(s)."
+        status["phase"] = AdapterPhase.LOADING.value
+        status["conditions"] = conditions(
+            (True, "ValidationPassed", "The adapter passed validation.") if loaded
+            else (None, "Pending", "Waiting for the replicas to validate the adapter."),
+            (None, "Syncing", message), (False, "Loading", message))
+    return AdapterStatusUpdate(status=status, stale_replicas=stale)
+
+
+def cleanup_done(adapter: AdapterView, live_replicas: list[str]) -> bool:
+    """True once no live replica still reports holding the adapter (sidecars drop their entry)."""
+    reported = adapter.status.get("replicaStatus") or {}
+    return not any(pod in reported for pod in live_replicas)

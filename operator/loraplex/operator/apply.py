@@ -1,0 +1,81 @@
+"""Bring one owned object to its rendered state: create it, or patch it when it drifted."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from loraplex.kube import KubeClient, NotFound, resource_path, retry_on_conflict
+
+logger = logging.getLogger(__name__)
+
+PLURALS = {
+    "Deployment": "deployments", "Service": "services", "ServiceAccount": "serviceaccounts",
+    "ConfigMap": "configmaps", "Role": "roles", "RoleBinding": "rolebindings",
+}
+
+
+def is_subset(desired: Any, live: Any) -> bool:
+    """True when every field we render is present in `live` with the same value.
+
+    The API server adds defaults (protocols, termination grace, clusterIP...), so `live` is a superset
+    of what we rendered exactly when nobody changed what we own. Lists must match item for item.
+    """
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(key in live and is_subset(value, live[key])
+                                              for key, value in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(live, list) and len(desired) == len(live)
+                and all(is_subset(d, v) for d, v in zip(desired, live, strict=True)))
+    return desired == live
+
+
+def object_path(obj: dict[str, Any], with_name: bool = True) -> str:
+    meta = obj["metadata"]
+    return resource_path(obj["apiVersion"], PLURALS[obj["kind"]], meta.get("namespace"),
+                         meta["name"] if with_name else None)
+
+
+def _owned_fields(desired: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata", "status")}
+
+
+async def apply_object(client: KubeClient, desired: dict[str, Any]) -> str:
+    """Create or converge one object; returns 'created', 'updated' or 'unchanged'."""
+
+    async def attempt() -> str:
+        live = await client.get_or_none(object_path(desired))
+        if live is None:
+            await client.create(object_path(desired, with_name=False), desired)
+            return "created"
+        meta, live_meta = desired["metadata"], live["metadata"]
+        in_sync = (is_subset(_owned_fields(desired), live)
+                   and is_subset(meta.get("labels", {}), live_meta.get("labels") or {})
+                   and is_subset(meta.get("annotations", {}), live_meta.get("annotations") or {})
+                   and live_meta.get("ownerReferences") == meta.get("ownerReferences"))
+        if in_sync:
+            return "unchanged"
+        # A full replace at the version we read: our fields win, foreign labels and annotations stay.
+        replacement = {
+            **live,
+            **_owned_fields(desired),
+            "metadata": {
+                **live_meta,
+                "labels": {**(live_meta.get("labels") or {}), **meta.get("labels", {})},
+                "annotations": {**(live_meta.get("annotations") or {}), **meta.get("annotations", {})},
+                "ownerReferences": meta.get("ownerReferences"),
+            },
+        }
+        if not replacement["metadata"]["annotations"]:
+            replacement["metadata"].pop("annotations")
+        await client.replace(object_path(desired), replacement)
+        return "updated"
+
+    try:
+        outcome = await retry_on_conflict(attempt)
+    except NotFound:
+        outcome = await retry_on_conflict(attempt)  # deleted between our read and write: create it
+    if outcome != "unchanged":
+        logger.info("%s %s/%s %s", outcome, desired["kind"], desired["metadata"]["namespace"],
+                    desired["metadata"]["name"])
+    return outcome

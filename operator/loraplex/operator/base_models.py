@@ -1,0 +1,67 @@
+"""Pure status of a BaseModelDeployment from its Deployment and the adapters that target it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraplex.api.conditions import condition
+from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec
+from loraplex.operator.adapters import AdapterView
+from loraplex.operator.render import endpoint
+
+
+def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None,
+                      problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
+                      adapters: list[AdapterView]) -> dict[str, Any]:
+    """Every operator-owned status field; conditions carry no transition times yet.
+
+    `problem` is the (reason, message) of why the spec could not be applied, or None.
+    """
+    meta = body["metadata"]
+    generation = int(meta.get("generation") or 1)
+    live_adapters = [a for a in adapters if not a.deleting]
+    ready_adapters = [a for a in live_adapters if a.status.get("phase") == AdapterPhase.READY.value]
+    deployment_status = (deployment or {}).get("status") or {}
+    replicas = int(deployment_status.get("replicas") or 0)
+    ready = int(deployment_status.get("readyReplicas") or 0)
+    wanted = spec.replicas if spec else 0
+
+    if problem is None:
+        reconciled = condition("Reconciled", True, "Applied", "Owned objects match the spec.", generation)
+    else:
+        reconciled = condition("Reconciled", False, *problem, generation)
+
+    if spec is None or (problem is not None and problem[0] == "InvalidSpec" and deployment is None):
+        available = condition("Ready", False, "InvalidSpec", "The spec cannot be deployed.", generation)
+    elif deployment is None:
+        available = condition("Ready", False, "DeploymentMissing", "The Deployment does not exist yet.", generation)
+    elif wanted == 0:
+        available = condition("Ready", False, "ScaledToZero", "spec.replicas is 0.", generation)
+    elif ready >= wanted:
+        available = condition("Ready", True, "ReplicasReady", f"All {wanted} replica(s) are ready.", generation)
+    else:
+        available = condition("Ready", False, "ReplicasNotReady", f"{ready} of {wanted} replica(s) are ready.",
+                              generation)
+
+    if not live_adapters:
+        adapters_ready = condition("AdaptersReady", True, "NoAdapters", "No LoraAdapter targets this model.",
+                                   generation)
+    elif len(ready_adapters) == len(live_adapters):
+        adapters_ready = condition("AdaptersReady", True, "AllAdaptersReady",
+                                   f"All {len(live_adapters)} adapter(s) are Ready.", generation)
+    else:
+        not_ready = sorted(a.name for a in live_adapters if a not in ready_adapters)
+        shown = ", ".join(not_ready[:5]) + (f" and {len(not_ready) - 5} more" if len(not_ready) > 5 else "")
+        adapters_ready = condition("AdaptersReady", False, "AdaptersNotReady",
+                                   f"{len(ready_adapters)} of {len(live_adapters)} adapter(s) are Ready; "
+                                   f"not ready: {shown}.", generation)
+
+    return {
+        "observedGeneration": generation,
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "adapters": len(live_adapters),
+        "adaptersReady": len(ready_adapters),
+        "endpoint": endpoint(meta["name"], meta["namespace"], spec.port) if spec else None,
+        "conditions": [reconciled, available, adapters_ready],
+    }

@@ -1,0 +1,145 @@
+"""kopf registrations: indices that mirror the cluster, and thin event handlers that call the Reconciler.
+
+Only event and index handlers are used, so kopf itself writes nothing to any object (no progress
+annotations, no kopf finalizers): everything in the cluster is either the user's spec or our status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import kopf
+
+from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
+from loraplex.kube import KubeClient
+from loraplex.operator.adapters import AdapterView
+from loraplex.operator.reconciler import Key, Reconciler
+from loraplex.operator.render import BASE_MODEL_LABEL, MANAGED_BY
+from loraplex.operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+
+OWNED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, BASE_MODEL_LABEL: kopf.PRESENT}
+OWNED_RESOURCES = [
+    ("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "serviceaccounts"),
+    ("", "v1", "configmaps"), ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+]
+_RETRY_DELAYS = (1, 2, 5, 10, 30, 60)
+
+
+def _plain(body: Any) -> dict[str, Any]:
+    return dict(body)
+
+
+# ---- indices: kopf keeps them current from its watches, before any handler runs ---------------------
+
+@kopf.index(GROUP, VERSION, BASE_MODEL_DEPLOYMENT.plural)
+def base_model_index(namespace: str, name: str, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, name): _plain(body)}
+
+
+@kopf.index(GROUP, VERSION, LORA_ADAPTER.plural)
+def adapter_index(namespace: str, body: Any, **_: Any) -> dict[Key, AdapterView]:
+    view = AdapterView.from_body(_plain(body))
+    return {(namespace, view.base_model or ""): view}
+
+
+@kopf.index("", "v1", "pods", labels={BASE_MODEL_LABEL: kopf.PRESENT})
+def replica_index(namespace: str, name: str, labels: Any, meta: Any, status: Any, **_: Any
+                  ) -> dict[Key, str] | None:
+    if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    return {(namespace, labels[BASE_MODEL_LABEL]): name}
+
+
+@kopf.index("apps", "v1", "deployments", labels=OWNED_LABELS)
+def deployment_index(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, labels[BASE_MODEL_LABEL]): _plain(body)}
+
+
+# ---- lifecycle -----------------------------------------------------------------------------------------
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    settings.posting.enabled = False  # we post our own, meaningful Events
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    operator_settings = OperatorSettings.from_environment()
+    memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs)
+    memo.retries = {}
+    memo.resync = asyncio.create_task(_resync_forever(memo, operator_settings.resync_seconds))
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
+    await memo.reconciler.client.close()
+
+
+async def _resync_forever(memo: kopf.Memo, interval: float) -> None:
+    """A periodic full pass, so a missed event or a failed write is repaired without waiting for the next one."""
+    reconciler: Reconciler = memo.reconciler
+    while True:
+        await asyncio.sleep(interval)
+        reconciler.forget_written_status()
+        for key in list(reconciler.base_models):
+            await _guarded(memo, ("base-model", key), lambda k=key: reconciler.reconcile_base_model(k))
+        for key in list(reconciler.adapters):
+            if reconciler.base_model(key) is None:
+                await _guarded(memo, ("adapters", key), lambda k=key: reconciler.refresh_adapters(k))
+
+
+async def _guarded(memo: kopf.Memo, what: tuple[Any, ...], fn: Callable[[], Awaitable[None]]) -> None:
+    """Run a reconcile; on failure, log it and try again later with backoff (event handlers are not retried)."""
+    try:
+        await fn()
+    except Exception as exc:
+        attempt = memo.retries.get(what, 0)
+        delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
+        memo.retries[what] = attempt + 1
+        logger.warning("reconcile of %s failed (%s); retrying in %ss", what, exc, delay)
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, lambda: loop.create_task(_guarded(memo, what, fn)))
+    else:
+        memo.retries.pop(what, None)
+
+
+# ---- events ----------------------------------------------------------------------------------------------
+
+@kopf.on.event(GROUP, VERSION, BASE_MODEL_DEPLOYMENT.plural)
+async def base_model_event(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    key = (namespace, name)
+    await _guarded(memo, ("base-model", key), lambda: memo.reconciler.reconcile_base_model(key))
+
+
+@kopf.on.event(GROUP, VERSION, LORA_ADAPTER.plural)
+async def adapter_event(type: str | None, body: Any, namespace: str, name: str, memo: kopf.Memo,
+                        **_: Any) -> None:
+    key = (namespace, name)
+    current = None if type == "DELETED" else _plain(body)
+    await _guarded(memo, ("adapter", key), lambda: memo.reconciler.adapter_changed(key, current))
+
+
+@kopf.on.event("", "v1", "pods", labels={BASE_MODEL_LABEL: kopf.PRESENT})
+async def replica_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+    key = (namespace, labels[BASE_MODEL_LABEL])
+
+    async def refresh() -> None:
+        await memo.reconciler.refresh_adapters(key)
+        await memo.reconciler.refresh_base_model_status(key)
+
+    await _guarded(memo, ("replicas", key), refresh)
+
+
+async def owned_object_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+    """Someone changed or deleted what we own, or its status moved: converge the owner."""
+    key = (namespace, labels[BASE_MODEL_LABEL])
+    await _guarded(memo, ("base-model", key), lambda: memo.reconciler.reconcile_base_model(key))
+
+
+for _group, _version, _plural in OWNED_RESOURCES:
+    kopf.on.event(_group, _version, _plural, labels=OWNED_LABELS, id=f"owned-{_plural}")(owned_object_event)

@@ -1,0 +1,306 @@
+"""Level-triggered reconciliation: read the cluster (kopf indices), call the pure core, write the difference.
+
+Every method can run any number of times with the same outcome. Writes happen only where the
+cluster differs from what the core computed, so re-running changes nothing and status never churns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Awaitable, Callable, Hashable, Mapping
+from typing import Any
+
+import pydantic
+
+from loraplex.api.conditions import find, merge_conditions, utc_now
+from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION, BaseModelDeploymentSpec
+from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
+from loraplex.operator import render
+from loraplex.operator.adapters import (
+    FINALIZER,
+    AdapterView,
+    adapter_status,
+    check_adapter,
+    cleanup_done,
+    desired_adapters,
+)
+from loraplex.operator.apply import apply_object
+from loraplex.operator.base_models import base_model_status
+from loraplex.operator.events import post_event
+from loraplex.operator.settings import OperatorSettings
+
+logger = logging.getLogger(__name__)
+API_VERSION = f"{GROUP}/{VERSION}"
+Key = tuple[str, str]  # (namespace, name)
+
+
+def _first(index: Mapping[Any, Any], key: Any) -> Any:
+    """The single value kopf's index holds under `key`, or None."""
+    values = index.get(key)
+    return next(iter(values), None) if values else None
+
+
+class Coalescer:
+    """Runs `fn(key)` so that concurrent requests for one key share a run that starts after them.
+
+    Many adapter events for one base model collapse into a few adapter-set writes.
+    """
+
+    def __init__(self, fn: Callable[[Any], Awaitable[None]]):
+        self._fn = fn
+        self._pending: dict[Hashable, asyncio.Future[None]] = {}
+        self._running: set[Hashable] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, key: Hashable) -> None:
+        future = self._pending.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().create_future()
+            self._pending[key] = future
+            if key not in self._running:
+                task = asyncio.create_task(self._drain(key))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(future)
+
+    async def _drain(self, key: Hashable) -> None:
+        self._running.add(key)
+        try:
+            while key in self._pending:
+                future = self._pending.pop(key)
+                try:
+                    await self._fn(key)
+                except Exception as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(None)
+        finally:
+            self._running.discard(key)
+
+
+class Reconciler:
+    def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any]):
+        self.client = client
+        self.settings = settings
+        self.base_models = indices["base_model_index"]
+        self.adapters = indices["adapter_index"]
+        self.replicas = indices["replica_index"]
+        self.deployments = indices["deployment_index"]
+        self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._adapter_bases: dict[Key, str] = {}  # last base model each adapter named
+        self._apply_problems: dict[Key, tuple[str, str] | None] = {}  # (reason, message) of the last apply
+        # Status we wrote that the indices may not show yet (their watch event is still on its way).
+        self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self._finalized: set[str] = set()  # uids we already gave our finalizer
+        self._base_model_runs = Coalescer(self._reconcile_base_model)
+        self._adapter_sets = Coalescer(self._sync_adapter_set)
+        self._base_statuses = Coalescer(self._write_base_model_status)
+
+    # ---- lookups over the indices ---------------------------------------------------------------
+
+    def base_model(self, key: Key) -> dict[str, Any] | None:
+        return _first(self.base_models, key)
+
+    def adapters_of(self, key: Key) -> list[AdapterView]:
+        return sorted(self.adapters.get(key, ()), key=lambda a: a.name)
+
+    def live_replicas(self, key: Key) -> list[str]:
+        return sorted(self.replicas.get(key, ()))
+
+    @staticmethod
+    def parse_spec(body: dict[str, Any]) -> tuple[BaseModelDeploymentSpec | None, str | None]:
+        try:
+            return BaseModelDeploymentSpec.model_validate(body.get("spec") or {}), None
+        except pydantic.ValidationError as exc:
+            return None, "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+
+    # ---- BaseModelDeployment ----------------------------------------------------------------------
+
+    async def reconcile_base_model(self, key: Key) -> None:
+        """Apply every owned object, publish the adapter set, refresh statuses."""
+        await self._base_model_runs.run(key)
+
+    async def _reconcile_base_model(self, key: Key) -> None:
+        body = self.base_model(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            await self.refresh_adapters(key)  # they now wait for a base model
+            return
+        spec, error = self.parse_spec(body)
+        problem = ("InvalidSpec", error) if error else None
+        if spec is not None:
+            try:
+                children = render.render_children(body, spec, self.settings)
+            except render.RenderError as exc:
+                problem = ("InvalidSpec", str(exc))
+            else:
+                try:
+                    for child in children:
+                        await apply_object(self.client, child)
+                except ApiError as exc:
+                    problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
+        self._apply_problems[key] = problem
+        await self._adapter_sets.run(key)
+        await self.refresh_adapters(key)
+        await self._base_statuses.run(key)
+
+    async def _sync_adapter_set(self, key: Key) -> None:
+        body = self.base_model(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        spec, _ = self.parse_spec(body)
+        if spec is None or render.spec_problems(spec):
+            return  # keep serving the last good set until the spec is fixed
+        desired = render.render_adapter_set(body, spec, desired_adapters(spec, self.adapters_of(key)))
+        await apply_object(self.client, desired)
+
+    async def _write_base_model_status(self, key: Key) -> None:
+        body = self.base_model(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        spec, _ = self.parse_spec(body)
+        problem = self._apply_problems.get(key)
+        deployment = _first(self.deployments, key)
+        desired = base_model_status(body, spec, problem, deployment, self.adapters_of(key))
+        before = find(self._known_status(BASE_MODEL_DEPLOYMENT.plural, body).get("conditions"), "Reconciled")
+        await self._write_status(BASE_MODEL_DEPLOYMENT.plural, body, desired)
+        after = desired["conditions"][0]
+        if after["status"] == "False" and (before is None or before.get("message") != after["message"]):
+            await post_event(self.client, body, "Warning", after["reason"], after["message"])
+
+    async def refresh_base_model_status(self, key: Key) -> None:
+        await self._base_statuses.run(key)
+
+    # ---- LoraAdapter -------------------------------------------------------------------------------
+
+    async def adapter_changed(self, key: Key, body: dict[str, Any] | None) -> None:
+        """React to one adapter's event; `body` is None once the object is gone."""
+        namespace, _ = key
+        previous_base = self._adapter_bases.get(key)
+        if body is None:
+            self._adapter_bases.pop(key, None)
+            self._written.pop((LORA_ADAPTER.plural, *key), None)
+            bases = {previous_base} - {None}
+        else:
+            view = AdapterView.from_body(body)
+            await self._reconcile_adapter(view)
+            bases = {previous_base, view.base_model} - {None}
+            if view.base_model is not None:
+                self._adapter_bases[key] = view.base_model
+        for base in sorted(bases):  # type: ignore[type-var]
+            await self._adapter_sets.run((namespace, base))
+            await self._base_statuses.run((namespace, base))
+
+    async def refresh_adapters(self, key: Key) -> None:
+        """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
+        for view in self.adapters_of(key):
+            await self._reconcile_adapter(view)
+
+    async def _reconcile_adapter(self, view: AdapterView) -> None:
+        async with self._locks[("adapter", view.namespace, view.name)]:
+            # kopf updates an index before calling handlers, so the index is never older than the event.
+            latest = next((a for a in self.adapters_of((view.namespace, view.base_model or ""))
+                           if a.uid == view.uid), None)
+            view = latest or view
+            if not view.deleting and FINALIZER not in view.finalizers and view.uid not in self._finalized:
+                await self._set_finalizer(view, present=True)
+                self._finalized.add(view.uid)
+            base_key = (view.namespace, view.base_model or "")
+            body = self.base_model(base_key) if view.base_model else None
+            spec = None
+            if body is not None and not body["metadata"].get("deletionTimestamp"):
+                spec, _ = self.parse_spec(body)
+            siblings = self.adapters_of(base_key) if view.base_model else []
+            verdict = check_adapter(view, spec, siblings)
+            replicas = self.live_replicas(base_key) if view.base_model else []
+            update = adapter_status(view, verdict, replicas)
+            patch_extra = {"replicaStatus": {pod: None for pod in update.stale_replicas}} \
+                if update.stale_replicas else {}
+            adapter_body = {"metadata": {"namespace": view.namespace, "name": view.name},
+                            "status": view.status}
+            previous_phase = self._known_status(LORA_ADAPTER.plural, adapter_body).get("phase")
+            await self._write_status(LORA_ADAPTER.plural, adapter_body, update.status, patch_extra)
+            if update.phase != previous_phase:
+                await self._announce_phase(view, update.phase, update.status)
+            if view.deleting and FINALIZER in view.finalizers and cleanup_done(view, replicas):
+                await self._set_finalizer(view, present=False)
+
+    async def _announce_phase(self, view: AdapterView, phase: str, status: dict[str, Any]) -> None:
+        ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+        involved = {"apiVersion": API_VERSION, "kind": LORA_ADAPTER.kind,
+                    "metadata": {"namespace": view.namespace, "name": view.name, "uid": view.uid}}
+        event_type = "Warning" if phase == "Failed" else "Normal"
+        await post_event(self.client, involved, event_type, ready["reason"], f"{phase}: {ready['message']}")
+
+    async def _set_finalizer(self, view: AdapterView, present: bool) -> None:
+        path = resource_path(API_VERSION, LORA_ADAPTER.plural, view.namespace, view.name)
+
+        async def attempt() -> None:
+            live = await self.client.get(path)
+            meta = live["metadata"]
+            if meta.get("uid") != view.uid:
+                return
+            finalizers = list(meta.get("finalizers") or [])
+            if (FINALIZER in finalizers) == present:
+                return
+            if present and meta.get("deletionTimestamp"):
+                return  # finalizers cannot be added to an object that is being deleted
+            finalizers = [*finalizers, FINALIZER] if present else [f for f in finalizers if f != FINALIZER]
+            await self.client.merge_patch(path, {"metadata": {"finalizers": finalizers or None,
+                                                              "resourceVersion": meta["resourceVersion"]}})
+            logger.info("%s finalizer on LoraAdapter %s/%s", "added" if present else "released",
+                        view.namespace, view.name)
+
+        try:
+            await retry_on_conflict(attempt)
+        except NotFound:
+            pass
+
+    # ---- shared ------------------------------------------------------------------------------------
+
+    def forget_written_status(self) -> None:
+        """Trust the indices alone again (the periodic resync calls this, undoing any external edit)."""
+        self._written.clear()
+        self._finalized.clear()
+
+    def _known_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        """The object's status as the cluster has it, counting our own writes the index has not seen yet.
+
+        We are the only writer of the fields we cache, so our last write is their truth until the
+        index catches up, after which the cache entry is dropped.
+        """
+        meta = body["metadata"]
+        key = (plural, meta["namespace"], meta["name"])
+        observed = body.get("status") or {}
+        written = self._written.get(key)
+        if written is None:
+            return observed
+        if all(observed.get(field) == value for field, value in written.items()):
+            del self._written[key]
+            return observed
+        return {**observed, **written}
+
+    async def _write_status(self, plural: str, body: dict[str, Any], desired: dict[str, Any],
+                            extra: dict[str, Any] | None = None) -> None:
+        """Merge-patch the status subresource, only where it differs from what is there."""
+        current = self._known_status(plural, body)
+        conditions = merge_conditions(current.get("conditions"), desired.get("conditions") or [], utc_now())
+        wanted = {**desired, "conditions": conditions}
+        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
+        # Fields that became empty must be removed, which merge patch spells as null.
+        changed.update({k: None for k, v in wanted.items() if v is None and k in current})
+        changed = {k: v for k, v in changed.items() if not (v is None and k not in current)}
+        if extra:
+            changed.update(extra)
+        if not changed:
+            return
+        meta = body["metadata"]
+        path = resource_path(API_VERSION, plural, meta["namespace"], meta["name"], "status")
+        try:
+            await self.client.merge_patch(path, {"status": changed})
+        except NotFound:
+            return  # deleted meanwhile; nothing left to report on
+        self._written[(plural, meta["namespace"], meta["name"])] = {
+            k: v for k, v in wanted.items() if v is not None}
+

@@ -1,0 +1,358 @@
+"""Pure rendering: a BaseModelDeployment's spec in, the Kubernetes objects it owns out.
+
+Nothing here talks to the API. The pod template depends only on the BaseModelDeployment spec, so
+adapter changes (which live in the adapter-set ConfigMap) never roll the pods.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
+from loraplex.api.types import (
+    API_VERSION,
+    BASE_MODEL_DEPLOYMENT,
+    GROUP,
+    LORA_ADAPTER,
+    AdapterFormat,
+    BaseModelDeploymentSpec,
+    ComputeResources,
+    EmptyDirVolume,
+)
+from loraplex.operator.runtimes import profile_for
+from loraplex.operator.settings import OperatorSettings
+
+BASE_MODEL_LABEL = f"{GROUP}/base-model"
+MANAGED_BY = "loraplex"
+SIDECAR_PORT = 9090
+PEFT_VOLUME, CACHE_VOLUME, SHM_VOLUME = "peft-source", "model-cache", "dshm"
+STORE_VOLUME, SIDECAR_TMP_VOLUME = "adapter-store", "sidecar-tmp"
+
+
+class RenderError(ValueError):
+    """The spec cannot be turned into a working deployment; the message says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildNames:
+    base_model: str
+
+    @property
+    def deployment(self) -> str:
+        return self.base_model
+
+    @property
+    def service(self) -> str:
+        return self.base_model
+
+    @property
+    def service_account(self) -> str:
+        return f"{self.base_model}-loraplex"
+
+    @property
+    def sidecar_role(self) -> str:
+        return f"{self.base_model}-loraplex-sidecar"
+
+    @property
+    def adapter_set(self) -> str:
+        return f"{self.base_model}-adapters"
+
+
+def selector_labels(base_model: str) -> dict[str, str]:
+    return {BASE_MODEL_LABEL: base_model}
+
+
+def common_labels(base_model: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "loraplex-inference",
+        "app.kubernetes.io/instance": base_model,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        **selector_labels(base_model),
+    }
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": BASE_MODEL_DEPLOYMENT.kind,
+        "name": owner["metadata"]["name"],
+        "uid": owner["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(owner: dict[str, Any], name: str, component: str) -> dict[str, Any]:
+    base_model = owner["metadata"]["name"]
+    return {
+        "name": name,
+        "namespace": owner["metadata"]["namespace"],
+        "labels": {**common_labels(base_model), "app.kubernetes.io/component": component},
+        "ownerReferences": [owner_reference(owner)],
+    }
+
+
+def endpoint(base_model: str, namespace: str, port: int) -> str:
+    return f"http://{ChildNames(base_model).service}.{namespace}.svc.cluster.local:{port}/v1"
+
+
+def _resources(resources: ComputeResources | None, gpus: dict[str, str] | None = None) -> dict[str, Any]:
+    rendered: dict[str, Any] = {}
+    requests = dict(resources.requests or {}) if resources else {}
+    limits = dict(resources.limits or {}) if resources else {}
+    if gpus:
+        limits.update(gpus)
+        requests.update(gpus)
+    if requests:
+        rendered["requests"] = requests
+    if limits:
+        rendered["limits"] = limits
+    return rendered
+
+
+def _volume(name: str, empty_dir: EmptyDirVolume | None, claim: Any, default_size: str | None) -> dict[str, Any]:
+    if claim is not None:
+        return {"name": name, "persistentVolumeClaim": {"claimName": claim.claim_name}}
+    source: dict[str, Any] = {}
+    if empty_dir is not None:
+        if empty_dir.medium:
+            source["medium"] = empty_dir.medium
+        source["sizeLimit"] = empty_dir.size_limit
+    elif default_size:
+        source["sizeLimit"] = default_size
+    return {"name": name, "emptyDir": source}
+
+
+def _restricted_security_context() -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings: OperatorSettings
+                             ) -> dict[str, Any]:
+    names = ChildNames(name)
+    sidecar = spec.sidecar
+    env: list[dict[str, Any]] = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "LORAPLEX_BASE_MODEL", "value": name},
+        {"name": "LORAPLEX_ADAPTER_SET", "value": names.adapter_set},
+        {"name": "LORAPLEX_RUNTIME", "value": spec.runtime.value},
+        {"name": "LORAPLEX_RUNTIME_URL", "value": f"http://127.0.0.1:{spec.port}"},
+        {"name": "LORAPLEX_SERVED_MODEL", "value": spec.model},
+        {"name": "LORAPLEX_PEFT_DIR", "value": spec.peft_source.mount_path},
+        {"name": "LORAPLEX_MAX_CONCURRENT_DOWNLOADS", "value": str(sidecar.max_concurrent_downloads)},
+        {"name": "LORAPLEX_LOG_LEVEL", "value": sidecar.log_level},
+        {"name": "LORAPLEX_HTTP_PORT", "value": str(SIDECAR_PORT)},
+    ]
+    mounts = [
+        {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path},
+        {"name": SIDECAR_TMP_VOLUME, "mountPath": "/tmp"},
+    ]
+    env_from = []
+    storage = spec.storage
+    if storage is not None:
+        if storage.s3 is not None:
+            if storage.s3.endpoint:
+                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": storage.s3.endpoint})
+            if storage.s3.region:
+                env.append({"name": "AWS_REGION", "value": storage.s3.region})
+            env.append({"name": "LORAPLEX_S3_FORCE_PATH_STYLE", "value": str(storage.s3.force_path_style).lower()})
+        if storage.credentials_secret:
+            env_from.append({"secretRef": {"name": storage.credentials_secret}})
+        if storage.adapter_store is not None:
+            env.append({"name": "LORAPLEX_ADAPTER_STORE", "value": storage.adapter_store.mount_path})
+            mounts.append({"name": STORE_VOLUME, "mountPath": storage.adapter_store.mount_path, "readOnly": True})
+    container: dict[str, Any] = {
+        "name": "loraplex-sidecar",
+        "image": sidecar.image or settings.sidecar_image,
+        "imagePullPolicy": sidecar.image_pull_policy or settings.sidecar_image_pull_policy,
+        "command": ["loraplex", "sidecar"],
+        "env": env,
+        "ports": [{"name": "sidecar-http", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "sidecar-http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "sidecar-http"}, "periodSeconds": 15,
+                          "failureThreshold": 4},
+        "resources": _resources(sidecar.resources) or {
+            "requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": _restricted_security_context(),
+        "volumeMounts": mounts,
+    }
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
+    """What makes a spec unrunnable beyond what the CRD schema can say, one sentence each."""
+    profile = profile_for(spec.runtime)
+    problems = list(profile.problems(spec))
+    unloadable = [f.value for f in spec.lora.allowed_formats or []
+                  if f != AdapterFormat.AUTO and f not in profile.formats]
+    if unloadable:
+        problems.append(f"lora.allowedFormats {', '.join(unloadable)} cannot be loaded by runtime "
+                        f"{spec.runtime.value}")
+    for field, volume in (("peftSource", spec.peft_source), ("cache", spec.cache)):
+        if volume is not None and volume.empty_dir is not None and volume.persistent_volume_claim is not None:
+            problems.append(f"{field} sets both emptyDir and persistentVolumeClaim; choose one")
+    return problems
+
+
+def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, settings: OperatorSettings
+                      ) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    names = ChildNames(name)
+    profile = profile_for(spec.runtime)
+    problems = spec_problems(spec)
+    if problems:
+        raise RenderError("; ".join(problems))
+
+    inference = profile.container(spec)
+    inference["env"] = inference["env"] + [e.to_wire() for e in spec.env or []]
+    if spec.env_from_secrets:
+        inference["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
+    if spec.image_pull_policy:
+        inference["imagePullPolicy"] = spec.image_pull_policy
+    gpus = {spec.gpus.resource_name: str(spec.gpus.count)} if spec.gpus.count else None
+    resources = _resources(spec.resources, gpus)
+    if resources:
+        inference["resources"] = resources
+    inference["volumeMounts"] = [
+        {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path},
+        {"name": CACHE_VOLUME, "mountPath": profile.cache_mount_path},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
+    ]
+
+    peft, cache = spec.peft_source, spec.cache
+    volumes = [
+        _volume(PEFT_VOLUME, peft.empty_dir, peft.persistent_volume_claim, default_size="20Gi"),
+        _volume(CACHE_VOLUME, cache.empty_dir if cache else None,
+                cache.persistent_volume_claim if cache else None, default_size=None),
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
+        {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    if spec.storage is not None and spec.storage.adapter_store is not None:
+        volumes.append({"name": STORE_VOLUME, "persistentVolumeClaim": {
+            "claimName": spec.storage.adapter_store.claim_name, "readOnly": True}})
+
+    pod_spec: dict[str, Any] = {
+        "serviceAccountName": names.service_account,
+        # The sidecar writes adapters that the runtime (often non-root) must read: share a group.
+        "securityContext": {"fsGroup": 1000, "fsGroupChangePolicy": "OnRootMismatch"},
+        "containers": [inference, render_sidecar_container(name, spec, settings)],
+        "volumes": volumes,
+    }
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = list(spec.tolerations)
+    if spec.affinity:
+        pod_spec["affinity"] = dict(spec.affinity)
+    if spec.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in spec.image_pull_secrets]
+
+    pod_labels = {**common_labels(name), "app.kubernetes.io/component": "inference"}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(owner, names.deployment, "inference"),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector_labels(name)},
+            # GPUs are scarce: never ask for more than the replica count while rolling.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def render_service(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(owner, ChildNames(name).service, "inference"),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(name),
+            "ports": [
+                {"name": "http", "port": spec.port, "targetPort": "http", "protocol": "TCP"},
+                {"name": "sidecar-http", "port": SIDECAR_PORT, "targetPort": "sidecar-http", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def render_service_account(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    metadata = _metadata(owner, ChildNames(name).service_account, "sidecar")
+    if spec.storage is not None and spec.storage.service_account_annotations:
+        metadata["annotations"] = dict(spec.storage.service_account_annotations)
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
+
+
+def render_sidecar_role(owner: dict[str, Any]) -> dict[str, Any]:
+    """Least privilege: read its own adapter set, write the status of adapters. Nothing else."""
+    names = ChildNames(owner["metadata"]["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(owner, names.sidecar_role, "sidecar"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.adapter_set],
+             "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [GROUP], "resources": [f"{LORA_ADAPTER.plural}/status"], "verbs": ["get", "patch"]},
+        ],
+    }
+
+
+def render_sidecar_role_binding(owner: dict[str, Any]) -> dict[str, Any]:
+    names = ChildNames(owner["metadata"]["name"])
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(owner, names.sidecar_role, "sidecar"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.sidecar_role},
+        "subjects": [{"kind": "ServiceAccount", "name": names.service_account,
+                      "namespace": owner["metadata"]["namespace"]}],
+    }
+
+
+def adapter_limits(spec: BaseModelDeploymentSpec) -> AdapterLimits:
+    runtime_formats = profile_for(spec.runtime).formats
+    allowed = [f for f in spec.lora.allowed_formats or sorted(runtime_formats) if f in runtime_formats]
+    return AdapterLimits(max_rank=spec.lora.max_rank, allowed_formats=allowed,
+                         allowed_target_modules=spec.lora.allowed_target_modules)
+
+
+def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
+                       adapters: list[DesiredAdapter]) -> dict[str, Any]:
+    name = owner["metadata"]["name"]
+    adapter_set = AdapterSet(
+        base_model=name, runtime=spec.runtime, limits=adapter_limits(spec),
+        adapters=sorted(adapters, key=lambda a: a.served_name),
+    )
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(owner, ChildNames(name).adapter_set, "adapter-set"),
+        "data": adapter_set.to_configmap_data(),
+    }
+
+
+def render_children(owner: dict[str, Any], spec: BaseModelDeploymentSpec, settings: OperatorSettings
+                    ) -> list[dict[str, Any]]:
+    """Everything a BaseModelDeployment owns except its adapter set, in creation order."""
+    return [
+        render_service_account(owner, spec),
+        render_sidecar_role(owner),
+        render_sidecar_role_binding(owner),
+        render_service(owner, spec),
+        render_deployment(owner, spec, settings),
+    ]

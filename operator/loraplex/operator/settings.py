@@ -1,0 +1,26 @@
+"""Operator-wide settings, read once from the environment (the Helm chart sets them)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from loraplex import __version__
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorSettings:
+    sidecar_image: str = f"loraplex/loraplex:{__version__}"
+    sidecar_image_pull_policy: str = "IfNotPresent"
+    # A full level-triggered pass over every BaseModelDeployment, in case an event was missed.
+    resync_seconds: float = 300.0
+
+    @classmethod
+    def from_environment(cls) -> OperatorSettings:
+        defaults = cls()
+        return cls(
+            sidecar_image=os.environ.get("LORAPLEX_SIDECAR_IMAGE", defaults.sidecar_image),
+            sidecar_image_pull_policy=os.environ.get("LORAPLEX_SIDECAR_IMAGE_PULL_POLICY",
+                                                     defaults.sidecar_image_pull_policy),
+            resync_seconds=float(os.environ.get("LORAPLEX_RESYNC_SECONDS", defaults.resync_seconds)),
+        )

@@ -1,0 +1,202 @@
+"""Adapter acceptance, desired sets and status aggregation: the operator's decisions, without an API."""
+
+import pytest
+
+from loraplex.api.types import BaseModelDeploymentSpec
+from loraplex.operator.adapters import (
+    AdapterView,
+    adapter_status,
+    check_adapter,
+    cleanup_done,
+    desired_adapters,
+)
+from loraplex.operator.base_models import base_model_status
+
+
+def base(**overrides):
+    spec = {"model": "meta/llama3", "runtime": "vllm", "image": "img", "lora": {"maxRank": 64}}
+    return BaseModelDeploymentSpec.model_validate({**spec, **overrides})
+
+
+def adapter(name="math", created="2026-01-01T00:00:00Z", deleting=False, status=None, generation=1, **spec):
+    body = {
+        "metadata": {"name": name, "namespace": "ns", "uid": f"uid-{name}", "generation": generation,
+                     "creationTimestamp": created, "finalizers": ["loraplex.io/adapter-cleanup"]},
+        "spec": {"baseModel": "llama3", "source": f"s3://bucket/{name}", **spec},
+        "status": status or {},
+    }
+    if deleting:
+        body["metadata"]["deletionTimestamp"] = "2026-01-02T00:00:00Z"
+    return AdapterView.from_body(body)
+
+
+@pytest.mark.parametrize(("the_adapter", "the_base", "reason", "phrase"), [
+    (adapter(), base(), "SpecAccepted", "fits"),
+    (adapter(), None, "BaseModelNotFound", "'llama3' does not exist in namespace 'ns'"),
+    (adapter(format="nemo"), base(), "FormatNotAllowed", "format nemo is not accepted by base model 'llama3'"),
+    (adapter(format="nemo"), base(runtime="nim"), "SpecAccepted", "fits"),
+    (adapter(format="hf"), base(runtime="nim", lora={"allowedFormats": ["nemo"]}), "FormatNotAllowed",
+     "allowed: nemo"),
+    (adapter(expectedRank=128), base(), "RankTooHigh", "expectedRank 128 exceeds base model 'llama3' lora.maxRank 64"),
+    (adapter(expectedRank=64), base(), "SpecAccepted", "fits"),
+    (adapter(source="s3://Bad_Bucket/x"), base(), "InvalidSource", "not a valid bucket name"),
+    (adapter(source="file:///store/math"), base(), "InvalidSource", "need spec.storage.adapterStore"),
+    (adapter(source="file:///etc/math"), base(storage={"adapterStore": {"claimName": "s", "mountPath": "/store"}}),
+     "InvalidSource", "outside the adapter store"),
+    (adapter(source="file:///store/math"),
+     base(storage={"adapterStore": {"claimName": "s", "mountPath": "/store"}}), "SpecAccepted", "fits"),
+    (adapter(servedName="llama3-8b"), base(model="llama3-8b"), "DuplicateServedName", "base model's own name"),
+])
+def test_check_adapter(the_adapter, the_base, reason, phrase):
+    verdict = check_adapter(the_adapter, the_base, [the_adapter])
+    assert verdict.reason == reason
+    assert phrase in verdict.message
+    assert verdict.accepted == (reason == "SpecAccepted")
+
+
+def test_malformed_spec_is_refused_with_the_field_named():
+    view = AdapterView.from_body({"metadata": {"name": "x", "namespace": "ns", "uid": "u"},
+                                  "spec": {"baseModel": "llama3", "source": "s3://bucket/x", "expectedRank": 0}})
+    verdict = check_adapter(view, base(), [view])
+    assert verdict.reason == "InvalidSpec"
+    assert "spec.expected_rank" in verdict.message or "spec.expectedRank" in verdict.message
+
+
+def test_oldest_adapter_keeps_a_contested_served_name():
+    older = adapter("math-v1", created="2026-01-01T00:00:00Z", servedName="math")
+    newer = adapter("math-v2", created="2026-01-02T00:00:00Z", servedName="math")
+    siblings = [older, newer]
+    assert check_adapter(older, base(), siblings).accepted
+    loser = check_adapter(newer, base(), siblings)
+    assert loser.reason == "DuplicateServedName"
+    assert "already used by LoraAdapter 'math-v1'" in loser.message
+    # Once the winner is being deleted, the name is free again.
+    assert check_adapter(newer, base(), [adapter("math-v1", deleting=True, servedName="math"), newer]).accepted
+
+
+def test_desired_set_holds_live_accepted_adapters_only():
+    adapters = [adapter("math"), adapter("squad", expectedRank=16), adapter("big", expectedRank=256),
+                adapter("gone", deleting=True), adapter("nemo", format="nemo")]
+    desired = desired_adapters(base(), adapters)
+    assert [(d.name, d.served_name, d.expected_rank) for d in desired] == [("math", "math", None),
+                                                                            ("squad", "squad", 16)]
+    assert desired[0].uid == "uid-math" and desired[0].generation == 1
+
+
+def replica(state, generation=1, **extra):
+    return {"state": state, "observedGeneration": generation, **extra}
+
+
+def conditions(update):
+    return {c["type"]: (c["status"], c["reason"]) for c in update.status["conditions"]}
+
+
+def test_status_ready_when_every_live_replica_loaded_the_current_generation():
+    view = adapter(status={"replicaStatus": {
+        "pod-a": replica("Loaded", format="hf", rank=16, targetModules=["q_proj"], sizeBytes=100),
+        "pod-b": replica("Loaded", format="hf", rank=16, targetModules=["q_proj"], sizeBytes=100)}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"])
+    assert update.phase == "Ready"
+    assert update.status["readyReplicas"] == 2 and update.status["replicas"] == 2
+    assert (update.status["format"], update.status["rank"], update.status["sizeBytes"]) == ("hf", 16, 100)
+    assert conditions(update) == {"Validated": ("True", "ValidationPassed"), "Synced": ("True", "Synced"),
+                                  "Ready": ("True", "Loaded")}
+    assert all(c["observedGeneration"] == 1 for c in update.status["conditions"])
+
+
+def test_old_generation_reports_do_not_count():
+    view = adapter(generation=2, status={"replicaStatus": {"pod-a": replica("Loaded", generation=1)}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    assert update.phase == "Loading"
+    assert update.status["readyReplicas"] == 0
+
+
+def test_partial_rollout_is_loading():
+    view = adapter(status={"replicaStatus": {"pod-a": replica("Loaded"), "pod-b": replica("Downloading")}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"])
+    assert update.phase == "Loading"
+    assert conditions(update)["Ready"] == ("False", "Loading")
+    assert "1 of 2" in update.status["conditions"][2]["message"]
+
+
+@pytest.mark.parametrize(("reason", "validated", "synced"), [
+    ("ValidationFailed", "False", "Unknown"),
+    ("ChecksumMismatch", "False", "Unknown"),
+    ("DownloadFailed", "Unknown", "False"),
+    ("DiskFull", "Unknown", "False"),
+    ("LoadFailed", "Unknown", "Unknown"),
+])
+def test_a_replica_failure_fails_the_adapter_with_its_reason(reason, validated, synced):
+    message = "adapter_config.json: r=128 exceeds this base model's maxLoraRank 64"
+    view = adapter(status={"replicaStatus": {"pod-a": replica("Failed", reason=reason, message=message)}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    assert update.phase == "Failed"
+    ready = update.status["conditions"][2]
+    assert (ready["status"], ready["reason"]) == ("False", reason)
+    assert ready["message"] == f"Replica pod-a: {message}"
+    assert conditions(update)["Validated"][0] == validated
+    assert conditions(update)["Synced"][0] == synced
+
+
+def test_reports_from_gone_pods_are_pruned_and_not_counted():
+    view = adapter(status={"replicaStatus": {"pod-a": replica("Loaded"), "pod-old": replica("Failed")}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    assert update.stale_replicas == ["pod-old"]
+    assert update.phase == "Ready"
+
+
+def test_missing_base_model_leaves_the_adapter_pending_with_the_reason():
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, None, [view]), [])
+    assert update.phase == "Pending"
+    assert conditions(update)["Ready"] == ("False", "BaseModelNotFound")
+
+
+def test_no_replicas_is_pending():
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(replicas=0), [view]), [])
+    assert update.phase == "Pending"
+    assert conditions(update)["Ready"] == ("False", "NoReplicas")
+
+
+def test_rejected_spec_is_failed_without_touching_replicas():
+    view = adapter(expectedRank=128)
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    assert update.phase == "Failed"
+    assert conditions(update)["Validated"] == ("False", "RankTooHigh")
+
+
+def test_deletion_waits_for_live_replicas_to_drop_the_adapter():
+    holding = adapter(deleting=True, status={"replicaStatus": {"pod-a": replica("Unloading"),
+                                                               "pod-dead": replica("Loaded")}})
+    update = adapter_status(holding, check_adapter(holding, base(), [holding]), ["pod-a"])
+    assert update.phase == "Terminating"
+    assert "pod-a" in update.status["conditions"][2]["message"]
+    assert not cleanup_done(holding, ["pod-a"])
+    assert cleanup_done(holding, ["pod-b"])  # the pod that held it is gone
+    released = adapter(deleting=True, status={"replicaStatus": {}})
+    assert cleanup_done(released, ["pod-a"])
+
+
+def test_base_model_status_counts_replicas_and_adapters():
+    body = {"metadata": {"name": "llama3", "namespace": "ns", "generation": 3}}
+    deployment = {"status": {"replicas": 2, "readyReplicas": 1}}
+    adapters = [adapter("a", status={"phase": "Ready"}), adapter("b", status={"phase": "Loading"}),
+                adapter("c", deleting=True, status={"phase": "Terminating"})]
+    status = base_model_status(body, base(replicas=2), None, deployment, adapters)
+    assert (status["replicas"], status["readyReplicas"], status["adapters"], status["adaptersReady"]) == (2, 1, 2, 1)
+    assert status["endpoint"] == "http://llama3.ns.svc.cluster.local:8000/v1"
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["Reconciled"]["status"] == "True"
+    assert by_type["Ready"]["reason"] == "ReplicasNotReady"
+    assert by_type["AdaptersReady"]["message"].endswith("not ready: b.")
+    assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_base_model_status_reports_an_invalid_spec():
+    body = {"metadata": {"name": "llama3", "namespace": "ns", "generation": 2}}
+    status = base_model_status(body, base(), ("InvalidSpec", "lora.maxRank 1024 exceeds ..."), None, [])
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == ("False", "InvalidSpec")
+    assert by_type["Ready"]["reason"] == "InvalidSpec"
+    assert by_type["AdaptersReady"]["reason"] == "NoAdapters"
