@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from .selectors import SelectorError
-from .store import ApiError, Store
+from .store import ApiError, Store, conflict
 
 _STORE_KEY = web.AppKey("store", Store)
 _PATCH_TYPES = (
@@ -123,7 +123,10 @@ async def _resource(request: web.Request) -> web.StreamResponse:
     watching = query.get("watch") in ("1", "true")
     verb = {"GET": "watch" if watching else ("get" if name else "list"), "POST": "create", "PUT": "update",
             "PATCH": "patch", "DELETE": "delete" if name else "deletecollection"}.get(request.method, "?")
-    store.request_counts[(verb, rt.key + (f"/{route.subresource}" if route.subresource else ""))] += 1
+    counted = rt.key + (f"/{route.subresource}" if route.subresource else "")
+    store.request_counts[(verb, counted)] += 1
+    if store.take_injected_conflict(verb, counted):
+        raise conflict(rt, name or "")
 
     if request.method == "GET" and name is None:
         if watching:
@@ -340,7 +343,9 @@ class EmulatorThread:
         return self
 
     async def _start(self) -> None:
-        self._runner = web.AppRunner(make_app(self.store), handle_signals=False)
+        # Cancel a watch handler as soon as its client goes away, as the API server does.
+        self._runner = web.AppRunner(make_app(self.store), handle_signals=False, handler_cancellation=True,
+                                     shutdown_timeout=2)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", self._port)
         await site.start()
@@ -355,6 +360,7 @@ class EmulatorThread:
 
     def stop(self) -> None:
         if self._runner is not None:
+            self.call(self.store.close_watches)
             asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)

@@ -95,10 +95,23 @@ class Store:
         self.compacted_at = 0  # history holds every event after this resourceVersion
         self.watchers: set[Watcher] = set()
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Faults to inject: (verb, resource key) -> how many of the next such requests fail with a 409.
+        self.injected_conflicts: collections.Counter[tuple[str, str]] = collections.Counter()
         for rt in BUILTINS:
             self.types[(rt.group, rt.version, rt.plural)] = rt
         for namespace in ("default", "kube-system"):
             self.create(self.builtin("", "namespaces"), None, {"metadata": {"name": namespace}})
+
+    def inject_conflicts(self, verb: str, resource: str, count: int) -> None:
+        """Make the next `count` `verb` requests on `resource` (e.g. 'patch', 'loraadapters.loraplex.io')
+        fail with 409 Conflict, as if another writer got there first."""
+        self.injected_conflicts[(verb, resource)] += count
+
+    def take_injected_conflict(self, verb: str, resource: str) -> bool:
+        if self.injected_conflicts[(verb, resource)] > 0:
+            self.injected_conflicts[(verb, resource)] -= 1
+            return True
+        return False
 
     # ---- types -------------------------------------------------------------------------------------
 
@@ -492,6 +505,12 @@ class Store:
 
     def unsubscribe(self, watcher: Watcher) -> None:
         self.watchers.discard(watcher)
+
+    def close_watches(self) -> None:
+        """End every open watch stream, as an API server restart would."""
+        for watcher in list(self.watchers):
+            watcher.queue.put_nowait(None)
+        self.watchers.clear()
 
 
 def _without_volatile(obj: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""Run the real `loraplex operator` process against the emulator, and read the cluster back."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import kubernetes
+from kubernetes.client.rest import ApiException
+
+GROUP, VERSION = "loraplex.io", "v1alpha1"
+T = TypeVar("T")
+
+
+class OperatorProcess:
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0):
+        self.kubeconfig, self.log_path, self.resync_seconds = kubeconfig, log_path, resync_seconds
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
+               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test"}
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default", "--standalone"],
+            env=env, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        """Die abruptly, as on a node failure: no cleanup handlers run."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition",
+             log: Callable[[], str] | None = None) -> T:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except (ApiException, KeyError, TypeError, IndexError, AssertionError) as exc:
+            last_error = exc
+        time.sleep(0.1)
+    detail = f" (last error: {last_error})" if last_error else ""
+    tail = ("\n--- operator log ---\n" + log()[-4000:]) if log else ""
+    raise AssertionError(f"timed out waiting for {what}{detail}{tail}")
+
+
+class Cluster:
+    """Thin readers and writers over the official client, as a user's tooling would use it."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str = "default"):
+        self.namespace = namespace
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.apps = kubernetes.client.AppsV1Api(api_client)
+        self.rbac = kubernetes.client.RbacAuthorizationV1Api(api_client)
+
+    def apply_base_model(self, name: str, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "BaseModelDeployment", "metadata": {"name": name},
+                "spec": {"model": "meta/llama3-8b-instruct", "runtime": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+                         **spec}}
+        return self._create_or_merge("basemodeldeployments", name, body)
+
+    def apply_adapter(self, name: str, **spec: Any) -> dict[str, Any]:
+        body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraAdapter", "metadata": {"name": name},
+                "spec": {"baseModel": "llama3", "source": f"s3://adapters/{name}", **spec}}
+        return self._create_or_merge("loraadapters", name, body)
+
+    def _create_or_merge(self, plural: str, name: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name,
+                                                              {"spec": body["spec"]})
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+
+    def exists(self, plural: str, name: str) -> bool:
+        try:
+            self.get(plural, name)
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    def adapter(self, name: str) -> dict[str, Any]:
+        return self.get("loraadapters", name)
+
+    def base_model(self, name: str) -> dict[str, Any]:
+        return self.get("basemodeldeployments", name)
+
+    def delete(self, plural: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.namespace, plural, name)
+
+    def condition(self, obj: dict[str, Any], type_: str) -> dict[str, Any] | None:
+        return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
+
+    def report(self, adapter: str, pod: str, state: str | None, **fields: Any) -> None:
+        """What a replica's sidecar writes: its own key in status.replicaStatus (None removes it)."""
+        generation = self.adapter(adapter)["metadata"]["generation"]
+        entry = None if state is None else {"state": state, "observedGeneration": generation, **fields}
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "loraadapters", adapter,
+                                                          {"status": {"replicaStatus": {pod: entry}}})
+
+    def add_pod(self, name: str, base_model: str = "llama3") -> None:
+        self.core.create_namespaced_pod(self.namespace, {
+            "metadata": {"name": name, "labels": {"loraplex.io/base-model": base_model}},
+            "spec": {"containers": [{"name": "inference", "image": "x"}]}})
+
+    def delete_pod(self, name: str) -> None:
+        self.core.delete_namespaced_pod(name, self.namespace)
+
+    def events_for(self, name: str) -> list[Any]:
+        return [e for e in self.core.list_namespaced_event(self.namespace).items if e.involved_object.name == name]
