@@ -53,6 +53,54 @@ def _run_crds(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_validate(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from loraplex.api.types import AdapterFormat, Runtime
+    from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
+
+    path: Path = args.path
+    if not path.exists():
+        print(f"loraplex validate: {path} does not exist", file=sys.stderr)
+        return 2
+    if args.max_rank is not None and args.max_rank < 1:
+        print(f"loraplex validate: --max-rank must be at least 1, not {args.max_rank}", file=sys.stderr)
+        return 2
+    base_config = None
+    if args.base_config is not None:
+        try:
+            base_config = json.loads(args.base_config.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"loraplex validate: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
+            return 2
+    policy = AdapterPolicy(
+        runtime=Runtime(args.runtime) if args.runtime else None, max_rank=args.max_rank,
+        expected_format=AdapterFormat(args.format), base_config=base_config,
+    )
+    with tempfile.TemporaryDirectory(prefix="loraplex-validate-") as scratch:
+        directory = path
+        if path.is_file():  # a lone .nemo file: look at it as the folder the runtime would get
+            directory = Path(scratch)
+            (directory / path.name).symlink_to(path.resolve())
+        try:
+            report = validate(directory, policy)
+        except Rejection as rejection:
+            verdict = {"accepted": False, "format": None, "rank": None, "targetModules": [],
+                       "reason": str(rejection)}
+        else:
+            verdict = {"accepted": True, "format": report.format.value, "rank": report.rank,
+                       "targetModules": list(report.target_modules), "reason": None}
+    if args.json:
+        print(json.dumps(verdict))
+    elif verdict["accepted"]:
+        print(f"accepted: {verdict['format']} adapter, rank {verdict['rank']}, "
+              f"targets {', '.join(verdict['targetModules'])}")
+    else:
+        print(f"rejected: {verdict['reason']}")
+    return 0 if verdict["accepted"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
@@ -73,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     crds.add_argument("directory", type=Path, help="where to write them (crds/)")
     crds.add_argument("--check", action="store_true", help="fail if the files there are stale")
     crds.set_defaults(func=_run_crds)
+
+    validate = commands.add_parser("validate", help="check an adapter the way the sidecar will (exit 0 accepted, "
+                                   "1 rejected, 2 usage error)")
+    validate.add_argument("path", type=Path, help="adapter folder (or a .nemo file)")
+    validate.add_argument("--runtime", choices=["vllm", "nim"], help="check what this runtime can load")
+    validate.add_argument("--max-rank", type=int, help="largest rank the base model accepts")
+    validate.add_argument("--format", default="auto", choices=["auto", "hf", "nemo", "trtllm"],
+                          help="format the adapter must be")
+    validate.add_argument("--base-config", type=Path, help="the base model's config.json, to check tensor shapes")
+    validate.add_argument("--json", action="store_true", help="print one JSON object")
+    validate.set_defaults(func=_run_validate)
     return parser
 
 

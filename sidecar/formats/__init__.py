@@ -1,0 +1,42 @@
+"""Adapter formats: detect which one a folder holds, inspect it from headers, check it against a policy.
+
+Each format is one module with `inspect(directory) -> AdapterReport`; `rules.check` holds the rules
+common to all of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loraplex.api.types import AdapterFormat
+from loraplex.sidecar.formats import hf, nemo, trtllm
+from loraplex.sidecar.formats.report import AdapterReport, LoraWeights, Rejection
+from loraplex.sidecar.formats.rules import AdapterPolicy, check
+
+__all__ = ["AdapterPolicy", "AdapterReport", "LoraWeights", "Rejection", "detect_format", "inspect", "validate"]
+
+
+def detect_format(directory: Path) -> AdapterFormat:
+    if hf.is_hf(directory):
+        return AdapterFormat.HF
+    if nemo.find_archive(directory) is not None:
+        return AdapterFormat.NEMO
+    if trtllm.is_trtllm(directory):
+        return AdapterFormat.TRTLLM
+    raise Rejection(directory.name or str(directory), "holds no adapter: expected adapter_config.json, one .nemo "
+                    "file, or model.lora_config.npy with model.lora_weights.npy")
+
+
+def inspect(directory: Path, fmt: AdapterFormat = AdapterFormat.AUTO) -> AdapterReport:
+    found = detect_format(directory)
+    if fmt not in (AdapterFormat.AUTO, found):
+        raise Rejection(directory.name or str(directory), f"holds a {found.value} adapter, not {fmt.value}")
+    return {AdapterFormat.HF: hf.inspect, AdapterFormat.NEMO: nemo.inspect,
+            AdapterFormat.TRTLLM: trtllm.inspect}[found](directory)
+
+
+def validate(directory: Path, policy: AdapterPolicy) -> AdapterReport:
+    """The full verdict: an AdapterReport when the runtime may load it, else a Rejection."""
+    report = inspect(directory, policy.expected_format or AdapterFormat.AUTO)
+    check(report, policy)
+    return report

@@ -1,0 +1,85 @@
+"""Build real adapters locally, in every format, for tests: tiny random weights, real file layouts."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+TINY_LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2, "vocab_size": 128,
+    "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
+}
+
+
+def tiny_llama(config: dict[str, Any] | None = None, seed: int = 0) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**(config or TINY_LLAMA)))
+
+
+def make_hf_adapter(directory: Path, rank: int = 8, target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+                    base_config: dict[str, Any] | None = None, seed: int = 0, safetensors: bool = True,
+                    **lora_options: Any) -> Path:
+    """A real PEFT LoRA adapter of a tiny random Llama, saved with peft's own save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(base_config, seed)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(target_modules),
+                                                  init_lora_weights=False, **lora_options))
+    peft_model.save_pretrained(directory, safe_serialization=safetensors)
+    return directory
+
+
+def nemo_state_dict(rank: int, layers: int = 2, hidden: int = 32, qkv_out: int = 64) -> dict[str, torch.Tensor]:
+    prefix = "model.language_model.encoder.layers.{i}.self_attention.adapter_layer.lora_kqv_adapter"
+    tensors = {}
+    for i in range(layers):
+        tensors[f"{prefix.format(i=i)}.linear_in.weight"] = torch.randn(rank, hidden)
+        tensors[f"{prefix.format(i=i)}.linear_out.weight"] = torch.randn(qkv_out, rank)
+    return tensors
+
+
+def make_nemo_adapter(directory: Path, rank: int = 8, state_dict: Any = None,
+                      extra_members: list[tuple[tarfile.TarInfo, bytes | None]] | None = None,
+                      config: dict[str, Any] | None = None, name: str = "adapter.nemo") -> Path:
+    """A .nemo tar laid out as NeMo writes LoRA adapters: model_config.yaml + model_weights.ckpt."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = config if config is not None else {
+        "peft": {"peft_scheme": "lora", "lora_tuning": {"adapter_dim": rank, "target_modules": ["attention_qkv"],
+                                                         "adapter_dropout": 0.0}}}
+    buffer = io.BytesIO()
+    torch.save(state_dict if state_dict is not None else nemo_state_dict(rank), buffer)
+    with tarfile.open(directory / name, "w") as archive:
+        for member_name, payload in (("./model_config.yaml", yaml.safe_dump(config).encode()),
+                                     ("./model_weights.ckpt", buffer.getvalue())):
+            info = tarfile.TarInfo(member_name)
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+        for info, payload in extra_members or []:
+            archive.addfile(info, io.BytesIO(payload) if payload is not None else None)
+    return directory
+
+
+def make_trtllm_adapter(directory: Path, rank: int = 8, layers: int = 2, hidden: int = 32,
+                        qkv_out: int = 64) -> Path:
+    """model.lora_config.npy rows (module id, layer, size) and matching flattened weights."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = np.array([[0, layer, rank] for layer in range(layers)], dtype=np.int32)
+    weights = np.random.default_rng(0).standard_normal((layers, rank * (hidden + qkv_out))).astype(np.float16)
+    np.save(directory / "model.lora_config.npy", np.expand_dims(config, 0))
+    np.save(directory / "model.lora_weights.npy", np.expand_dims(weights, 0))
+    return directory
+
+
+def write_base_config(path: Path, **overrides: Any) -> Path:
+    path.write_text(json.dumps({**TINY_LLAMA, **overrides}))
+    return path
