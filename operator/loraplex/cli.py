@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -33,6 +34,26 @@ def _run_operator(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         liveness_endpoint=args.liveness,
     )
+    return 0
+
+
+def _run_sidecar(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from loraplex.sidecar.main import run
+    from loraplex.sidecar.settings import SettingsError, SidecarSettings
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = SidecarSettings.from_environment()
+    except SettingsError as exc:
+        print(f"loraplex sidecar: {exc}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(run(settings))
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
@@ -116,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     operator.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     operator.set_defaults(func=_run_operator)
+
+    sidecar = commands.add_parser("sidecar", help="run the adapter sidecar (in an inference pod; configured by "
+                                  "the environment the operator renders)")
+    sidecar.add_argument("--log-level", default=os.environ.get("LORAPLEX_LOG_LEVEL", "info"),
+                         choices=["debug", "info", "warning", "error"])
+    sidecar.set_defaults(func=_run_sidecar)
 
     crds = commands.add_parser("crds", help="write the CRD manifests generated from the API types")
     crds.add_argument("directory", type=Path, help="where to write them (crds/)")

@@ -79,6 +79,9 @@ def test_nim_container_carries_the_documented_peft_env():
     assert inference["envFrom"] == [{"secretRef": {"name": "ngc-api"}}]
     mounts = {m["name"]: m["mountPath"] for m in inference["volumeMounts"]}
     assert mounts == {"peft-source": "/loras", "model-cache": "/opt/nim/.cache", "dshm": "/dev/shm"}
+    sidecar_env = env_of(containers(deployment)["loraplex-sidecar"])
+    assert sidecar_env["LORAPLEX_VOLUME_LIMIT"] == "20Gi"  # stays under the emptyDir limit, never evicted
+    assert sidecar_env["LORAPLEX_NIM_REFRESH_SECONDS"] == "5"
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert inference["readinessProbe"]["httpGet"]["path"] == "/v1/health/ready"
@@ -104,7 +107,12 @@ def test_sidecar_shares_the_peft_volume_and_learns_its_adapter_set():
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
     assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     mounts = {m["name"]: m for m in sidecar["volumeMounts"]}
-    assert mounts["peft-source"]["mountPath"] == "/peft"
+    assert mounts["peft-source"]["mountPath"] == "/var/lib/loraplex"  # the whole volume, staging included
+    assert env["LORAPLEX_VOLUME_DIR"] == "/var/lib/loraplex"
+    assert "LORAPLEX_VOLUME_LIMIT" not in env  # a PVC has no emptyDir sizeLimit to stay under
+    inference_mounts = {m["name"]: m for m in containers(deployment)["inference"]["volumeMounts"]}
+    assert inference_mounts["peft-source"] == {"name": "peft-source", "mountPath": "/peft", "subPath": "adapters",
+                                               "readOnly": True}  # the runtime never sees staging
     assert mounts["adapter-store"]["readOnly"] is True
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["peft-source"] == {"name": "peft-source", "persistentVolumeClaim": {"claimName": "peft-store"}}

@@ -26,8 +26,15 @@ from loraplex.operator.settings import OperatorSettings
 BASE_MODEL_LABEL = f"{GROUP}/base-model"
 MANAGED_BY = "loraplex"
 SIDECAR_PORT = 9090
+# The sidecar mounts the whole PEFT volume here; the runtime mounts only its adapters/ folder, so
+# staging and bookkeeping are never visible to the runtime.
+SIDECAR_VOLUME_DIR = "/var/lib/loraplex"
+ADAPTERS_SUBPATH = "adapters"
 PEFT_VOLUME, CACHE_VOLUME, SHM_VOLUME = "peft-source", "model-cache", "dshm"
 STORE_VOLUME, SIDECAR_TMP_VOLUME = "adapter-store", "sidecar-tmp"
+
+
+DEFAULT_PEFT_SIZE = "20Gi"
 
 
 class RenderError(ValueError):
@@ -147,12 +154,19 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
         {"name": "LORAPLEX_RUNTIME_URL", "value": f"http://127.0.0.1:{spec.port}"},
         {"name": "LORAPLEX_SERVED_MODEL", "value": spec.model},
         {"name": "LORAPLEX_PEFT_DIR", "value": spec.peft_source.mount_path},
+        {"name": "LORAPLEX_VOLUME_DIR", "value": SIDECAR_VOLUME_DIR},
+        {"name": "LORAPLEX_NIM_REFRESH_SECONDS", "value": str(spec.lora.refresh_interval_seconds)},
         {"name": "LORAPLEX_MAX_CONCURRENT_DOWNLOADS", "value": str(sidecar.max_concurrent_downloads)},
         {"name": "LORAPLEX_LOG_LEVEL", "value": sidecar.log_level},
         {"name": "LORAPLEX_HTTP_PORT", "value": str(SIDECAR_PORT)},
     ]
+    peft = spec.peft_source
+    if peft.persistent_volume_claim is None:
+        # Stay under the emptyDir's sizeLimit ourselves: exceeding it gets the whole pod evicted.
+        env.append({"name": "LORAPLEX_VOLUME_LIMIT",
+                    "value": peft.empty_dir.size_limit if peft.empty_dir else DEFAULT_PEFT_SIZE})
     mounts = [
-        {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path},
+        {"name": PEFT_VOLUME, "mountPath": SIDECAR_VOLUME_DIR},
         {"name": SIDECAR_TMP_VOLUME, "mountPath": "/tmp"},
     ]
     env_from = []
@@ -224,14 +238,15 @@ def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, sett
     if resources:
         inference["resources"] = resources
     inference["volumeMounts"] = [
-        {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path},
+        {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path, "subPath": ADAPTERS_SUBPATH,
+         "readOnly": True},
         {"name": CACHE_VOLUME, "mountPath": profile.cache_mount_path},
         {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
     ]
 
     peft, cache = spec.peft_source, spec.cache
     volumes = [
-        _volume(PEFT_VOLUME, peft.empty_dir, peft.persistent_volume_claim, default_size="20Gi"),
+        _volume(PEFT_VOLUME, peft.empty_dir, peft.persistent_volume_claim, default_size=DEFAULT_PEFT_SIZE),
         _volume(CACHE_VOLUME, cache.empty_dir if cache else None,
                 cache.persistent_volume_claim if cache else None, default_size=None),
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},

@@ -1,0 +1,345 @@
+"""The sidecar's loop: make this replica hold and serve exactly the adapters of its adapter set.
+
+One worker task per served name moves an adapter through download → validate → install → load (or
+unload → delete), reporting each step. A newer desired entry cancels the worker of an older one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+import aiohttp
+
+from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
+from loraplex.api.types import FailureReason, ReplicaState
+from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
+from loraplex.sidecar.metrics import SidecarMetrics
+from loraplex.sidecar.reporter import StatusReporter
+from loraplex.sidecar.runtimes import LoadFailed, RuntimeClient, RuntimeUnavailable
+from loraplex.sidecar.settings import SidecarSettings
+from loraplex.sidecar.sources import Downloader, Progress, SourceError
+from loraplex.sidecar.store import InstalledAdapter, VolumeStore, files_of
+
+logger = logging.getLogger(__name__)
+RETRY_DELAYS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+PROGRESS_INTERVAL = 1.0
+
+
+class Agent:
+    def __init__(self, settings: SidecarSettings, reporter: StatusReporter, runtime: RuntimeClient,
+                 downloader: Downloader, metrics: SidecarMetrics | None = None):
+        self.settings = settings
+        self.reporter = reporter
+        self.runtime = runtime
+        self.downloader = downloader
+        self.metrics = metrics or SidecarMetrics()
+        self.store = VolumeStore(settings.volume_dir)
+        self.adapter_set: AdapterSet | None = None
+        self.installed: dict[str, InstalledAdapter] = {}
+        self.loaded: set[str] = set()  # served names the runtime serves with the installed files
+        self.states: dict[str, str] = {}  # served name -> ReplicaState, for metrics and readiness
+        self.workers: dict[str, tuple[Any, asyncio.Task[None]]] = {}  # served name -> (target, task)
+        self.retry_at: dict[str, float] = {}
+        self.failed_generation: dict[str, tuple[str, int, str]] = {}  # served -> (uid, generation, reason)
+        self._attempts: dict[str, int] = {}  # consecutive failures of the current generation
+        self.base_config: dict[str, Any] | None = None
+        self.wake = asyncio.Event()
+        self.initial_sync_done = False
+        self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
+
+    # ---- startup -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Adopt what a previous life of this pod left on the volume: re-verify, never re-download."""
+        await asyncio.to_thread(self.store.prepare)
+        if self.settings.base_config is not None:
+            with contextlib.suppress(OSError, ValueError):
+                self.base_config = json.loads(await asyncio.to_thread(self.settings.base_config.read_text))
+        for name, record in (await asyncio.to_thread(self.store.installed)).items():
+            if await asyncio.to_thread(self.store.intact, record):
+                self.installed[name] = record
+            else:
+                logger.warning("adapter %s on the volume is incomplete; it will be fetched again", name)
+                await asyncio.to_thread(self.store.remove, name)
+        if self.installed:
+            with contextlib.suppress(RuntimeUnavailable):
+                self.loaded = await self.runtime.served_adapters() & set(self.installed)
+
+    def on_adapter_set(self, adapter_set: AdapterSet) -> None:
+        self.adapter_set = adapter_set
+        self.wake.set()
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await self.start()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            self.converge()
+            self._update_gauges()
+
+    def converge(self) -> None:
+        if self.adapter_set is None:
+            return  # never act on "nothing" before the first adapter set arrives
+        desired = {a.served_name: a for a in self.adapter_set.adapters}
+        now = time.monotonic()
+        for name, adapter in desired.items():
+            target = ("sync", adapter.uid, adapter.generation, adapter.source, adapter.sha256)
+            running = self.workers.get(name)
+            if running is not None and running[0] == target:
+                continue
+            if running is not None:
+                running[1].cancel()
+            if self._satisfied(adapter) or self.retry_at.get(name, 0) > now:
+                continue
+            self._spawn(name, target, self._sync(adapter))
+        for name, record in self.installed.items():
+            if name not in desired and self.workers.get(name, (None,))[0] != ("remove",):
+                if (running := self.workers.get(name)) is not None:
+                    running[1].cancel()
+                self._spawn(name, ("remove",), self._remove(record))
+        for name, (target, task) in list(self.workers.items()):
+            if target[0] == "sync" and name not in desired:
+                task.cancel()
+        if not self.initial_sync_done and all(name not in self.workers for name in desired):
+            self.initial_sync_done = True
+
+    def _satisfied(self, adapter: DesiredAdapter) -> bool:
+        """Nothing to do: installed at this generation and served, or rejected at this generation."""
+        failed = self.failed_generation.get(adapter.served_name)
+        if failed is not None and failed[:2] == (adapter.uid, adapter.generation):
+            return failed[2] in (FailureReason.VALIDATION_FAILED, FailureReason.CHECKSUM_MISMATCH)
+        record = self.installed.get(adapter.served_name)
+        return (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
+                and record.source == adapter.source and record.sha256 == adapter.sha256
+                and adapter.served_name in self.loaded
+                and (record.fingerprint is None or
+                     record.fingerprint == self.downloader.local_fingerprint(adapter.source)))
+
+    def _spawn(self, name: str, target: Any, work: Any) -> None:
+        task = asyncio.create_task(work, name=f"adapter-{name}")
+        self.workers[name] = (target, task)
+
+        def finished(done: asyncio.Task[None]) -> None:
+            if self.workers.get(name, (None, None))[1] is done:
+                del self.workers[name]
+            if not done.cancelled() and done.exception() is not None:
+                logger.error("worker for %s crashed", name, exc_info=done.exception())
+            self.wake.set()
+
+        task.add_done_callback(finished)
+
+    # ---- one adapter ---------------------------------------------------------------------------------
+
+    def _report(self, adapter: DesiredAdapter, state: ReplicaState, **fields: Any) -> None:
+        self.states[adapter.served_name] = state.value
+        self.reporter.set(adapter.name, {"state": state.value, "observedGeneration": adapter.generation, **fields})
+
+    def _policy(self, adapter: DesiredAdapter) -> AdapterPolicy:
+        assert self.adapter_set is not None
+        limits = self.adapter_set.limits
+        return AdapterPolicy(
+            runtime=self.adapter_set.runtime, max_rank=limits.max_rank, expected_rank=adapter.expected_rank,
+            expected_format=adapter.format, allowed_formats=frozenset(limits.allowed_formats),
+            allowed_target_modules=frozenset(limits.allowed_target_modules) if limits.allowed_target_modules else None,
+            base_config=self.base_config,
+        )
+
+    async def _sync(self, adapter: DesiredAdapter) -> None:
+        name = adapter.served_name
+        started = time.monotonic()
+        record = self.installed.get(name)
+        current = (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
+                   and record.source == adapter.source and record.sha256 == adapter.sha256
+                   and (record.fingerprint is None
+                        or record.fingerprint == self.downloader.local_fingerprint(adapter.source)))
+        try:
+            if current:
+                assert record is not None
+                await self._ensure_loaded(adapter, record)
+            else:
+                record = await self._fetch_and_install(adapter)
+                if record is None:
+                    return
+                await self._ensure_loaded(adapter, record, replaced=True)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must fail this adapter, never the sidecar
+            logger.exception("unexpected error syncing %s", name)
+            self._fail(adapter, FailureReason.LOAD_FAILED, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            self.metrics.sync_seconds.observe(time.monotonic() - started)
+
+    async def _fetch_and_install(self, adapter: DesiredAdapter) -> InstalledAdapter | None:
+        name = adapter.served_name
+        self._report(adapter, ReplicaState.PENDING, message="Waiting for a download slot.")
+        async with self._downloads:
+            staging = await asyncio.to_thread(self.store.new_staging, name)
+            try:
+                last_report = 0.0
+
+                def on_progress(done: int, total: int) -> None:
+                    nonlocal last_report
+                    if time.monotonic() - last_report >= PROGRESS_INTERVAL or done == total:
+                        last_report = time.monotonic()
+                        self._report(adapter, ReplicaState.DOWNLOADING, bytesDone=done, bytesTotal=total)
+
+                self._report(adapter, ReplicaState.DOWNLOADING, bytesDone=0)
+                progress = Progress(on_progress)
+                budget = await self._budget()
+                try:
+                    fetched = await self.downloader.fetch(adapter.source, staging, progress, budget, adapter.sha256)
+                except SourceError as exc:
+                    self.metrics.bytes.inc(max(progress.done, 0))
+                    self._fail(adapter, exc.reason, exc.message, retry=exc.reason not in (
+                        FailureReason.VALIDATION_FAILED, FailureReason.CHECKSUM_MISMATCH))
+                    return None
+                self.metrics.bytes.inc(progress.done)
+                self._report(adapter, ReplicaState.VALIDATING, bytesDone=progress.done, bytesTotal=progress.total)
+                try:
+                    report = await asyncio.to_thread(validate, staging, self._policy(adapter))
+                except Rejection as exc:
+                    self._fail(adapter, FailureReason.VALIDATION_FAILED, str(exc), retry=False)
+                    return None
+                record = InstalledAdapter(
+                    served_name=name, adapter=adapter.name, uid=adapter.uid, generation=adapter.generation,
+                    source=adapter.source, sha256=adapter.sha256, format=report.format.value, rank=report.rank,
+                    target_modules=list(report.target_modules), size_bytes=fetched.size_bytes,
+                    files=await asyncio.to_thread(files_of, staging), fingerprint=fetched.fingerprint,
+                )
+                if name in self.loaded:  # the runtime must drop the old weights before they change on disk
+                    await self.runtime.unload(name)
+                    self.loaded.discard(name)
+                await asyncio.to_thread(self.store.install, staging, record)
+                self.installed[name] = record
+                return record
+            finally:
+                await asyncio.to_thread(self.store.discard, staging)
+
+    async def _budget(self) -> int | None:
+        if self.settings.volume_limit_bytes is None:
+            return None
+        return self.settings.volume_limit_bytes - await asyncio.to_thread(self.store.used_bytes)
+
+    async def _ensure_loaded(self, adapter: DesiredAdapter, record: InstalledAdapter, replaced: bool = False) -> None:
+        name = adapter.served_name
+        detected = {"format": record.format, "rank": record.rank, "targetModules": record.target_modules,
+                    "sizeBytes": record.size_bytes}
+        if name not in self.loaded or replaced:
+            while not await self.runtime.healthy():
+                self._report(adapter, ReplicaState.PENDING, message="Waiting for the runtime to become healthy.",
+                             **detected)
+                await asyncio.sleep(self.settings.runtime_poll_seconds)
+            started = time.monotonic()
+            try:
+                await self.runtime.load(name, f"{self.settings.peft_dir.rstrip('/')}/{name}")
+            except LoadFailed as exc:
+                self._fail(adapter, FailureReason.LOAD_FAILED, str(exc), retry=True, **detected)
+                return
+            except RuntimeUnavailable as exc:
+                self._fail(adapter, FailureReason.RUNTIME_UNAVAILABLE, str(exc), retry=True, **detected)
+                return
+            self.metrics.load_seconds.observe(time.monotonic() - started)
+            self.loaded.add(name)
+        self.failed_generation.pop(name, None)
+        self.retry_at.pop(name, None)
+        self._report(adapter, ReplicaState.LOADED, **detected)
+
+    def _fail(self, adapter: DesiredAdapter, reason: FailureReason, message: str, retry: bool = True,
+              **fields: Any) -> None:
+        name = adapter.served_name
+        previous = self.failed_generation.get(name)
+        attempt = 0 if previous is None or previous[:2] != (adapter.uid, adapter.generation) else \
+            self._attempts.get(name, 0) + 1
+        self._attempts[name] = attempt
+        self.failed_generation[name] = (adapter.uid, adapter.generation, reason.value)
+        self.metrics.failures.labels(reason=reason.value).inc()
+        old = self.installed.get(name)
+        if old is not None and name in self.loaded and old.generation != adapter.generation:
+            message += f" Still serving generation {old.generation}."
+        if retry:
+            delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+            self.retry_at[name] = time.monotonic() + delay
+            asyncio.get_running_loop().call_later(delay, self.wake.set)
+            message += f" Retrying in {delay:.0f}s."
+        logger.warning("adapter %s failed (%s): %s", name, reason.value, message)
+        self._report(adapter, ReplicaState.FAILED, reason=reason.value, message=message, **fields)
+
+    async def _remove(self, record: InstalledAdapter) -> None:
+        name = record.served_name
+        self.states[name] = ReplicaState.UNLOADING.value
+        self.reporter.set(record.adapter, {"state": ReplicaState.UNLOADING.value,
+                                           "observedGeneration": record.generation})
+        while True:
+            try:
+                await self.runtime.unload(name)
+                break
+            except (RuntimeUnavailable, LoadFailed) as exc:
+                logger.warning("unloading %s failed (%s); retrying", name, exc)
+                await asyncio.sleep(self.settings.runtime_poll_seconds)
+        self.loaded.discard(name)
+        await asyncio.to_thread(self.store.remove, name)
+        self.installed.pop(name, None)
+        with contextlib.suppress(RuntimeUnavailable, LoadFailed):
+            await self.runtime.retired(name)
+        self.states.pop(name, None)
+        self.failed_generation.pop(name, None)
+        self.retry_at.pop(name, None)
+        self.reporter.set(record.adapter, None)
+        logger.info("removed adapter %s", name)
+
+    # ---- watching the runtime and the adapter store -----------------------------------------------
+
+    async def watch_runtime(self) -> None:
+        """Notice a runtime restart (its adapters are gone) and load every adapter again."""
+        was_healthy = True
+        while True:
+            await asyncio.sleep(self.settings.runtime_poll_seconds)
+            try:
+                healthy = await self.runtime.healthy()
+                served = await self.runtime.served_adapters() if healthy else set()
+            except RuntimeUnavailable:
+                healthy, served = False, set()
+            lost = {name for name in self.loaded if name not in served} if healthy else set()
+            if not healthy and was_healthy:
+                logger.warning("runtime is not healthy; adapters will be restored when it is back")
+            if lost or (healthy and not was_healthy):
+                if lost:
+                    logger.warning("runtime no longer serves %s; loading again", ", ".join(sorted(lost)))
+                self.loaded -= lost
+                self.wake.set()
+            was_healthy = healthy
+
+    def local_store_changed(self) -> None:
+        """A file under the adapter store changed: re-check file:// adapters now, not at their next retry."""
+        for name, adapter in self._desired().items():
+            if adapter.source.startswith("file://"):
+                self.retry_at.pop(name, None)
+        self.wake.set()
+
+    def _desired(self) -> dict[str, DesiredAdapter]:
+        return {a.served_name: a for a in self.adapter_set.adapters} if self.adapter_set else {}
+
+    def _update_gauges(self) -> None:
+        counts: dict[str, int] = dict.fromkeys((s.value for s in ReplicaState), 0)
+        for state in self.states.values():
+            counts[state] = counts.get(state, 0) + 1
+        for state, count in counts.items():
+            self.metrics.adapters.labels(state=state).set(count)
+
+    async def reassert_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reassert_seconds)
+            self.reporter.reassert()
+
+
+def default_session() -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60),
+                                 connector=aiohttp.TCPConnector(limit=64))
+

@@ -1,0 +1,72 @@
+"""Per-replica status: each pod writes only its own key of status.replicaStatus, by JSON merge patch,
+so replicas never conflict with each other or with the operator. Updates are coalesced."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from loraplex.api.conditions import utc_now
+from loraplex.api.types import API_VERSION, LORA_ADAPTER
+from loraplex.kube import ApiError, KubeClient, NotFound, resource_path
+
+logger = logging.getLogger(__name__)
+
+
+class StatusReporter:
+    def __init__(self, client: KubeClient, namespace: str, pod_name: str, min_interval: float = 0.25):
+        self.client, self.namespace, self.pod_name = client, namespace, pod_name
+        self.min_interval = min_interval
+        self._latest: dict[str, dict[str, Any] | None] = {}  # adapter -> entry we want (None: remove ours)
+        self._dirty: set[str] = set()
+        self._wake = asyncio.Event()
+
+    def set(self, adapter: str, entry: dict[str, Any] | None) -> None:
+        if entry is not None:
+            entry = {k: v for k, v in entry.items() if v is not None}
+            previous = self._latest.get(adapter)
+            if previous is not None and {k: v for k, v in previous.items() if k != "updated"} == entry:
+                return
+            entry["updated"] = utc_now()
+        self._latest[adapter] = entry
+        self._dirty.add(adapter)
+        self._wake.set()
+
+    def entries(self) -> dict[str, dict[str, Any] | None]:
+        return dict(self._latest)
+
+    def reassert(self) -> None:
+        """Write every entry again (no-op writes cost nothing); repairs an entry pruned by mistake."""
+        self._dirty.update(name for name, entry in self._latest.items() if entry is not None)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._dirty = self._dirty, set()
+            await asyncio.gather(*(self._write(name) for name in sorted(batch)))
+            await asyncio.sleep(self.min_interval)
+
+    async def flush(self) -> None:
+        batch, self._dirty = self._dirty, set()
+        await asyncio.gather(*(self._write(name) for name in sorted(batch)))
+
+    async def _write(self, adapter: str) -> None:
+        entry = self._latest.get(adapter)
+        path = resource_path(API_VERSION, LORA_ADAPTER.plural, self.namespace, adapter, "status")
+        try:
+            await self.client.merge_patch(path, {"status": {"replicaStatus": {self.pod_name: entry}}})
+        except NotFound:
+            if entry is None:
+                self._latest.pop(adapter, None)
+        except (ApiError, OSError, TimeoutError) as exc:
+            logger.warning("could not report %s on LoraAdapter %s (%s); will retry", entry and entry.get("state"),
+                           adapter, exc)
+            self._dirty.add(adapter)
+            self._wake.set()
+            await asyncio.sleep(1.0)
+        else:
+            if entry is None:
+                self._latest.pop(adapter, None)
