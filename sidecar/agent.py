@@ -260,14 +260,16 @@ class Agent:
         self._attempts[name] = attempt
         self.failed_generation[name] = (adapter.uid, adapter.generation, reason.value)
         self.metrics.failures.labels(reason=reason.value).inc()
+        sentences = [message.rstrip(".") + "."]
         old = self.installed.get(name)
         if old is not None and name in self.loaded and old.generation != adapter.generation:
-            message += f" Still serving generation {old.generation}."
+            sentences.append(f"Still serving generation {old.generation}.")
         if retry:
             delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
             self.retry_at[name] = time.monotonic() + delay
             asyncio.get_running_loop().call_later(delay, self.wake.set)
-            message += f" Retrying in {delay:.0f}s."
+            sentences.append(f"Retrying in {delay:.0f}s.")
+        message = " ".join(sentences)
         logger.warning("adapter %s failed (%s): %s", name, reason.value, message)
         self._report(adapter, ReplicaState.FAILED, reason=reason.value, message=message, **fields)
 

@@ -1,0 +1,245 @@
+"""The real sidecar process: S3 (moto_server), an https file server, a fake vLLM / NIM, the emulator."""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraplex.api.types import AdapterFormat, Runtime
+from tests.adapters import make_hf_adapter, make_nemo_adapter
+from tests.fakes.files import FileServer, self_signed_certificate
+from tests.fakes.runtime import FakeRuntime
+from tests.integration.harness import wait_for
+from tests.integration.sidecar_harness import AdapterSetWriter, MotoServer, SidecarProcess, upload_folder
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("built")
+    make_hf_adapter(root / "math", rank=8, seed=1)
+    make_hf_adapter(root / "squad", rank=8, target_modules=("q_proj", "k_proj", "v_proj"), seed=2)
+    make_hf_adapter(root / "math-v2", rank=8, seed=3)
+    make_hf_adapter(root / "too-big-rank", rank=32, seed=4)
+    make_nemo_adapter(root / "nemo-math", rank=8)
+    with tarfile.open(root / "squad.tar.gz", "w:gz") as archive:
+        archive.add(root / "squad", arcname="squad")
+    big = root / "big"
+    shutil.copytree(root / "math", big)
+    (big / "padding.bin").write_bytes(b"\0" * (3 * 1024 * 1024))
+    return root
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory, built) -> Iterator[MotoServer]:
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    s3 = server.client()
+    s3.create_bucket(Bucket="adapters")
+    for name in ("math", "squad", "math-v2", "too-big-rank", "big"):
+        upload_folder(s3, built / name, "adapters", f"llama3/{name}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def vllm() -> Iterator[FakeRuntime]:
+    runtime = FakeRuntime("vllm", "meta/llama3").start()
+    yield runtime
+    runtime.stop()
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Path:
+    return tmp_path / "volume"
+
+
+@pytest.fixture
+def writer(api_client, crds_installed) -> AdapterSetWriter:
+    return AdapterSetWriter(api_client)
+
+
+@pytest.fixture
+def sidecar_factory(kubeconfig, volume, tmp_path, moto) -> Iterator:
+    started: list[SidecarProcess] = []
+
+    def start(runtime: FakeRuntime, mode: Runtime = Runtime.VLLM, **env: str) -> SidecarProcess:
+        process = SidecarProcess(kubeconfig, volume, mode, runtime.url, tmp_path / f"sidecar-{len(started)}.log",
+                                 {"AWS_ENDPOINT_URL_S3": moto.url, **env}).start()
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+def until(sidecar: SidecarProcess, predicate, what: str, timeout: float = 30.0):
+    return wait_for(predicate, timeout=timeout, what=what, log=sidecar.log)
+
+
+def test_syncs_validates_and_loads_adapters_from_s3(writer, vllm, volume, sidecar_factory):
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math/")
+    writer.add("squad", "s3://adapters/llama3/squad")
+    until(sidecar, lambda: writer.state("math") == "Loaded" and writer.state("squad") == "Loaded", "both Loaded")
+    entry = writer.replica_status("squad")
+    assert (entry["format"], entry["rank"], entry["targetModules"]) == ("hf", 8, ["k_proj", "q_proj", "v_proj"])
+    assert entry["observedGeneration"] == 1 and entry["sizeBytes"] > 0
+    assert vllm.loaded == {"math": str(volume / "adapters" / "math"), "squad": str(volume / "adapters" / "squad")}
+    assert sorted(p.name for p in (volume / "adapters" / "math").iterdir()) == \
+        ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert list((volume / "staging").iterdir()) == []
+    assert sidecar.get("/readyz")[0] == 200
+    metrics = sidecar.get("/metrics")[1]
+    assert 'loraplex_sidecar_adapters{state="Loaded"} 2.0' in metrics
+    assert "loraplex_sidecar_downloaded_bytes_total" in metrics
+
+
+def test_rejected_adapter_fails_with_the_rule_and_disturbs_nothing(writer, vllm, volume, sidecar_factory):
+    sidecar = sidecar_factory(vllm)
+    writer.max_rank = 16
+    writer.add("math", "s3://adapters/llama3/math")
+    writer.add("wide", "s3://adapters/llama3/too-big-rank")
+    until(sidecar, lambda: writer.state("wide") == "Failed", "the rank-32 adapter Failed")
+    entry = writer.replica_status("wide")
+    assert entry["reason"] == "ValidationFailed"
+    assert entry["message"] == "adapter_config.json: r=32 exceeds this base model's maxLoraRank 16."
+    until(sidecar, lambda: writer.state("math") == "Loaded", "the other adapter Loaded")
+    assert "wide" not in vllm.load_calls
+    assert not (volume / "adapters" / "wide").exists()
+
+
+def test_update_and_removal(writer, vllm, volume, sidecar_factory):
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math")
+    until(sidecar, lambda: writer.state("math") == "Loaded", "Loaded")
+    before = (volume / "adapters" / "math" / "adapter_model.safetensors").read_bytes()
+
+    writer.add("math", "s3://adapters/llama3/math-v2")  # generation 2
+    until(sidecar, lambda: (writer.replica_status("math") or {}).get("observedGeneration") == 2
+          and writer.state("math") == "Loaded", "generation 2 Loaded")
+    after = (volume / "adapters" / "math" / "adapter_model.safetensors").read_bytes()
+    assert after != before
+    assert vllm.unload_calls == ["math"] and vllm.load_calls == ["math", "math"]  # old weights dropped first
+
+    writer.remove("math")
+    until(sidecar, lambda: writer.replica_status("math") is None, "replicaStatus entry removed")
+    assert "math" not in vllm.loaded
+    assert not (volume / "adapters" / "math").exists()
+    assert not (volume / "state" / "math.json").exists()
+
+
+def test_runtime_restart_restores_every_adapter(writer, vllm, sidecar_factory):
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math")
+    writer.add("squad", "s3://adapters/llama3/squad")
+    until(sidecar, lambda: set(vllm.loaded) == {"math", "squad"}, "both loaded")
+    vllm.down = True
+    vllm.restart()
+    time.sleep(1.0)
+    vllm.down = False
+    until(sidecar, lambda: set(vllm.loaded) == {"math", "squad"}, "restored after the runtime restart")
+    assert writer.state("math") == "Loaded"
+
+
+def test_sidecar_restart_reverifies_without_downloading(writer, vllm, volume, sidecar_factory, tmp_path, built):
+    cert, key = self_signed_certificate(tmp_path)
+    files = FileServer(built, cert, key).start()
+    try:
+        sidecar = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
+        writer.add("squad", f"{files.url}/squad.tar.gz")
+        until(sidecar, lambda: writer.state("squad") == "Loaded", "Loaded from https")
+        assert sorted(p.name for p in (volume / "adapters" / "squad").iterdir()) == \
+            ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # unpacked, top folder flattened
+        downloads = files.requests["squad.tar.gz"]
+        sidecar.kill()
+        vllm.restart()  # and the runtime lost it too: the restarted sidecar must reload from disk
+        restarted = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
+        until(restarted, lambda: "squad" in vllm.loaded, "reloaded from the volume")
+        until(restarted, lambda: restarted.get("/readyz")[0] == 200, "ready")
+        assert files.requests["squad.tar.gz"] == downloads
+    finally:
+        files.stop()
+
+
+def test_source_outage_mid_download_is_retried_and_never_visible(writer, vllm, volume, sidecar_factory, tmp_path,
+                                                                 built):
+    cert, key = self_signed_certificate(tmp_path)
+    archive = tmp_path / "served"
+    archive.mkdir()
+    with tarfile.open(archive / "big.tar", "w") as tar:
+        tar.add(built / "big", arcname=".")
+    files = FileServer(archive, cert, key).start()
+    files.drop_after["big.tar"] = 512 * 1024
+    try:
+        sidecar = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
+        writer.add("big", f"{files.url}/big.tar")
+        until(sidecar, lambda: writer.state("big") == "Loaded", "Loaded after the outage")
+        assert files.requests["big.tar"] >= 3  # probe, the cut transfer, the retry
+        assert (volume / "adapters" / "big" / "padding.bin").stat().st_size == 3 * 1024 * 1024
+        assert "retry" in sidecar.log().lower() or "attempt" in sidecar.log().lower()
+        assert list((volume / "staging").iterdir()) == []
+    finally:
+        files.stop()
+
+
+def test_volume_limit_fails_the_adapter_that_does_not_fit(writer, vllm, volume, sidecar_factory):
+    sidecar = sidecar_factory(vllm, LORAPLEX_VOLUME_LIMIT="2Mi")
+    writer.add("math", "s3://adapters/llama3/math")
+    until(sidecar, lambda: writer.state("math") == "Loaded", "small adapter Loaded")
+    writer.add("big", "s3://adapters/llama3/big")
+    until(sidecar, lambda: writer.state("big") == "Failed", "big adapter Failed")
+    entry = writer.replica_status("big")
+    assert entry["reason"] == "DiskFull" and "size limit" in entry["message"]
+    assert writer.state("math") == "Loaded" and "math" in vllm.loaded
+    assert not (volume / "adapters" / "big").exists()
+
+
+def test_nim_serves_nemo_adapters_from_the_peft_folder(writer, volume, sidecar_factory, tmp_path, built, moto):
+    nim = FakeRuntime("nim", "meta/llama3", peft_dir=volume / "adapters").start()
+    try:
+        writer.runtime = Runtime.NIM
+        moto.client().upload_file(str(built / "nemo-math" / "adapter.nemo"), "adapters", "llama3/nemo-math.nemo")
+        sidecar = sidecar_factory(nim, Runtime.NIM)
+        writer.add("nemo-math", "s3://adapters/llama3/nemo-math.nemo", AdapterFormat.NEMO)
+        until(sidecar, lambda: writer.state("nemo-math") == "Loaded", "NeMo adapter Loaded on NIM")
+        assert (volume / "adapters" / "nemo-math" / "nemo-math.nemo").is_file()
+        assert "nemo-math" in nim.loaded
+        writer.remove("nemo-math")
+        until(sidecar, lambda: writer.replica_status("nemo-math") is None, "removed")
+        until(sidecar, lambda: "nemo-math" not in nim.loaded, "NIM forgot it")
+    finally:
+        nim.stop()
+
+
+def test_folder_dropped_into_the_adapter_store_is_picked_up_at_once(writer, vllm, sidecar_factory, tmp_path, built):
+    store = tmp_path / "store"
+    store.mkdir()
+    sidecar = sidecar_factory(vllm, LORAPLEX_ADAPTER_STORE=str(store))
+    writer.add("local-math", f"file://{store}/math")
+    until(sidecar, lambda: writer.state("local-math") == "Failed", "waiting for the folder")
+    assert writer.replica_status("local-math")["reason"] == "SourceNotFound"
+    staged = tmp_path / "incoming"
+    shutil.copytree(built / "math", staged)
+    staged.rename(store / "math")  # appears in one step, as a finished upload does
+    dropped = time.monotonic()
+    until(sidecar, lambda: writer.state("local-math") == "Loaded", "Loaded after the drop", timeout=4.5)
+    assert time.monotonic() - dropped < 4.5  # before the first 5 s retry: the watch noticed it
+    assert "local-math" in vllm.loaded
+
+
+def test_checksum_mismatch_is_refused(writer, vllm, volume, sidecar_factory):
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math", sha256="0" * 64)
+    until(sidecar, lambda: writer.state("math") == "Failed", "Failed")
+    entry = writer.replica_status("math")
+    assert entry["reason"] == "ChecksumMismatch"
+    assert "adapter_model.safetensors has sha256" in entry["message"]
+    assert not (volume / "adapters" / "math").exists()
+
