@@ -125,29 +125,38 @@ async def download_file(session: aiohttp.ClientSession, remote: RemoteFile, dest
                         progress: Progress, settings: TransferSettings, sign: SignFn = no_signing) -> None:
     """GET one file into `destination`, in parallel ranges when it is large and the server allows it.
 
-    Each range is retried on its own, so an outage mid-download costs only the unfinished ranges.
+    Each range is retried on its own, so an outage mid-download costs only the unfinished ranges. When
+    the size is not known up front, the first range doubles as the probe: no extra request.
     """
-    size = remote.size
-    ranges_ok = True
-    if size is None:
-        size, ranges_ok = await _probe(session, remote.url, sign, settings)
-    progress.expect(size)
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(destination, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
+        size = remote.size
+        first_end = 0
+        if size is None:
+            size, ranges_ok = await with_retries(
+                f"GET {_safe(remote.url)}", lambda: _first_part(session, remote.url, fd, progress, sign, settings),
+                settings)
+            if not ranges_ok:
+                return  # the server sent the whole file in answer to the first request
+            first_end = min(settings.part_size, size)
+        else:
+            progress.expect(size)
         if size > 0:
             os.ftruncate(fd, size)
-        if not ranges_ok or size <= settings.part_size:
-            parts = [(0, size)]
+        ranged = first_end > 0 or size > settings.part_size
+        if ranged:
+            parts = [(start, min(start + settings.part_size, size))
+                     for start in range(first_end, size, settings.part_size)]
         else:
-            parts = [(start, min(start + settings.part_size, size)) for start in range(0, size, settings.part_size)]
+            parts = [(0, size)] if size > 0 else []
         limit = asyncio.Semaphore(settings.parallel_parts)
 
         async def fetch_part(start: int, end: int) -> None:
             async with limit:
                 await with_retries(f"GET {_safe(remote.url)} bytes {start}-{end - 1}",
                                    lambda: _get_range(session, remote.url, fd, start, end, size, progress, sign,
-                                                      settings, ranged=ranges_ok and len(parts) > 1),
+                                                      settings, ranged=ranged),
                                    settings)
 
         await asyncio.gather(*(fetch_part(start, end) for start, end in parts))
@@ -155,25 +164,31 @@ async def download_file(session: aiohttp.ClientSession, remote: RemoteFile, dest
         os.close(fd)
 
 
-async def _probe(session: aiohttp.ClientSession, url: str, sign: SignFn,
-                 settings: TransferSettings) -> tuple[int, bool]:
-    """(size, whether ranges work), from a one-byte ranged GET (HEAD is not always signed alike)."""
-
-    async def attempt() -> tuple[int, bool]:
-        headers = await sign("GET", url, {"Range": "bytes=0-0"})
-        async with session.get(url, headers=headers) as response:
-            if response.status == 206:
-                return int(response.headers.get("Content-Range", "").rpartition("/")[2]), True
-            if response.status == 200:
-                length = response.headers.get("Content-Length")
-                if length is None:
-                    raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} does not say how large it is")
-                return int(length), False
-            if response.status == 416:
-                return 0, False
+async def _first_part(session: aiohttp.ClientSession, url: str, fd: int, progress: Progress, sign: SignFn,
+                      settings: TransferSettings) -> tuple[int, bool]:
+    """GET the first part with a Range header: (file size, whether the server honours ranges)."""
+    headers = await sign("GET", url, {"Range": f"bytes=0-{settings.part_size - 1}"})
+    async with session.get(url, headers=headers) as response:
+        if response.status == 206:
+            size = int(response.headers.get("Content-Range", "").rpartition("/")[2])
+            ranges_ok = True
+        elif response.status == 200:
+            length = response.headers.get("Content-Length")
+            if length is None:
+                raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} does not say how large it is")
+            size, ranges_ok = int(length), False
+        elif response.status == 416:
+            return 0, False
+        else:
             raise classify_status(response.status, url)
-
-    return await with_retries(f"probe {_safe(url)}", attempt, settings)
+        progress.expect(size)
+        end = min(settings.part_size, size) if ranges_ok else size
+        try:
+            await _stream_into(response, fd, 0, end, size, url, progress, settings)
+        except BaseException:
+            progress.expect(-size)
+            raise
+        return size, ranges_ok
 
 
 async def _get_range(session: aiohttp.ClientSession, url: str, fd: int, start: int, end: int, size: int,
@@ -181,6 +196,15 @@ async def _get_range(session: aiohttp.ClientSession, url: str, fd: int, start: i
     if end <= start:
         return
     headers = await sign("GET", url, {"Range": f"bytes={start}-{end - 1}"} if ranged else {})
+    async with session.get(url, headers=headers) as response:
+        if response.status not in (200, 206):
+            raise classify_status(response.status, url)
+        await _stream_into(response, fd, start, end, size, url, progress, settings)
+
+
+async def _stream_into(response: aiohttp.ClientResponse, fd: int, start: int, end: int, size: int, url: str,
+                       progress: Progress, settings: TransferSettings) -> None:
+    """Write a response body at [start, end) of the file, in large writes off the event loop."""
     offset = start
     pending = bytearray()
 
@@ -192,17 +216,14 @@ async def _get_range(session: aiohttp.ClientSession, url: str, fd: int, start: i
         pending.clear()
 
     try:
-        async with session.get(url, headers=headers) as response:
-            if response.status not in (200, 206):
-                raise classify_status(response.status, url)
-            async for chunk in response.content.iter_any():
-                if offset + len(pending) + len(chunk) > end:
-                    raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} sent more than {size} bytes")
-                pending += chunk
-                if len(pending) >= settings.read_chunk:
-                    await flush()
-            if pending:
+        async for chunk in response.content.iter_any():
+            if offset + len(pending) + len(chunk) > end:
+                raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} sent more than {size} bytes")
+            pending += chunk
+            if len(pending) >= settings.read_chunk:
                 await flush()
+        if pending:
+            await flush()
         if offset != end:
             raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} ended after {offset - start} of "
                                                              f"{end - start} bytes", transient=True)

@@ -26,10 +26,10 @@ async def sign(method: str, url: str, headers: dict[str, str]) -> dict[str, str]
 
 async def list_files(session: aiohttp.ClientSession, ref: SourceRef, settings: TransferSettings) -> list[RemoteFile]:
     revision = ref.revision or "main"
-    url = f"{endpoint()}/api/models/{ref.location}/revision/{quote(revision, safe='')}"
+    url = f"{endpoint()}/api/models/{ref.location}/revision/{quote(revision, safe='')}?blobs=true"
     info = [json.loads(await get_body(session, url, sign, f"hf://{ref.location}@{revision}", settings))]
     folder = ref.path.strip("/")
-    available = {sibling["rfilename"] for sibling in info[0].get("siblings", [])}
+    available = {sibling["rfilename"]: sibling.get("size") for sibling in info[0].get("siblings", [])}
     wanted = [name for name in ADAPTER_FILES if (f"{folder}/{name}" if folder else name) in available]
     if "adapter_model.safetensors" in wanted and "adapter_model.bin" in wanted:
         wanted.remove("adapter_model.bin")  # never fetch a pickle when safetensors exist
@@ -37,5 +37,8 @@ async def list_files(session: aiohttp.ClientSession, ref: SourceRef, settings: T
         raise SourceError(FailureReason.SOURCE_NOT_FOUND,
                           f"hf://{ref.location}@{revision}{'/' + folder if folder else ''} has no adapter_config.json")
     commit = info[0].get("sha") or revision  # pin the download to the commit the listing saw
-    return [RemoteFile(f"{endpoint()}/{ref.location}/resolve/{commit}/{quote(f'{folder}/{name}' if folder else name)}",
-                       name) for name in wanted]
+    files = []
+    for name in wanted:
+        path = f"{folder}/{name}" if folder else name
+        files.append(RemoteFile(f"{endpoint()}/{ref.location}/resolve/{commit}/{quote(path)}", name, available[path]))
+    return files

@@ -41,6 +41,7 @@ class FileServer:
         self.root = root
         self.requests: collections.Counter[str] = collections.Counter()
         self.drop_after: dict[str, int] = {}  # path -> cut the next response after this many bytes
+        self.bytes_per_second: float | None = None  # throttle, to watch a download in progress
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ssl.load_cert_chain(cert, key)
         self._loop = asyncio.new_event_loop()
@@ -89,6 +90,12 @@ class FileServer:
             await response.write(data[start:start + cut])
             request.transport.close()  # type: ignore[union-attr]  # the source goes away mid-download
             return response
-        await response.write(data[start:end])
+        if self.bytes_per_second:
+            step = 64 * 1024
+            for offset in range(start, end, step):
+                await response.write(data[offset:min(offset + step, end)])
+                await asyncio.sleep(step / self.bytes_per_second)
+        else:
+            await response.write(data[start:end])
         await response.write_eof()
         return response
