@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from loraplex import __version__
+from loraplex.logs import configure
 
 
 def _run_operator(args: argparse.Namespace) -> int:
@@ -16,8 +17,7 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     import loraplex.operator.handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level)
     if args.log_level != "debug":
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)  # one line per handled event is noise
     if args.all_namespaces and args.namespace:
@@ -43,8 +43,7 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     from loraplex.sidecar.main import run
     from loraplex.sidecar.settings import SettingsError, SidecarSettings
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure(args.log_level)
     try:
         settings = SidecarSettings.from_environment()
     except SettingsError as exc:

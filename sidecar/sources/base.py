@@ -62,6 +62,7 @@ class Progress:
 @dataclasses.dataclass(frozen=True)
 class TransferSettings:
     part_size: int = 16 * 1024 * 1024
+    first_part_size: int = 2 * 1024 * 1024  # small, so the parallel ranges start soon after the size is known
     parallel_parts: int = 8
     attempts: int = 5
     read_chunk: int = 1024 * 1024
@@ -96,6 +97,9 @@ async def with_retries(what: str, attempt: Callable[[], Awaitable[T]], settings:
             if not exc.transient or number == settings.attempts:
                 raise
             error: Exception = exc
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise SourceError(FailureReason.DOWNLOAD_FAILED, f"{what}: the server's TLS certificate is not trusted "
+                              f"({exc.certificate_error}); add its CA to SSL_CERT_FILE") from None
         except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
             if number == settings.attempts:
                 raise SourceError(FailureReason.DOWNLOAD_FAILED,
@@ -139,7 +143,7 @@ async def download_file(session: aiohttp.ClientSession, remote: RemoteFile, dest
                 settings)
             if not ranges_ok:
                 return  # the server sent the whole file in answer to the first request
-            first_end = min(settings.part_size, size)
+            first_end = min(settings.first_part_size, size)
         else:
             progress.expect(size)
         if size > 0:
@@ -167,7 +171,7 @@ async def download_file(session: aiohttp.ClientSession, remote: RemoteFile, dest
 async def _first_part(session: aiohttp.ClientSession, url: str, fd: int, progress: Progress, sign: SignFn,
                       settings: TransferSettings) -> tuple[int, bool]:
     """GET the first part with a Range header: (file size, whether the server honours ranges)."""
-    headers = await sign("GET", url, {"Range": f"bytes=0-{settings.part_size - 1}"})
+    headers = await sign("GET", url, {"Range": f"bytes=0-{settings.first_part_size - 1}"})
     async with session.get(url, headers=headers) as response:
         if response.status == 206:
             size = int(response.headers.get("Content-Range", "").rpartition("/")[2])
@@ -182,7 +186,7 @@ async def _first_part(session: aiohttp.ClientSession, url: str, fd: int, progres
         else:
             raise classify_status(response.status, url)
         progress.expect(size)
-        end = min(settings.part_size, size) if ranges_ok else size
+        end = min(settings.first_part_size, size) if ranges_ok else size
         try:
             await _stream_into(response, fd, 0, end, size, url, progress, settings)
         except BaseException:

@@ -211,3 +211,13 @@ def test_rendering_does_not_mutate_its_inputs():
     dumped = the_spec.model_dump()
     render.render_children(body, the_spec, SETTINGS)
     assert body == snapshot and the_spec.model_dump() == dumped
+
+
+def test_base_model_config_reaches_the_sidecar_for_shape_checks():
+    deployment = render.render_deployment(owner(), spec(lora={"baseModelConfigMap": "llama3-config"}), SETTINGS)
+    sidecar = containers(deployment)["loraplex-sidecar"]
+    assert env_of(sidecar)["LORAPLEX_BASE_CONFIG"] == "/etc/loraplex/base-model/config.json"
+    assert {"name": "base-model-config", "mountPath": "/etc/loraplex/base-model", "readOnly": True} \
+        in sidecar["volumeMounts"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["base-model-config"]["configMap"]["name"] == "llama3-config"

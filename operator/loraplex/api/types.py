@@ -166,6 +166,14 @@ class LoraLimits(Model):
     refresh_interval_seconds: int = Field(
         default=10, ge=1, le=3600, description="How often NIM rescans its PEFT source."
     )
+    base_model_config_map: str | None = Field(
+        default=None,
+        pattern=DNS_LABEL,
+        description=(
+            "ConfigMap holding the base model's config.json; when set, every adapter's tensor shapes and "
+            "layer count are checked against it, catching adapters trained for another base model."
+        ),
+    )
 
 
 class S3Settings(Model):

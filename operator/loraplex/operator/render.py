@@ -31,7 +31,8 @@ SIDECAR_PORT = 9090
 SIDECAR_VOLUME_DIR = "/var/lib/loraplex"
 ADAPTERS_SUBPATH = "adapters"
 PEFT_VOLUME, CACHE_VOLUME, SHM_VOLUME = "peft-source", "model-cache", "dshm"
-STORE_VOLUME, SIDECAR_TMP_VOLUME = "adapter-store", "sidecar-tmp"
+STORE_VOLUME, SIDECAR_TMP_VOLUME, BASE_CONFIG_VOLUME = "adapter-store", "sidecar-tmp", "base-model-config"
+BASE_CONFIG_DIR = "/etc/loraplex/base-model"
 
 
 DEFAULT_PEFT_SIZE = "20Gi"
@@ -183,6 +184,10 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
         if storage.adapter_store is not None:
             env.append({"name": "LORAPLEX_ADAPTER_STORE", "value": storage.adapter_store.mount_path})
             mounts.append({"name": STORE_VOLUME, "mountPath": storage.adapter_store.mount_path, "readOnly": True})
+    if spec.lora.base_model_config_map:
+        env.append({"name": "LORAPLEX_BASE_CONFIG", "value": f"{BASE_CONFIG_DIR}/config.json"})
+        mounts.append({"name": BASE_CONFIG_VOLUME, "mountPath": BASE_CONFIG_DIR, "readOnly": True})
+    env.append({"name": "LORAPLEX_LOG_FORMAT", "value": "json"})
     container: dict[str, Any] = {
         "name": "loraplex-sidecar",
         "image": sidecar.image or settings.sidecar_image,
@@ -252,6 +257,9 @@ def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, sett
         {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm_size}},
         {"name": SIDECAR_TMP_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
     ]
+    if spec.lora.base_model_config_map:
+        volumes.append({"name": BASE_CONFIG_VOLUME, "configMap": {
+            "name": spec.lora.base_model_config_map, "items": [{"key": "config.json", "path": "config.json"}]}})
     if spec.storage is not None and spec.storage.adapter_store is not None:
         volumes.append({"name": STORE_VOLUME, "persistentVolumeClaim": {
             "claimName": spec.storage.adapter_store.claim_name, "readOnly": True}})
