@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,11 +24,18 @@ class OperatorProcess:
     def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0):
         self.kubeconfig, self.log_path, self.resync_seconds = kubeconfig, log_path, resync_seconds
         self.process: subprocess.Popen[bytes] | None = None
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.metrics_port = sock.getsockname()[1]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
 
     def start(self) -> OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
                "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
-               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test"}
+               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port)}
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default", "--standalone"],

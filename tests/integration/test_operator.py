@@ -143,6 +143,9 @@ def test_readiness_aggregates_per_replica_reports(cluster, operator):
     assert cluster.condition(cluster.adapter("math"), "Ready")["status"] == "True"
     until(operator, lambda: cluster.base_model("llama3")["status"]["adaptersReady"] == 1, "base model counts it")
     until(operator, lambda: any(e.reason == "Loaded" for e in cluster.events_for("math")), "a Ready event")
+    metrics = operator.metrics()
+    assert 'loraplex_operator_adapters{phase="Ready"} 1.0' in metrics
+    assert 'loraplex_operator_reconciles_total{kind="adapter",result="ok"}' in metrics
 
     # A replica goes away: its report is pruned and the adapter is judged on the rest.
     cluster.delete_pod("llama3-b")

@@ -16,6 +16,7 @@ import kopf
 from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
 from loraplex.kube import KubeClient
 from loraplex.operator.adapters import AdapterView
+from loraplex.operator.metrics import OperatorMetrics
 from loraplex.operator.reconciler import Key, Reconciler
 from loraplex.operator.render import BASE_MODEL_LABEL, MANAGED_BY
 from loraplex.operator.settings import OperatorSettings
@@ -70,6 +71,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     settings.watching.client_timeout = 330
     operator_settings = OperatorSettings.from_environment()
     memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs)
+    memo.metrics = OperatorMetrics(memo.reconciler.adapter_phases)
+    memo.metrics_runner = await memo.metrics.serve(operator_settings.metrics_port) \
+        if operator_settings.metrics_port else None
     memo.retries = {}
     memo.resync = asyncio.create_task(_resync_forever(memo, operator_settings.resync_seconds))
 
@@ -77,6 +81,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
     memo.resync.cancel()
+    if memo.metrics_runner is not None:
+        await memo.metrics_runner.cleanup()
     await memo.reconciler.client.close()
 
 
@@ -96,7 +102,7 @@ async def _resync_forever(memo: kopf.Memo, interval: float) -> None:
 async def _guarded(memo: kopf.Memo, what: tuple[Any, ...], fn: Callable[[], Awaitable[None]]) -> None:
     """Run a reconcile; on failure, log it and try again later with backoff (event handlers are not retried)."""
     try:
-        await fn()
+        await memo.metrics.timed(str(what[0]), fn)
     except Exception as exc:
         attempt = memo.retries.get(what, 0)
         delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]

@@ -106,6 +106,13 @@ class Reconciler:
     def adapters_of(self, key: Key) -> list[AdapterView]:
         return sorted(self.adapters.get(key, ()), key=lambda a: a.name)
 
+    def adapter_phases(self) -> dict[str, int]:
+        counts: dict[str, int] = collections.Counter()
+        for views in self.adapters.values():
+            for view in views:
+                counts[view.status.get("phase") or "Unknown"] += 1
+        return dict(counts)
+
     def live_replicas(self, key: Key) -> list[str]:
         return sorted(self.replicas.get(key, ()))
 

@@ -14,6 +14,7 @@ class OperatorSettings:
     sidecar_image_pull_policy: str = "IfNotPresent"
     # A full level-triggered pass over every BaseModelDeployment, in case an event was missed.
     resync_seconds: float = 300.0
+    metrics_port: int = 9090  # 0 turns the /metrics endpoint off
 
     @classmethod
     def from_environment(cls) -> OperatorSettings:
@@ -23,4 +24,5 @@ class OperatorSettings:
             sidecar_image_pull_policy=os.environ.get("LORAPLEX_SIDECAR_IMAGE_PULL_POLICY",
                                                      defaults.sidecar_image_pull_policy),
             resync_seconds=float(os.environ.get("LORAPLEX_RESYNC_SECONDS", defaults.resync_seconds)),
+            metrics_port=int(os.environ.get("LORAPLEX_METRICS_PORT", defaults.metrics_port)),
         )
