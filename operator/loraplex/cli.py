@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -27,11 +28,15 @@ def _run_operator(args: argparse.Namespace) -> int:
         print("loraplex operator: name the namespaces to watch (--namespace, repeatable) or --all-namespaces",
               file=sys.stderr)
         return 2
+    # Peers with equal priority all pause, and every replica of a Deployment gets the same arguments:
+    # a random priority makes exactly one of them the active one.
+    priority = args.priority if args.priority is not None else random.randint(1, 2**31 - 1)
     kopf.run(
         clusterwide=args.all_namespaces,
         namespaces=args.namespace or (),
         standalone=args.standalone,
         peering_name=args.peering,
+        priority=priority,
         liveness_endpoint=args.liveness,
     )
     return 0
@@ -133,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     peering.add_argument("--standalone", action="store_true", default=None,
                          help="run without peering (one operator replica only)")
     peering.add_argument("--peering", default=None, help="kopf peering name for leader election")
+    operator.add_argument("--priority", type=int, default=None,
+                          help="peering priority (the highest live replica acts); random by default")
     operator.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     operator.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     operator.set_defaults(func=_run_operator)

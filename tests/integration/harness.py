@@ -21,8 +21,10 @@ T = TypeVar("T")
 
 
 class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0):
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
+                 peering: tuple[str, int] | None = None):
         self.kubeconfig, self.log_path, self.resync_seconds = kubeconfig, log_path, resync_seconds
+        self.peering = peering  # (name, priority), or None for --standalone
         self.process: subprocess.Popen[bytes] | None = None
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -37,8 +39,11 @@ class OperatorProcess:
                "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
                "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port)}
         log = self.log_path.open("ab")
+        peering = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering \
+            else ["--standalone"]
+        env["LORAPLEX_PEERING_LIFETIME_SECONDS"] = "5"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default", "--standalone"],
+            [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default", *peering],
             env=env, stdout=log, stderr=subprocess.STDOUT)
         return self
 

@@ -7,9 +7,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import kubernetes
 import pytest
+import yaml
 
 from loraplex.api.adapter_set import AdapterSet
+from tests.conftest import ROOT
 from tests.integration.harness import Cluster, OperatorProcess, wait_for
 from tests.kube_emulator import EmulatorThread
 
@@ -323,3 +326,34 @@ def test_nothing_changes_once_converged(cluster, operator, emulator: EmulatorThr
 def _writes(emulator: EmulatorThread) -> dict:
     counts = emulator.call(lambda: dict(emulator.store.request_counts))
     return {key: n for key, n in counts.items() if key[0] in ("create", "update", "patch", "delete")}
+
+
+def test_two_replicas_with_peering_never_both_act(api_client, crds_installed, kubeconfig, tmp_path):
+    """Leader election as the chart runs it: only the highest-priority live replica reconciles."""
+    extensions = kubernetes.client.ApiextensionsV1Api(api_client)
+    for crd in yaml.safe_load_all((ROOT / "charts" / "loraplex" / "crds" / "kopfpeerings.yaml").read_text()):
+        extensions.create_custom_resource_definition(crd)
+    kubernetes.client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+        "kopf.dev", "v1", "default", "kopfpeerings", {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
+                                                      "metadata": {"name": "loraplex"}})
+    cluster = Cluster(api_client)
+    leader = OperatorProcess(kubeconfig, tmp_path / "leader.log", peering=("loraplex", 200)).start()
+    standby = OperatorProcess(kubeconfig, tmp_path / "standby.log", peering=("loraplex", 100)).start()
+    try:
+        # Replicas start paused; the highest-priority one resumes once it has seen its peers.
+        until(leader, lambda: "Resuming operations" in leader.log(), "the leader becomes active", timeout=30)
+        cluster.apply_base_model("llama3")
+        until(leader, lambda: "created Deployment" in leader.log(), "the leader reconciles")
+        time.sleep(2)
+        # A replica may resume for one watch round-trip at start before it sees a higher peer; from then
+        # on it stays paused and acts on nothing.
+        peering_lines = [line for line in standby.log().splitlines() if "operations" in line]
+        assert not peering_lines or "Pausing operations in favour of" in peering_lines[-1]
+        assert "created" not in standby.log() and "updated" not in standby.log()
+
+        leader.stop()  # a graceful exit withdraws from the peering at once
+        cluster.apply_adapter("math")
+        until(standby, lambda: "math" in served(cluster), "the standby takes over", timeout=30)
+    finally:
+        leader.stop()
+        standby.stop()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -69,6 +70,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     settings.posting.enabled = False  # we post our own, meaningful Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # How long a silent peer counts as alive: the failover time after a replica dies without goodbye.
+    settings.peering.lifetime = int(os.environ.get("LORAPLEX_PEERING_LIFETIME_SECONDS", "60"))
     operator_settings = OperatorSettings.from_environment()
     memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs)
     memo.metrics = OperatorMetrics(memo.reconciler.adapter_phases)
