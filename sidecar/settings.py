@@ -54,7 +54,7 @@ class SidecarSettings:
         try:
             runtime = Runtime(env["LORAPLEX_RUNTIME"])
         except ValueError:
-            raise SettingsError(f"LORAPLEX_RUNTIME={env['LORAPLEX_RUNTIME']!r} is not vllm or nim") from None
+            raise SettingsError(f"LORAPLEX_RUNTIME={env['LORAPLEX_RUNTIME']!r} is not vllm, nim or cpu") from None
         limit = env.get("LORAPLEX_VOLUME_LIMIT")
         return cls(
             pod_name=env["POD_NAME"], namespace=env["POD_NAMESPACE"], adapter_set=env["LORAPLEX_ADAPTER_SET"],

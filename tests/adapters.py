@@ -83,3 +83,42 @@ def make_trtllm_adapter(directory: Path, rank: int = 8, layers: int = 2, hidden:
 def write_base_config(path: Path, **overrides: Any) -> Path:
     path.write_text(json.dumps({**TINY_LLAMA, **overrides}))
     return path
+
+
+CORPUS = [
+    "What is 7 times 6? The answer is 42.", "Question: who wrote the passage? Answer: the author.",
+    "Does aspirin reduce the risk of heart attack? yes no maybe", "The quick brown fox jumps over the lazy dog.",
+    "Solve for x: 2x + 3 = 11. x = 4.", "Context: the river flows north. Question: which way does it flow?",
+]
+
+
+def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained here: a complete local model folder."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator(CORPUS, vocab_size=384, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>")
+    config = {**TINY_LLAMA, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model = tiny_llama(config, seed)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / "loraplex-tiny.json").write_text(json.dumps({"purpose": "tests and demo; random weights"}))
+    return directory
+
+
+def make_hf_adapter_for(model_dir: Path, directory: Path, rank: int = 8, seed: int = 0,
+                        target_modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Path:
+    """A LoRA adapter for the model saved in `model_dir` (random weights, so its outputs differ)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=list(target_modules),
+                                                  init_lora_weights=False))
+    peft_model.save_pretrained(directory)
+    return directory

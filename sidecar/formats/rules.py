@@ -15,6 +15,9 @@ RUNTIME_MODULES: dict[Runtime, dict[AdapterFormat, frozenset[str]]] = {
         AdapterFormat.HF: frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                                      "qkv_proj", "gate_up_proj"}),
     },
+    Runtime.CPU: {  # peft adapts any linear layer; these are the Llama-family ones
+        AdapterFormat.HF: frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
+    },
     Runtime.NIM: {
         AdapterFormat.HF: frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}),
         AdapterFormat.NEMO: frozenset({"attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"}),

@@ -42,6 +42,8 @@ def nested(model: type[Model], description: str) -> Any:
 class Runtime(enum.StrEnum):
     VLLM = "vllm"
     NIM = "nim"
+    # loraplex's own CPU server (`loraplex cpu-runtime`): speaks vLLM's LoRA API; demos, CI, dev clusters.
+    CPU = "cpu"
 
 
 class AdapterFormat(enum.StrEnum):
@@ -56,6 +58,7 @@ class AdapterFormat(enum.StrEnum):
 RUNTIME_FORMATS: dict[Runtime, frozenset[AdapterFormat]] = {
     Runtime.VLLM: frozenset({AdapterFormat.HF}),
     Runtime.NIM: frozenset({AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM}),
+    Runtime.CPU: frozenset({AdapterFormat.HF}),
 }
 
 
@@ -225,9 +228,10 @@ class BaseModelDeploymentSpec(Model):
     model: str = Field(min_length=1, description="Model name the runtime serves (also clients' base model).")
     model_source: str | None = Field(
         default=None,
-        description="What vLLM loads (path or Hugging Face id); defaults to `model`. Ignored by NIM.",
+        description="What vLLM (path or Hugging Face id) or the cpu runtime (a local folder) loads; defaults to "
+        "`model`. Ignored by NIM.",
     )
-    runtime: Runtime = Field(description="Inference runtime: vllm or nim.")
+    runtime: Runtime = Field(description="Inference runtime: vllm, nim, or cpu (loraplex's CPU server).")
     image: str = Field(min_length=1, description="Inference runtime image.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Pull policy of the runtime image."
