@@ -58,7 +58,7 @@ async def run(settings: SidecarSettings) -> None:
     reporter = StatusReporter(kube, settings.namespace, settings.pod_name)
     agent = Agent(settings, reporter, runtime, Downloader(session, store_root=settings.store_root), metrics)
 
-    runner = web.AppRunner(http_app(agent, metrics))
+    runner = web.AppRunner(http_app(agent, metrics), access_log=None)  # probes every few seconds: no log spam
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", settings.http_port).start()
     observer = None

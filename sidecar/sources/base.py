@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -73,11 +74,13 @@ async def no_signing(method: str, url: str, headers: dict[str, str]) -> dict[str
     return headers
 
 
-def classify_status(status: int, url: str) -> SourceError:
+def classify_status(status: int, url: str, body: str = "") -> SourceError:
+    code = re.search(r"<Code>([A-Za-z]+)</Code>", body)  # S3 and GCS XML errors name the cause
+    detail = f" {code.group(1)}" if code else ""
     if status == 404:
-        return SourceError(FailureReason.SOURCE_NOT_FOUND, f"{_safe(url)} does not exist (404)")
+        return SourceError(FailureReason.SOURCE_NOT_FOUND, f"{_safe(url)} does not exist (404{detail})")
     if status in (401, 403):
-        return SourceError(FailureReason.ACCESS_DENIED, f"access to {_safe(url)} was denied ({status}); "
+        return SourceError(FailureReason.ACCESS_DENIED, f"access to {_safe(url)} was denied ({status}{detail}); "
                                                         "check the storage credentials")
     transient = status in (408, 429) or status >= 500
     return SourceError(FailureReason.DOWNLOAD_FAILED, f"{_safe(url)} answered HTTP {status}", transient=transient)
@@ -202,7 +205,7 @@ async def _get_range(session: aiohttp.ClientSession, url: str, fd: int, start: i
     headers = await sign("GET", url, {"Range": f"bytes={start}-{end - 1}"} if ranged else {})
     async with session.get(url, headers=headers) as response:
         if response.status not in (200, 206):
-            raise classify_status(response.status, url)
+            raise classify_status(response.status, url, (await response.content.read(4096)).decode(errors="replace"))
         await _stream_into(response, fd, start, end, size, url, progress, settings)
 
 

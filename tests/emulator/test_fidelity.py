@@ -260,3 +260,11 @@ def test_deleting_a_crd_removes_its_api_and_objects(api_client, custom):
     with pytest.raises(ApiException) as excinfo:
         custom.list_namespaced_custom_object(GROUP, VERSION, "default", "loraadapters")
     assert excinfo.value.status == 404
+
+
+def test_secret_string_data_is_stored_as_base64_data(core):
+    core.create_namespaced_secret("default", {"metadata": {"name": "creds"}, "stringData": {"KEY": "value"},
+                                              "data": {"OTHER": "b3RoZXI="}})
+    secret = core.read_namespaced_secret("creds", "default")
+    assert secret.data == {"KEY": "dmFsdWU=", "OTHER": "b3RoZXI="}
+    assert secret.string_data is None

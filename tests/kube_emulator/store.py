@@ -7,6 +7,7 @@ single etcd transaction is. Errors are `ApiError`s carrying the Status the API s
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import copy
 import dataclasses
@@ -185,6 +186,10 @@ class Store:
 
     def _admit(self, rt: ResourceType, obj: dict[str, Any], name: str, strict: bool = False) -> dict[str, Any]:
         """Defaulting, pruning and validation for custom resources; basic metadata checks for all."""
+        if rt.key == "secrets" and "stringData" in obj:
+            # Write-only convenience field: folded into base64 `data`, as the API server does.
+            encoded = {k: base64.b64encode(str(v).encode()).decode() for k, v in (obj.pop("stringData") or {}).items()}
+            obj["data"] = {**(obj.get("data") or {}), **encoded}
         if rt.schema is not None:
             body = {k: v for k, v in obj.items() if k not in ("metadata", "apiVersion", "kind")}
             unknown = schema.unknown_fields(body, rt.schema) if strict else []
