@@ -1,0 +1,170 @@
+"""End to end on one machine: API emulator, real operator, pods run by the pod runner (CPU runtime +
+sidecar), adapters from moto S3. The scenarios run in order on one stack, as a user's day would."""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from demo.stack import LocalStack, build_artifacts, wait_until
+from tests.integration.sidecar_harness import free_port
+
+pytestmark = pytest.mark.integration
+PROMPT = "What is 7 times 6?"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> Path:
+    return build_artifacts(tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, artifacts) -> Iterator[LocalStack]:
+    local = LocalStack(tmp_path_factory.mktemp("cluster"), artifacts, s3_port=free_port(), resync_seconds=3)
+    local.start()
+    yield local
+    local.stop()
+
+
+def manifest(stack: LocalStack, replicas: int = 2, adapters: dict[str, str] | None = None) -> str:
+    docs = [
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
+         "stringData": {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret"}},
+        {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment", "metadata": {"name": "tiny-llama"},
+         "spec": {"model": "tiny-llama", "modelSource": "/var/cache/loraplex-cpu/tiny-llama", "runtime": "cpu",
+                  "image": "loraplex/loraplex:0.1.0", "replicas": replicas, "gpus": {"count": 0},
+                  "cache": {"persistentVolumeClaim": {"claimName": "demo-models"}},
+                  "lora": {"maxRank": 16, "maxCpuLoras": 8, "maxGpuLoras": 4},
+                  "storage": {"credentialsSecret": "s3", "s3": {"endpoint": f"http://127.0.0.1:{stack.s3_port}",
+                                                                 "region": "us-east-1", "forcePathStyle": True}}}},
+    ]
+    for name, folder in (adapters or {}).items():
+        docs.append({"apiVersion": "loraplex.io/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": name},
+                     "spec": {"baseModel": "tiny-llama", "source": f"s3://demo-adapters/tiny-llama/{folder}/",
+                              "format": "hf"}})
+    return yaml.safe_dump_all(docs)
+
+
+def apply(stack: LocalStack, text: str) -> None:
+    path = stack.workdir / "applied.yaml"
+    path.write_text(text)
+    stack.kubectl("apply", "-f", str(path))
+
+
+def direct(artifacts: Path, adapter: str | None, max_tokens: int = 12) -> str:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifacts / "model")
+    model = AutoModelForCausalLM.from_pretrained(artifacts / "model")
+    if adapter:
+        model = PeftModel.from_pretrained(model, artifacts / "adapters" / adapter)
+    ids = tokenizer(PROMPT, return_tensors="pt")
+    output = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def ready_everywhere(stack: LocalStack, names: list[str], replicas: int) -> bool:
+    for name in names:
+        status = stack.adapter(name).get("status") or {}
+        if status.get("phase") != "Ready" or status.get("readyReplicas") != replicas:
+            return False
+    return True
+
+
+def pods(stack: LocalStack) -> list[str]:
+    assert stack.runner is not None
+    return [pod.name for pod in stack.runner.pods_of("tiny-llama")]
+
+
+ADAPTERS = {"math": "math", "squad": "squad", "broken": "broken"}
+
+
+def test_apply_then_ready_on_every_replica_with_the_broken_one_failed(stack):
+    apply(stack, manifest(stack, adapters=ADAPTERS))
+    wait_until(lambda: ready_everywhere(stack, ["math", "squad"], 2), 240, "math and squad Ready on 2", stack)
+    wait_until(lambda: stack.phase("broken") == "Failed", 60, "the broken adapter Failed", stack)
+    ready = next(c for c in stack.adapter("broken")["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ValidationFailed"
+    assert "adapter_config.json: r=32 exceeds this base model's maxLoraRank 16" in ready["message"]
+    wait_until(lambda: stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2, 60, "pods ready", stack)
+    table = stack.kubectl("get", "lora")
+    assert "math" in table and "Ready" in table and "Failed" in table
+    for pod in pods(stack):
+        assert sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"]
+
+
+def test_each_adapter_serves_its_own_weights(stack, artifacts):
+    pod = pods(stack)[0]
+    base, math, squad = (stack.completion(pod, model, PROMPT) for model in ("tiny-llama", "math", "squad"))
+    assert base == direct(artifacts, None)
+    assert math == direct(artifacts, "math")
+    assert squad == direct(artifacts, "squad")
+    assert len({base, math, squad}) == 3
+    other = pods(stack)[1]
+    assert stack.completion(other, "math", PROMPT) == math
+
+
+def test_changing_a_source_serves_new_weights_without_restarting_pods(stack, artifacts):
+    before = {name: dict(stack.runner.pods[name].containers) for name in pods(stack)}  # type: ignore[union-attr]
+    restarts = {name: {c: v.restarts for c, v in containers.items()} for name, containers in before.items()}
+    apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa"}))
+    wait_until(lambda: stack.adapter("math")["status"].get("observedGeneration") == 2
+               and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack)
+    expected = direct(artifacts, "pubmedqa")
+    for pod in pods(stack):
+        assert stack.completion(pod, "math", PROMPT) == expected
+    assert set(pods(stack)) == set(before)  # same pods
+    assert {name: {c: v.restarts for c, v in stack.runner.pods[name].containers.items()}  # type: ignore[union-attr]
+            for name in pods(stack)} == restarts
+
+
+def test_runtime_killed_then_adapters_restored(stack):
+    pod = pods(stack)[0]
+    assert stack.runner is not None
+    stack.runner.kill(pod, "inference")
+    wait_until(lambda: stack.runner.pods[pod].containers["inference"].restarts >= 1, 30, "runtime restarted", stack)
+    wait_until(lambda: sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"], 120,
+               "adapters restored in the restarted runtime", stack)
+    wait_until(lambda: ready_everywhere(stack, ["math", "squad"], 2), 60, "Ready again", stack)
+
+
+def test_operator_killed_then_restart_converges_without_duplicates(stack):
+    stack.stop_operator(kill=True)
+    apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
+    stack.start_operator()
+    wait_until(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 2), 120, "converged after restart",
+               stack)
+    api = stack.api()
+    import kubernetes
+
+    assert len(kubernetes.client.AppsV1Api(api).list_namespaced_deployment("default").items) == 1
+    config_maps = kubernetes.client.CoreV1Api(api).list_namespaced_config_map("default").items
+    assert [cm.metadata.name for cm in config_maps] == ["tiny-llama-adapters"]
+    assert stack.adapter("pubmedqa")["metadata"]["finalizers"] == ["loraplex.io/adapter-cleanup"]
+
+
+def test_scaling_up_gives_the_new_replica_every_adapter(stack):
+    apply(stack, manifest(stack, replicas=3, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
+    wait_until(lambda: len(pods(stack)) == 3, 30, "a third pod", stack)
+    wait_until(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 3), 180, "Ready on 3 replicas", stack)
+    newest = pods(stack)
+    for pod in newest:
+        assert sorted(stack.served(pod)) == ["math", "pubmedqa", "squad", "tiny-llama"]
+
+
+def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(stack):
+    stack.kubectl("delete", "lora", "squad", "--wait=false")
+    wait_until(lambda: "squad" not in stack.kubectl("get", "lora", "-o", "name"), 60, "squad deleted", stack)
+    assert stack.runner is not None
+    for pod in pods(stack):
+        assert "squad" not in stack.served(pod)
+        folder = stack.runner.pods[pod].root / "volumes" / "peft-source" / "adapters" / "squad"
+        assert not folder.exists()
+    assert ready_everywhere(stack, ["math", "pubmedqa"], 3)
+    assert "squad" not in textwrap.dedent(stack.kubectl("get", "configmap", "tiny-llama-adapters", "-o",
+                                                        "jsonpath={.data}"))
