@@ -75,7 +75,9 @@ def test_apply_crds_and_examples_then_read_status_columns(kubectl, operator):
              what="status settled", log=operator.log)
     before = kubectl("get", "bmd,lora", "-o", "jsonpath={.items[*].metadata.resourceVersion}").stdout
     again = kubectl("apply", "-f", str(ROOT / "examples" / "quickstart.yaml")).stdout
-    assert again.count("unchanged") == 4, again
+    # kubectl re-sends a Secret's write-only stringData and says "configured"; the server stores nothing new.
+    assert all(line.endswith("unchanged") for line in again.splitlines() if "loraplex.io" in line), again
+    assert again.count("unchanged") == 3, again
     time.sleep(4)  # longer than one full operator resync pass in tests
     assert kubectl("get", "bmd,lora", "-o", "jsonpath={.items[*].metadata.resourceVersion}").stdout == before
 
