@@ -6,7 +6,6 @@ import asyncio
 import collections
 import datetime
 import ssl
-import threading
 from pathlib import Path
 
 from aiohttp import web
@@ -14,6 +13,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.fakes.background import BackgroundServer
 
 
 def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
@@ -36,37 +37,20 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
-class FileServer:
+class FileServer(BackgroundServer):
     def __init__(self, root: Path, cert: Path, key: Path):
+        super().__init__()
         self.root = root
         self.requests: collections.Counter[str] = collections.Counter()
         self.drop_after: dict[str, int] = {}  # path -> cut the next response after this many bytes
         self.bytes_per_second: float | None = None  # throttle, to watch a download in progress
-        self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self._ssl.load_cert_chain(cert, key)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
+        self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.ssl_context.load_cert_chain(cert, key)
 
-    def start(self) -> FileServer:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/{path:.+}", self._serve)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self._ssl)
-        await site.start()
-        self.url = f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return app
 
     async def _serve(self, request: web.Request) -> web.StreamResponse:
         relative = request.match_info["path"]

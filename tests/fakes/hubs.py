@@ -2,49 +2,32 @@
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import threading
 from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from tests.fakes.background import BackgroundServer
 
-class FakeHubs:
+
+class FakeHubs(BackgroundServer):
     """/api/models/{org}/{repo}/revision/{rev} + /{org}/{repo}/resolve/{sha}/{path} (the Hub) and
     /storage/v1/b/{bucket}/o (Cloud Storage), serving folders under `root/hf/<org>/<repo>` and
     `root/gcs/<bucket>`. Requests without the expected bearer token are refused."""
 
     def __init__(self, root: Path, token: str = "secret-token"):
+        super().__init__()
         self.root, self.token = root, token
         self.requests: collections.Counter[str] = collections.Counter()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
 
-    def start(self) -> FakeHubs:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/api/models/{org}/{repo}/revision/{revision}", self._hf_info)
         app.router.add_get("/{org}/{repo}/resolve/{revision}/{path:.+}", self._hf_file)
         app.router.add_get("/storage/v1/b/{bucket}/o", self._gcs_list)
         app.router.add_get("/storage/v1/b/{bucket}/o/{name}", self._gcs_object)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return app
 
     def _authorized(self, request: web.Request) -> bool:
         return request.headers.get("Authorization") == f"Bearer {self.token}"

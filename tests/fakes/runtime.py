@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
+from tests.fakes.background import BackgroundServer
 
-class FakeRuntime:
+
+class FakeRuntime(BackgroundServer):
     def __init__(self, mode: str, served_model: str, peft_dir: Path | None = None, refresh_seconds: float = 0.3):
+        super().__init__()
         self.mode, self.served_model, self.peft_dir = mode, served_model, peft_dir
         self.refresh_seconds = refresh_seconds
         self.loaded: dict[str, str] = {}  # name -> path
@@ -26,39 +28,21 @@ class FakeRuntime:
         self.unload_calls: list[str] = []
         self.down = False
         self.refuse_loads: dict[str, str] = {}  # name -> error message
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._runner: web.AppRunner | None = None
-        self.url = ""
-
-    # ---- control --------------------------------------------------------------------------------------
-
-    def start(self) -> FakeRuntime:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
-        return self
-
-    def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
 
     def restart(self) -> None:
         """What a container restart does to a runtime: every adapter is forgotten."""
         self.loaded.clear()
 
-    async def _start(self) -> None:
+    def make_app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/health/ready", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/load_lora_adapter", self._load)
         app.router.add_post("/v1/unload_lora_adapter", self._unload)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        return app
+
+    async def on_started(self) -> None:
         if self.mode == "nim":
             self._loop.create_task(self._nim_refresh())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -105,6 +106,18 @@ class CpuRuntime:
         prompt = body.get("prompt")
         if not isinstance(prompt, str):
             return _error(400, "BadRequestError", "prompt must be a string")
+        return await self._answer(body, prompt, "text_completion", lambda text: {"text": text, "logprobs": None})
+
+    async def chat(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return _error(400, "BadRequestError", "messages must be a non-empty list")
+        return await self._answer(body, self.engine.chat_prompt(messages), "chat.completion",
+                                  lambda text: {"message": {"role": "assistant", "content": text}})
+
+    async def _answer(self, body: dict[str, Any], prompt: str, kind: str,
+                      choice: Callable[[str], dict[str, Any]]) -> web.Response:
         generation = self._generation(body, prompt)
         if isinstance(generation, web.Response):
             return generation
@@ -112,28 +125,11 @@ class CpuRuntime:
             text = await self._generate(generation)
         except AdapterError as exc:
             return _error(exc.status, exc.kind, exc.message)
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
         return web.json_response({
-            "id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()),
             "model": body.get("model", self.served_model),
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
-        })
-
-    async def chat(self, request: web.Request) -> web.Response:
-        body = await self._body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return _error(400, "BadRequestError", "messages must be a non-empty list")
-        generation = self._generation(body, self.engine.chat_prompt(messages))
-        if isinstance(generation, web.Response):
-            return generation
-        try:
-            text = await self._generate(generation)
-        except AdapterError as exc:
-            return _error(exc.status, exc.kind, exc.message)
-        return web.json_response({
-            "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": body.get("model", self.served_model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+            "choices": [{"index": 0, **choice(text), "finish_reason": "length"}],
         })
 
     async def load(self, request: web.Request) -> web.Response:
