@@ -20,32 +20,16 @@ GROUP, VERSION = "loraplex.io", "v1alpha1"
 T = TypeVar("T")
 
 
-class OperatorProcess:
-    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
-                 peering: tuple[str, int] | None = None):
-        self.kubeconfig, self.log_path, self.resync_seconds = kubeconfig, log_path, resync_seconds
-        self.peering = peering  # (name, priority), or None for --standalone
+class LoraplexProcess:
+    """One `loraplex <subcommand>` process with its output in a log file."""
+
+    def __init__(self, log_path: Path):
+        self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.metrics_port = sock.getsockname()[1]
 
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def start(self) -> OperatorProcess:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
-               "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
-               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port)}
-        log = self.log_path.open("ab")
-        peering = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering \
-            else ["--standalone"]
-        env["LORAPLEX_PEERING_LIFETIME_SECONDS"] = "5"
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default", *peering],
-            env=env, stdout=log, stderr=subprocess.STDOUT)
-        return self
+    def launch(self, arguments: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen([sys.executable, "-m", "loraplex.cli", *arguments], env=env,
+                                        stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
 
     def kill(self) -> None:
         """Die abruptly, as on a node failure: no cleanup handlers run."""
@@ -63,6 +47,30 @@ class OperatorProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+class OperatorProcess(LoraplexProcess):
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
+                 peering: tuple[str, int] | None = None):
+        super().__init__(log_path)
+        self.kubeconfig, self.resync_seconds = kubeconfig, resync_seconds
+        self.peering = peering  # (name, priority), or None for --standalone
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.metrics_port = sock.getsockname()[1]
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
+               "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds), "LORAPLEX_PEERING_LIFETIME_SECONDS": "5",
+               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port)}
+        peering = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering \
+            else ["--standalone"]
+        self.launch(["operator", "--namespace", "default", *peering], env)
+        return self
 
 
 def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import kubernetes
 
 from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
 from loraplex.api.types import AdapterFormat, Runtime
+from tests.integration.harness import LoraplexProcess
 
 GROUP, VERSION = "loraplex.io", "v1alpha1"
 
@@ -99,11 +99,11 @@ class AdapterSetWriter:
         return entry.get("state") if entry else None
 
 
-class SidecarProcess:
+class SidecarProcess(LoraplexProcess):
     def __init__(self, kubeconfig: Path, volume: Path, runtime: Runtime, runtime_url: str, log: Path,
                  extra_env: dict[str, str] | None = None):
+        super().__init__(log)
         self.port = free_port()
-        self.log_path = log
         self.env = {
             **os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "llama3-0", "POD_NAMESPACE": "default",
             "LORAPLEX_ADAPTER_SET": "llama3-adapters", "LORAPLEX_RUNTIME": runtime.value,
@@ -114,28 +114,10 @@ class SidecarProcess:
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
             "LORAPLEX_S3_FORCE_PATH_STYLE": "true", **(extra_env or {}),
         }
-        self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> SidecarProcess:
-        self.process = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "sidecar"], env=self.env,
-                                        stdout=self.log_path.open("ab"), stderr=subprocess.STDOUT)
+        self.launch(["sidecar"], self.env)
         return self
-
-    def kill(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def get(self, path: str) -> tuple[int, str]:
         import urllib.error
