@@ -74,12 +74,25 @@ class Verdict:
 ACCEPTED = Verdict(True, "SpecAccepted", "The adapter spec fits its base model's limits.")
 
 
+def served_name_owners(adapters: list[AdapterView]) -> dict[str, AdapterView]:
+    """Who holds each served name: among live adapters claiming it, the oldest, then the first by name."""
+    owners: dict[str, AdapterView] = {}
+    for adapter in adapters:
+        if adapter.deleting or adapter.spec is None:
+            continue
+        current = owners.get(adapter.served_name)
+        if current is None or (adapter.created, adapter.name) < (current.created, current.name):
+            owners[adapter.served_name] = adapter
+    return owners
+
+
 def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | None,
-                  siblings: list[AdapterView]) -> Verdict:
+                  siblings: list[AdapterView], owners: dict[str, AdapterView] | None = None) -> Verdict:
     """Whether the operator hands this adapter to its base model's sidecars, and if not, why.
 
     `siblings` are the other live adapters naming the same base model; among adapters claiming the
-    same served name, the oldest (then the first by name) keeps it.
+    same served name, the oldest (then the first by name) keeps it. Pass `owners` (served_name_owners
+    of the siblings) when checking many adapters, to decide each in constant time.
     """
     if adapter.spec is None:
         return Verdict(False, "InvalidSpec", adapter.spec_error or "The spec could not be read.")
@@ -115,23 +128,23 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
     if adapter.served_name == base_model.model:
         return Verdict(False, "DuplicateServedName",
                        f"served name {adapter.served_name!r} is the base model's own name.")
-    rivals = [s for s in siblings if s.uid != adapter.uid and not s.deleting and s.spec is not None
-              and s.served_name == adapter.served_name]
-    for rival in rivals:
-        if (rival.created, rival.name) < (adapter.created, adapter.name):
-            return Verdict(False, "DuplicateServedName",
-                           f"served name {adapter.served_name!r} is already used by LoraAdapter {rival.name!r} "
-                           f"on base model {base_name!r}.")
+    owner = (owners if owners is not None else served_name_owners(siblings)).get(adapter.served_name)
+    if owner is not None and owner.uid != adapter.uid and (owner.created, owner.name) < (adapter.created,
+                                                                                        adapter.name):
+        return Verdict(False, "DuplicateServedName",
+                       f"served name {adapter.served_name!r} is already used by LoraAdapter {owner.name!r} "
+                       f"on base model {base_name!r}.")
     return ACCEPTED
 
 
 def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[AdapterView]) -> list[DesiredAdapter]:
     """The adapters a base model's sidecars should hold: every live, accepted one."""
     desired = []
+    owners = served_name_owners(adapters)
     for adapter in adapters:
         if adapter.deleting or adapter.spec is None:
             continue
-        if not check_adapter(adapter, base_model, adapters).accepted:
+        if not check_adapter(adapter, base_model, adapters, owners).accepted:
             continue
         spec = adapter.spec
         desired.append(DesiredAdapter(

@@ -25,6 +25,7 @@ from loraplex.operator.adapters import (
     check_adapter,
     cleanup_done,
     desired_adapters,
+    served_name_owners,
 )
 from loraplex.operator.apply import apply_object
 from loraplex.operator.base_models import base_model_status
@@ -104,7 +105,7 @@ class Reconciler:
         return _first(self.base_models, key)
 
     def adapters_of(self, key: Key) -> list[AdapterView]:
-        return sorted(self.adapters.get(key, ()), key=lambda a: a.name)
+        return list(self.adapters.get(key, ()))
 
     def adapter_phases(self) -> dict[str, int]:
         counts: dict[str, int] = collections.Counter()
@@ -201,15 +202,18 @@ class Reconciler:
 
     async def refresh_adapters(self, key: Key) -> None:
         """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
-        for view in self.adapters_of(key):
-            await self._reconcile_adapter(view)
+        siblings = self.adapters_of(key)
+        owners = served_name_owners(siblings)  # once for all of them: linear, not quadratic, in adapters
+        for view in siblings:
+            await self._reconcile_adapter(view, siblings, owners)
 
-    async def _reconcile_adapter(self, view: AdapterView) -> None:
+    async def _reconcile_adapter(self, view: AdapterView, siblings: list[AdapterView] | None = None,
+                                 owners: dict[str, AdapterView] | None = None) -> None:
         async with self._locks[("adapter", view.namespace, view.name)]:
-            # kopf updates an index before calling handlers, so the index is never older than the event.
-            latest = next((a for a in self.adapters_of((view.namespace, view.base_model or ""))
-                           if a.uid == view.uid), None)
-            view = latest or view
+            if siblings is None:
+                # kopf updates an index before calling handlers, so the index is never older than the event.
+                siblings = self.adapters_of((view.namespace, view.base_model or "")) if view.base_model else []
+                view = next((a for a in siblings if a.uid == view.uid), view)
             if not view.deleting and FINALIZER not in view.finalizers and view.uid not in self._finalized:
                 await self._set_finalizer(view, present=True)
                 self._finalized.add(view.uid)
@@ -218,8 +222,7 @@ class Reconciler:
             spec = None
             if body is not None and not body["metadata"].get("deletionTimestamp"):
                 spec, _ = self.parse_spec(body)
-            siblings = self.adapters_of(base_key) if view.base_model else []
-            verdict = check_adapter(view, spec, siblings)
+            verdict = check_adapter(view, spec, siblings, owners)
             replicas = self.live_replicas(base_key) if view.base_model else []
             update = adapter_status(view, verdict, replicas)
             patch_extra = {"replicaStatus": {pod: None for pod in update.stale_replicas}} \
