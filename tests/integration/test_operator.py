@@ -357,3 +357,15 @@ def test_two_replicas_with_peering_never_both_act(api_client, crds_installed, ku
     finally:
         leader.stop()
         standby.stop()
+
+
+def test_freeing_a_served_name_accepts_the_adapter_that_waited_for_it(cluster, operator):
+    cluster.apply_base_model("llama3")
+    cluster.apply_adapter("math-v1", servedName="math")
+    until(operator, lambda: "math" in served(cluster), "math-v1 serves 'math'")
+    time.sleep(1.1)  # strictly younger
+    cluster.apply_adapter("math-v2", servedName="math", source="s3://adapters/math-v2")
+    until(operator, lambda: phase(cluster, "math-v2") == "Failed", "math-v2 refused: name taken")
+    cluster.delete("loraadapters", "math-v1")
+    until(operator, lambda: served(cluster).get("math") == "s3://adapters/math-v2", "math-v2 now serves 'math'")
+    until(operator, lambda: phase(cluster, "math-v2") == "Pending", "math-v2 no longer Failed")

@@ -96,6 +96,8 @@ class Store:
         self.compacted_at = 0  # history holds every event after this resourceVersion
         self.watchers: set[Watcher] = set()
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (client, verb): "aiohttp" for loraplex's processes and kopf, "other" for kubectl and test clients.
+        self.client_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         # Faults to inject: (verb, resource key) -> how many of the next such requests fail with a 409.
         self.injected_conflicts: collections.Counter[tuple[str, str]] = collections.Counter()
         for rt in BUILTINS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
@@ -81,6 +82,20 @@ class Coalescer:
             self._running.discard(key)
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterFacts:
+    """The parts of an adapter that other objects depend on: the adapter set (spec) and counts (phase)."""
+
+    base: str | None
+    served_name: str
+    spec: tuple[Any, ...]
+    phase: str
+
+    @classmethod
+    def of(cls, view: AdapterView, phase: str) -> AdapterFacts:
+        return cls(view.base_model, view.served_name, (view.uid, view.generation, view.deleting), phase)
+
+
 class Reconciler:
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any]):
         self.client = client
@@ -90,7 +105,7 @@ class Reconciler:
         self.replicas = indices["replica_index"]
         self.deployments = indices["deployment_index"]
         self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._adapter_bases: dict[Key, str] = {}  # last base model each adapter named
+        self._adapter_facts: dict[Key, AdapterFacts] = {}  # what others depend on, as last seen
         self._apply_problems: dict[Key, tuple[str, str] | None] = {}  # (reason, message) of the last apply
         # Status we wrote that the indices may not show yet (their watch event is still on its way).
         self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
@@ -185,20 +200,35 @@ class Reconciler:
     async def adapter_changed(self, key: Key, body: dict[str, Any] | None) -> None:
         """React to one adapter's event; `body` is None once the object is gone."""
         namespace, _ = key
-        previous_base = self._adapter_bases.get(key)
+        before = self._adapter_facts.get(key)
+        after: AdapterFacts | None = None
         if body is None:
-            self._adapter_bases.pop(key, None)
+            self._adapter_facts.pop(key, None)
             self._written.pop((LORA_ADAPTER.plural, *key), None)
-            bases = {previous_base} - {None}
         else:
             view = AdapterView.from_body(body)
-            await self._reconcile_adapter(view)
-            bases = {previous_base, view.base_model} - {None}
-            if view.base_model is not None:
-                self._adapter_bases[key] = view.base_model
-        for base in sorted(bases):  # type: ignore[type-var]
-            await self._adapter_sets.run((namespace, base))
+            phase = await self._reconcile_adapter(view)
+            after = AdapterFacts.of(view, phase)
+            self._adapter_facts[key] = after
+        if before == after:
+            return  # most events are status writes and replica reports: nothing else depends on them
+        spec_changed = before is None or after is None or before.spec != after.spec
+        for base in sorted({facts.base for facts in (before, after) if facts is not None and facts.base}):
+            if spec_changed:
+                await self._adapter_sets.run((namespace, base))
+                await self._recheck_served_name_rivals((namespace, base), key, before, after)
             await self._base_statuses.run((namespace, base))
+
+    async def _recheck_served_name_rivals(self, base: Key, key: Key, before: AdapterFacts | None,
+                                          after: AdapterFacts | None) -> None:
+        """An adapter that took, changed or freed a served name can change its rivals' verdicts."""
+        names = {facts.served_name for facts in (before, after) if facts is not None}
+        rivals = [a for a in self.adapters_of(base) if a.served_name in names and a.name != key[1]]
+        if rivals:
+            siblings = self.adapters_of(base)
+            owners = served_name_owners(siblings)
+            for rival in rivals:
+                await self._reconcile_adapter(rival, siblings, owners)
 
     async def refresh_adapters(self, key: Key) -> None:
         """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
@@ -208,7 +238,8 @@ class Reconciler:
             await self._reconcile_adapter(view, siblings, owners)
 
     async def _reconcile_adapter(self, view: AdapterView, siblings: list[AdapterView] | None = None,
-                                 owners: dict[str, AdapterView] | None = None) -> None:
+                                 owners: dict[str, AdapterView] | None = None) -> str:
+        """Finalizer, verdict and status of one adapter; returns the phase it now has."""
         async with self._locks[("adapter", view.namespace, view.name)]:
             if siblings is None:
                 # kopf updates an index before calling handlers, so the index is never older than the event.
@@ -235,6 +266,7 @@ class Reconciler:
                 await self._announce_phase(view, update.phase, update.status)
             if view.deleting and FINALIZER in view.finalizers and cleanup_done(view, replicas):
                 await self._set_finalizer(view, present=False)
+            return update.phase
 
     async def _announce_phase(self, view: AdapterView, phase: str, status: dict[str, Any]) -> None:
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")

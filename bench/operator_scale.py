@@ -1,0 +1,172 @@
+"""Operator scale: B base models x A adapters each, until every adapter is Ready.
+
+    .venv/bin/python bench/operator_scale.py --base-models 10 --adapters 100 [--adapters 500 ...]
+
+Runs the real operator against the API emulator. Each base model gets one replica whose kubelet and
+sidecar are simulated in this process: a Pod object, and a "sidecar" that follows the adapter-set
+ConfigMap and reports each adapter Loaded by merge patch, as the real sidecar does (its own cost is
+measured in the sidecar benchmarks). What is measured is the operator: time until every adapter is
+Ready, its peak RSS, and the API requests it made per adapter (the emulator counts requests by
+client, so the simulation's and this script's own requests are not included).
+Writes bench/results/operator_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import kubernetes
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.conftest import load_crds  # noqa: E402
+from tests.kube_emulator import EmulatorThread  # noqa: E402
+
+GROUP, VERSION = "loraplex.io", "v1alpha1"
+
+
+def simulated_sidecars(api: kubernetes.client.ApiClient, base_models: list[str], stop: threading.Event) -> None:
+    """One replica per base model that reports every adapter of its adapter set Loaded."""
+    core = kubernetes.client.CoreV1Api(api)
+    custom = kubernetes.client.CustomObjectsApi(api)
+    reported: dict[str, set[tuple[str, int]]] = {name: set() for name in base_models}
+    for name in base_models:
+        core.create_namespaced_pod("default", {
+            "metadata": {"name": f"{name}-0", "labels": {"loraplex.io/base-model": name}},
+            "spec": {"containers": [{"name": "inference", "image": "x"}]}})
+
+    def report(pod: str, adapter: str, generation: int) -> None:
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", "loraadapters", adapter, {
+            "status": {"replicaStatus": {pod: {"state": "Loaded", "observedGeneration": generation,
+                                               "format": "hf", "rank": 8}}}})
+
+    with ThreadPoolExecutor(8) as pool:
+        while not stop.is_set():
+            for name in base_models:
+                try:
+                    data = core.read_namespaced_config_map(f"{name}-adapters", "default").data or {}
+                except kubernetes.client.ApiException:
+                    continue
+                wanted = {(a["name"], a["generation"]) for a in json.loads(data["adapters.json"])["adapters"]}
+                for adapter, generation in sorted(wanted - reported[name]):
+                    pool.submit(report, f"{name}-0", adapter, generation)
+                reported[name] |= wanted
+            stop.wait(0.5)
+
+
+def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str, float]:
+    emulator = EmulatorThread(history_limit=200_000).start()
+    kubeconfig = work / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(emulator.kubeconfig()))
+    configuration = kubernetes.client.Configuration()
+    configuration.host = emulator.url
+    api = kubernetes.client.ApiClient(configuration, pool_threads=8)
+    api.rest_client.pool_manager.connection_pool_kw["maxsize"] = 16
+    for crd in load_crds():
+        kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
+    custom = kubernetes.client.CustomObjectsApi(api)
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LORAPLEX_METRICS_PORT": "0",
+           "LORAPLEX_RESYNC_SECONDS": "600"}
+    operator = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "-n", "default", "--standalone"],
+                                env=env, stdout=(work / "operator.log").open("wb"), stderr=subprocess.STDOUT)
+    stop = threading.Event()
+    try:
+        names = [f"model-{index}" for index in range(base_model_count)]
+        for name in names:
+            custom.create_namespaced_custom_object(GROUP, VERSION, "default", "basemodeldeployments", {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "BaseModelDeployment", "metadata": {"name": name},
+                "spec": {"model": name, "runtime": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+                         "lora": {"maxCpuLoras": 10000}}})
+        sidecars = threading.Thread(target=simulated_sidecars, args=(api, names, stop), daemon=True)
+        sidecars.start()
+        time.sleep(3)  # the operator has started and reconciled the base models
+        emulator.call(emulator.store.client_counts.clear)
+        total = base_model_count * adapters_per_model
+        start = time.perf_counter()
+
+        def create(index: int) -> None:
+            model = names[index % base_model_count]
+            custom.create_namespaced_custom_object(GROUP, VERSION, "default", "loraadapters", {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraAdapter", "metadata": {"name": f"{model}-a{index}"},
+                "spec": {"baseModel": model, "source": f"s3://adapters/{model}/a{index}/"}})
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(create, range(total)))
+        created = time.perf_counter() - start
+        while True:
+            ready = emulator.call(lambda: sum(
+                1 for obj in emulator.store.objects["loraadapters.loraplex.io"].values()
+                if (obj.get("status") or {}).get("phase") == "Ready"))
+            if ready == total:
+                break
+            if time.perf_counter() - start > 900:
+                raise TimeoutError(f"{ready} of {total} Ready after 900 s")
+            time.sleep(0.2)
+        elapsed = time.perf_counter() - start
+        peak_kib = int(Path(f"/proc/{operator.pid}/status").read_text().split("VmHWM:")[1].split()[0])
+        counts = emulator.call(lambda: dict(emulator.store.client_counts))
+        operator_requests = sum(n for (client, _), n in counts.items() if client == "aiohttp")
+        writes = sum(n for (client, verb), n in counts.items()
+                     if client == "aiohttp" and verb in ("create", "update", "patch", "delete"))
+        return {"adapters": total, "created_s": created, "ready_s": elapsed, "peak_rss_mb": peak_kib / 1024,
+                "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total}
+    finally:
+        stop.set()
+        operator.terminate()
+        operator.wait(timeout=30)
+        emulator.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base-models", type=int, default=10)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[10, 100], help="adapters per base model")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
+                        help="folder for the markdown table (smoke runs in tests write elsewhere)")
+    args = parser.parse_args()
+    rows = []
+    for per_model in args.adapters:
+        with tempfile.TemporaryDirectory(prefix="loraplex-scale-") as scratch:
+            row = run(args.base_models, per_model, Path(scratch))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    lines = [
+        "# Operator scale",
+        "",
+        f"`python bench/operator_scale.py --base-models {args.base_models} --adapters "
+        f"{' '.join(map(str, args.adapters))}` on {platform.machine()}, {os.cpu_count()} cores: the real operator "
+        "against the API emulator (which shares the 2 cores), one simulated replica per base model reporting "
+        "every adapter Loaded. Requests are the operator's own, counted at the emulator.",
+        "",
+        "| adapters | created in | all Ready after | operator peak RSS | API requests / adapter | writes / adapter |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(f"| {row['adapters']} | {row['created_s']:.1f} s | {row['ready_s']:.1f} s | "
+                     f"{row['peak_rss_mb']:.0f} MB | {row['requests_per_adapter']:.2f} | "
+                     f"{row['writes_per_adapter']:.2f} |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        growth = (last["ready_s"] / first["ready_s"]) / (last["adapters"] / first["adapters"])
+        lines += ["", f"From {first['adapters']} to {last['adapters']} adapters the time to Ready grew "
+                      f"{last['ready_s'] / first['ready_s']:.1f}x for {last['adapters'] / first['adapters']:.0f}x the "
+                      f"adapters ({growth:.2f} of linear)."]
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "operator_scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
