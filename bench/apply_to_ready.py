@@ -28,10 +28,11 @@ import kubernetes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from demo.stack import LocalStack, build_artifacts, wait_until  # noqa: E402
+from demo.stack import LocalStack, build_artifacts  # noqa: E402
 from loraplex.sidecar.sources import Downloader, Progress  # noqa: E402
 from loraplex.sidecar.sources.s3 import S3Client  # noqa: E402
 from tests.adapters import make_hf_adapter_for  # noqa: E402
+from tests.integration.harness import wait_for  # noqa: E402
 from tests.integration.sidecar_harness import free_port  # noqa: E402
 
 GROUP, VERSION = "loraplex.io", "v1alpha1"
@@ -80,8 +81,8 @@ def main() -> None:
         credentials = {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret", "AWS_REGION": "us-east-1"}
         kubernetes.client.CoreV1Api(stack.api()).create_namespaced_secret(
             "default", {"metadata": {"name": "s3"}, "stringData": credentials})
-        wait_until(lambda: (stack.base_model("tiny-llama").get("status") or {}).get("readyReplicas") == args.replicas,
-                   240, "replicas ready", stack)
+        wait_for(lambda: (stack.base_model("tiny-llama").get("status") or {}).get("readyReplicas") == args.replicas,
+                   240, "replicas ready", stack.log_tail)
         for index in range(args.adapters):
             name = f"bench-{index}"
             start = time.perf_counter()

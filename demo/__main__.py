@@ -13,7 +13,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from demo.stack import ROOT, LocalStack, build_artifacts, wait_until
+from demo.stack import ROOT, LocalStack, build_artifacts
+from tests.integration.harness import wait_for
 
 ADAPTERS = ["tiny-llama-math", "tiny-llama-squad", "tiny-llama-pubmedqa"]
 
@@ -38,9 +39,10 @@ def main() -> int:
         say("kubectl apply -f examples/demo.yaml")
         print(stack.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")), end="")
         say("Waiting for every adapter to be Ready on both replicas (and the broken one to fail)")
-        wait_until(lambda: all(stack.phase(name) == "Ready" for name in ADAPTERS)
+        wait_for(lambda: all(stack.phase(name) == "Ready" for name in ADAPTERS)
                    and stack.phase("tiny-llama-broken") == "Failed"
-                   and stack.base_model("tiny-llama")["status"]["readyReplicas"] == 2, 240, "the adapters", stack)
+                   and stack.base_model("tiny-llama")["status"]["readyReplicas"] == 2,
+                            240, "the adapters", stack.log_tail)
         say("kubectl get bmd,lora")
         print(stack.kubectl("get", "bmd,lora"), end="")
         say("Adapter status")

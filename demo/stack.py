@@ -174,18 +174,3 @@ class LocalStack:
                 text += f"\n--- {path.relative_to(self.workdir)} ---\n" + "\n".join(
                     path.read_text(errors="replace").splitlines()[-lines:])
         return text
-
-
-def wait_until(predicate: Any, timeout: float, what: str, stack: LocalStack | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = predicate()
-            if value:
-                return value
-        except Exception as exc:  # the API or a pod may not be there yet
-            last = exc
-        time.sleep(0.3)
-    detail = f" (last error: {last})" if last else ""
-    raise TimeoutError(f"timed out waiting for {what}{detail}" + (stack.log_tail() if stack else ""))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from demo.stack import LocalStack, build_artifacts, wait_until
+from demo.stack import LocalStack, build_artifacts
+from tests.integration.harness import wait_for
 from tests.integration.sidecar_harness import free_port
 
 pytestmark = pytest.mark.integration
@@ -86,12 +87,13 @@ ADAPTERS = {"math": "math", "squad": "squad", "broken": "broken"}
 
 def test_apply_then_ready_on_every_replica_with_the_broken_one_failed(stack):
     apply(stack, manifest(stack, adapters=ADAPTERS))
-    wait_until(lambda: ready_everywhere(stack, ["math", "squad"], 2), 240, "math and squad Ready on 2", stack)
-    wait_until(lambda: stack.phase("broken") == "Failed", 60, "the broken adapter Failed", stack)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 240, "math and squad Ready on 2", stack.log_tail)
+    wait_for(lambda: stack.phase("broken") == "Failed", 60, "the broken adapter Failed", stack.log_tail)
     ready = next(c for c in stack.adapter("broken")["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ValidationFailed"
     assert "adapter_config.json: r=32 exceeds this base model's maxLoraRank 16" in ready["message"]
-    wait_until(lambda: stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2, 60, "pods ready", stack)
+    wait_for(lambda: stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2,
+             60, "pods ready", stack.log_tail)
     table = stack.kubectl("get", "lora")
     assert "math" in table and "Ready" in table and "Failed" in table
     for pod in pods(stack):
@@ -113,8 +115,8 @@ def test_changing_a_source_serves_new_weights_without_restarting_pods(stack, art
     before = {name: dict(stack.runner.pods[name].containers) for name in pods(stack)}  # type: ignore[union-attr]
     restarts = {name: {c: v.restarts for c, v in containers.items()} for name, containers in before.items()}
     apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa"}))
-    wait_until(lambda: stack.adapter("math")["status"].get("observedGeneration") == 2
-               and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack)
+    wait_for(lambda: stack.adapter("math")["status"].get("observedGeneration") == 2
+               and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack.log_tail)
     expected = direct(artifacts, "pubmedqa")
     for pod in pods(stack):
         assert stack.completion(pod, "math", PROMPT) == expected
@@ -127,18 +129,19 @@ def test_runtime_killed_then_adapters_restored(stack):
     pod = pods(stack)[0]
     assert stack.runner is not None
     stack.runner.kill(pod, "inference")
-    wait_until(lambda: stack.runner.pods[pod].containers["inference"].restarts >= 1, 30, "runtime restarted", stack)
-    wait_until(lambda: sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"], 120,
-               "adapters restored in the restarted runtime", stack)
-    wait_until(lambda: ready_everywhere(stack, ["math", "squad"], 2), 60, "Ready again", stack)
+    wait_for(lambda: stack.runner.pods[pod].containers["inference"].restarts >= 1,
+             30, "runtime restarted", stack.log_tail)
+    wait_for(lambda: sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"], 120,
+               "adapters restored in the restarted runtime", stack.log_tail)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 60, "Ready again", stack.log_tail)
 
 
 def test_operator_killed_then_restart_converges_without_duplicates(stack):
     stack.stop_operator(kill=True)
     apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
     stack.start_operator()
-    wait_until(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 2), 120, "converged after restart",
-               stack)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 2), 120, "converged after restart",
+               stack.log_tail)
     api = stack.api()
     import kubernetes
 
@@ -150,8 +153,9 @@ def test_operator_killed_then_restart_converges_without_duplicates(stack):
 
 def test_scaling_up_gives_the_new_replica_every_adapter(stack):
     apply(stack, manifest(stack, replicas=3, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
-    wait_until(lambda: len(pods(stack)) == 3, 30, "a third pod", stack)
-    wait_until(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 3), 180, "Ready on 3 replicas", stack)
+    wait_for(lambda: len(pods(stack)) == 3, 30, "a third pod", stack.log_tail)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 3),
+             180, "Ready on 3 replicas", stack.log_tail)
     newest = pods(stack)
     for pod in newest:
         assert sorted(stack.served(pod)) == ["math", "pubmedqa", "squad", "tiny-llama"]
@@ -159,7 +163,7 @@ def test_scaling_up_gives_the_new_replica_every_adapter(stack):
 
 def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(stack):
     stack.kubectl("delete", "lora", "squad", "--wait=false")
-    wait_until(lambda: "squad" not in stack.kubectl("get", "lora", "-o", "name"), 60, "squad deleted", stack)
+    wait_for(lambda: "squad" not in stack.kubectl("get", "lora", "-o", "name"), 60, "squad deleted", stack.log_tail)
     assert stack.runner is not None
     for pod in pods(stack):
         assert "squad" not in stack.served(pod)

@@ -82,11 +82,11 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
             value = predicate()
             if value:
                 return value
-        except (ApiException, KeyError, TypeError, IndexError, AssertionError) as exc:
+        except Exception as exc:  # not there yet (404, no status, connection refused): poll again
             last_error = exc
         time.sleep(0.1)
     detail = f" (last error: {last_error})" if last_error else ""
-    tail = ("\n--- operator log ---\n" + log()[-4000:]) if log else ""
+    tail = ("\n--- logs ---\n" + log()[-6000:]) if log else ""
     raise AssertionError(f"timed out waiting for {what}{detail}{tail}")
 
 

@@ -79,6 +79,14 @@ def sidecar_factory(kubeconfig, volume, tmp_path, moto) -> Iterator:
         process.stop()
 
 
+def served_tar(folder: Path, root: Path) -> Path:
+    """`root`/big.tar holding the files of `folder`, for the https file server."""
+    root.mkdir()
+    with tarfile.open(root / "big.tar", "w") as tar:
+        tar.add(folder, arcname=".")
+    return root
+
+
 def until(sidecar: SidecarProcess, predicate, what: str, timeout: float = 30.0):
     return wait_for(predicate, timeout=timeout, what=what, log=sidecar.log)
 
@@ -171,10 +179,7 @@ def test_sidecar_restart_reverifies_without_downloading(writer, vllm, volume, si
 def test_source_outage_mid_download_is_retried_and_never_visible(writer, vllm, volume, sidecar_factory, tmp_path,
                                                                  built):
     cert, key = self_signed_certificate(tmp_path)
-    archive = tmp_path / "served"
-    archive.mkdir()
-    with tarfile.open(archive / "big.tar", "w") as tar:
-        tar.add(built / "big", arcname=".")
+    archive = served_tar(built / "big", tmp_path / "served")
     files = FileServer(archive, cert, key).start()
     files.drop_after["big.tar"] = 512 * 1024
     try:
@@ -192,10 +197,7 @@ def test_source_outage_mid_download_is_retried_and_never_visible(writer, vllm, v
 
 def test_progress_is_reported_while_downloading(writer, vllm, sidecar_factory, tmp_path, built, emulator):
     cert, key = self_signed_certificate(tmp_path)
-    served = tmp_path / "served"
-    served.mkdir()
-    with tarfile.open(served / "big.tar", "w") as tar:
-        tar.add(built / "big", arcname=".")
+    served = served_tar(built / "big", tmp_path / "served")
     files = FileServer(served, cert, key).start()
     files.bytes_per_second = 1.5 * 1024 * 1024  # about two seconds for the 3 MB adapter
     try:
