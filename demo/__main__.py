@@ -40,9 +40,9 @@ def main() -> int:
         print(stack.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")), end="")
         say("Waiting for every adapter to be Ready on both replicas (and the broken one to fail)")
         wait_for(lambda: all(stack.phase(name) == "Ready" for name in ADAPTERS)
-                   and stack.phase("tiny-llama-broken") == "Failed"
-                   and stack.base_model("tiny-llama")["status"]["readyReplicas"] == 2,
-                            240, "the adapters", stack.log_tail)
+                 and stack.phase("tiny-llama-broken") == "Failed"
+                 and stack.base_model("tiny-llama")["status"]["readyReplicas"] == 2,
+                 240, "the adapters", stack.log_tail)
         say("kubectl get bmd,lora")
         print(stack.kubectl("get", "bmd,lora"), end="")
         say("Adapter status")
