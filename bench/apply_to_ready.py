@@ -82,7 +82,7 @@ def main() -> None:
         kubernetes.client.CoreV1Api(stack.api()).create_namespaced_secret(
             "default", {"metadata": {"name": "s3"}, "stringData": credentials})
         wait_for(lambda: (stack.base_model("tiny-llama").get("status") or {}).get("readyReplicas") == args.replicas,
-                   240, "replicas ready", stack.log_tail)
+                 240, "replicas ready", stack.log_tail)
         for index in range(args.adapters):
             name = f"bench-{index}"
             start = time.perf_counter()
