@@ -96,7 +96,11 @@ class Agent:
                 continue
             if running is not None:
                 running[1].cancel()
-            if self._satisfied(adapter) or self.retry_at.get(name, 0) > now:
+            if self._satisfied(adapter):
+                if name not in self.states:  # adopted from a previous life of this pod: say so once
+                    self._report(adapter, ReplicaState.LOADED, **self._detected(self.installed[name]))
+                continue
+            if self.retry_at.get(name, 0) > now:
                 continue
             self._spawn(name, target, self._sync(adapter))
         for name, record in self.installed.items():
@@ -229,8 +233,7 @@ class Agent:
 
     async def _ensure_loaded(self, adapter: DesiredAdapter, record: InstalledAdapter, replaced: bool = False) -> None:
         name = adapter.served_name
-        detected = {"format": record.format, "rank": record.rank, "targetModules": record.target_modules,
-                    "sizeBytes": record.size_bytes}
+        detected = self._detected(record)
         if name not in self.loaded or replaced:
             while not await self.runtime.healthy():
                 self._report(adapter, ReplicaState.PENDING, message="Waiting for the runtime to become healthy.",
@@ -250,6 +253,11 @@ class Agent:
         self.failed_generation.pop(name, None)
         self.retry_at.pop(name, None)
         self._report(adapter, ReplicaState.LOADED, **detected)
+
+    @staticmethod
+    def _detected(record: InstalledAdapter) -> dict[str, Any]:
+        return {"format": record.format, "rank": record.rank, "targetModules": record.target_modules,
+                "sizeBytes": record.size_bytes}
 
     def _fail(self, adapter: DesiredAdapter, reason: FailureReason, message: str, retry: bool = True,
               **fields: Any) -> None:
