@@ -39,7 +39,7 @@ class AdapterSet(Model):
     adapters: list[DesiredAdapter]
 
     def to_configmap_data(self) -> dict[str, str]:
-        return {DATA_KEY: json.dumps(self.to_wire(), indent=1, sort_keys=True)}
+        return {DATA_KEY: json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))}
 
     @classmethod
     def from_configmap_data(cls, data: dict[str, str]) -> AdapterSet:

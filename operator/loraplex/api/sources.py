@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from urllib.parse import urlparse
 
@@ -23,6 +24,7 @@ class SourceRef:
     uri: str = ""
 
 
+@functools.lru_cache(maxsize=65536)  # pure, and asked again for every adapter on every adapter-set render
 def parse_source(uri: str) -> SourceRef:
     parsed = urlparse(uri)
     scheme = parsed.scheme

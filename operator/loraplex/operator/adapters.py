@@ -9,7 +9,7 @@ from typing import Any
 
 import pydantic
 
-from loraplex.api.adapter_set import DesiredAdapter
+from loraplex.api.adapter_set import AdapterLimits, DesiredAdapter
 from loraplex.api.conditions import condition
 from loraplex.api.sources import InvalidSource, parse_source
 from loraplex.api.types import (
@@ -87,7 +87,8 @@ def served_name_owners(adapters: list[AdapterView]) -> dict[str, AdapterView]:
 
 
 def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | None,
-                  siblings: list[AdapterView], owners: dict[str, AdapterView] | None = None) -> Verdict:
+                  siblings: list[AdapterView], owners: dict[str, AdapterView] | None = None,
+                  limits: AdapterLimits | None = None) -> Verdict:
     """Whether the operator hands this adapter to its base model's sidecars, and if not, why.
 
     `siblings` are the other live adapters naming the same base model; among adapters claiming the
@@ -106,7 +107,7 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
         source = parse_source(spec.source)
     except InvalidSource as exc:
         return Verdict(False, "InvalidSource", str(exc))
-    limits = adapter_limits(base_model)
+    limits = limits or adapter_limits(base_model)
     if spec.format != AdapterFormat.AUTO and spec.format not in limits.allowed_formats:
         allowed = ", ".join(f.value for f in limits.allowed_formats) or "none"
         return Verdict(False, "FormatNotAllowed",
@@ -141,10 +142,11 @@ def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[Adapter
     """The adapters a base model's sidecars should hold: every live, accepted one."""
     desired = []
     owners = served_name_owners(adapters)
+    limits = adapter_limits(base_model)
     for adapter in adapters:
         if adapter.deleting or adapter.spec is None:
             continue
-        if not check_adapter(adapter, base_model, adapters, owners).accepted:
+        if not check_adapter(adapter, base_model, adapters, owners, limits).accepted:
             continue
         spec = adapter.spec
         desired.append(DesiredAdapter(

@@ -27,8 +27,7 @@ logger = logging.getLogger(__name__)
 OWNED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, BASE_MODEL_LABEL: kopf.PRESENT}
 OWNED_RESOURCES = [
     ("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "serviceaccounts"),
-    ("", "v1", "configmaps"), ("rbac.authorization.k8s.io", "v1", "roles"),
-    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"),
 ]
 _RETRY_DELAYS = (1, 2, 5, 10, 30, 60)
 
@@ -147,7 +146,14 @@ async def replica_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) 
 async def owned_object_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
     """Someone changed or deleted what we own, or its status moved: converge the owner."""
     key = (namespace, labels[BASE_MODEL_LABEL])
-    await _guarded(memo, ("base-model", key), lambda: memo.reconciler.reconcile_base_model(key))
+    await _guarded(memo, ("owned", key), lambda: memo.reconciler.converge_owned_objects(key))
+
+
+@kopf.on.event("", "v1", "configmaps", labels=OWNED_LABELS)
+async def adapter_set_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+    """Mostly the echo of our own adapter-set write; otherwise someone edited or deleted it."""
+    key = (namespace, labels[BASE_MODEL_LABEL])
+    await _guarded(memo, ("adapter-set", key), lambda: memo.reconciler.sync_adapter_set(key))
 
 
 for _group, _version, _plural in OWNED_RESOURCES:

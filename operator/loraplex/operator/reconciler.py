@@ -111,6 +111,7 @@ class Reconciler:
         self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._finalized: set[str] = set()  # uids we already gave our finalizer
         self._base_model_runs = Coalescer(self._reconcile_base_model)
+        self._owned_runs = Coalescer(self._converge_owned)
         self._adapter_sets = Coalescer(self._sync_adapter_set)
         self._base_statuses = Coalescer(self._write_base_model_status)
 
@@ -145,11 +146,33 @@ class Reconciler:
         """Apply every owned object, publish the adapter set, refresh statuses."""
         await self._base_model_runs.run(key)
 
+    async def converge_owned_objects(self, key: Key) -> None:
+        """An owned object changed (drift, deletion, Deployment status): repair it and refresh the model's
+        status. Adapters depend only on the model's spec, so they are not re-examined here."""
+        await self._owned_runs.run(key)
+
+    async def sync_adapter_set(self, key: Key) -> None:
+        """The adapter-set ConfigMap changed: put back what it should say (a no-op after our own write)."""
+        await self._adapter_sets.run(key)
+
     async def _reconcile_base_model(self, key: Key) -> None:
         body = self.base_model(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             await self.refresh_adapters(key)  # they now wait for a base model
             return
+        await self._apply_owned(key, body)
+        await self._adapter_sets.run(key)
+        await self.refresh_adapters(key)
+        await self._base_statuses.run(key)
+
+    async def _converge_owned(self, key: Key) -> None:
+        body = self.base_model(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        await self._apply_owned(key, body)
+        await self._base_statuses.run(key)
+
+    async def _apply_owned(self, key: Key, body: dict[str, Any]) -> None:
         spec, error = self.parse_spec(body)
         problem = ("InvalidSpec", error) if error else None
         if spec is not None:
@@ -164,9 +187,6 @@ class Reconciler:
                 except ApiError as exc:
                     problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
         self._apply_problems[key] = problem
-        await self._adapter_sets.run(key)
-        await self.refresh_adapters(key)
-        await self._base_statuses.run(key)
 
     async def _sync_adapter_set(self, key: Key) -> None:
         body = self.base_model(key)
