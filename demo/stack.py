@@ -20,6 +20,7 @@ import kubernetes
 import yaml
 
 from tests.adapters import make_hf_adapter_for, make_tiny_model
+from tests.conftest import tool
 from tests.kube_emulator import EmulatorThread
 from tests.kube_emulator.pod_runner import PodRunner
 
@@ -27,13 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 S3_PORT = 39077  # examples/demo.yaml names this endpoint
 GROUP, VERSION = "loraplex.io", "v1alpha1"
 ADAPTER_SEEDS = {"math": 1, "squad": 2, "pubmedqa": 3}
-
-
-def kubectl_binary() -> str:
-    found = shutil.which("kubectl") or str(ROOT / ".tools" / "kubectl" / "kubectl")
-    if not Path(found).exists():
-        raise RuntimeError("kubectl not found: run `make tools`")
-    return found
 
 
 def build_artifacts(directory: Path) -> Path:
@@ -129,7 +123,7 @@ class LocalStack:
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBECACHEDIR": str(self.workdir / "kube-cache")}
-        result = subprocess.run([kubectl_binary(), *args], env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run([tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60)
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout

