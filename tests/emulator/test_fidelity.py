@@ -178,6 +178,12 @@ def test_owner_references_cascade_and_orphan(custom, core):
                                            propagation_policy="Orphan")
     assert not core.read_namespaced_config_map("kept", "default").metadata.owner_references
 
+    late = core.create_namespaced_config_map("default", {"metadata": {"name": "late", "ownerReferences": [ref]}})
+    assert late.metadata.name == "late"  # created for an owner that is gone: accepted, then collected
+    with pytest.raises(ApiException) as excinfo:
+        core.read_namespaced_config_map("late", "default")
+    assert excinfo.value.status == 404
+
 
 def test_label_and_field_selectors(core):
     for name, labels in [("a", {"tier": "gpu", "team": "x"}), ("b", {"tier": "cpu"}), ("c", {"tier": "gpu"})]:

@@ -126,6 +126,24 @@ def test_desired_set_follows_adapters_without_restarting_pods(cluster, operator)
         == template_version
 
 
+def test_edited_or_deleted_adapter_set_is_put_back(cluster, operator):
+    cluster.apply_base_model("llama3")
+    cluster.apply_adapter("math")
+    until(operator, lambda: served(cluster) == {"math": "s3://adapters/math"}, "math in the desired set")
+    label = "app.kubernetes.io/managed-by"
+
+    cluster.core.patch_namespaced_config_map("llama3-adapters", "default", {"data": {"adapters.json": "{}"}})
+    until(operator, lambda: served(cluster) == {"math": "s3://adapters/math"}, "edited data put back")
+    cluster.core.patch_namespaced_config_map("llama3-adapters", "default", {"metadata": {"labels": {label: "me"}}})
+    until(operator, lambda: cluster.core.read_namespaced_config_map(
+        "llama3-adapters", "default").metadata.labels[label] == "loraplex", "edited label put back")
+    cluster.core.delete_namespaced_config_map("llama3-adapters", "default")
+    until(operator, lambda: served(cluster) == {"math": "s3://adapters/math"}, "deleted adapter set recreated")
+
+    cluster.apply_adapter("squad")  # and the operator still follows adapters afterwards
+    until(operator, lambda: set(served(cluster)) == {"math", "squad"}, "squad added")
+
+
 def test_readiness_aggregates_per_replica_reports(cluster, operator):
     cluster.apply_base_model("llama3", replicas=2)
     cluster.add_pod("llama3-a")

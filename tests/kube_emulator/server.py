@@ -126,7 +126,7 @@ async def _resource(request: web.Request) -> web.StreamResponse:
     counted = rt.key + (f"/{route.subresource}" if route.subresource else "")
     store.request_counts[(verb, counted)] += 1
     client = "aiohttp" if "aiohttp" in request.headers.get("User-Agent", "") else "other"
-    store.client_counts[(client, verb)] += 1
+    store.client_counts[(client, verb, counted)] += 1
     if store.take_injected_conflict(verb, counted):
         raise conflict(rt, name or "")
 

@@ -96,8 +96,9 @@ class Store:
         self.compacted_at = 0  # history holds every event after this resourceVersion
         self.watchers: set[Watcher] = set()
         self.request_counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        # (client, verb): "aiohttp" for loraplex's processes and kopf, "other" for kubectl and test clients.
-        self.client_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # (client, verb, resource): client "aiohttp" for loraplex's processes and kopf, "other" for kubectl
+        # and test clients.
+        self.client_counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         # Faults to inject: (verb, resource key) -> how many of the next such requests fail with a 409.
         self.injected_conflicts: collections.Counter[tuple[str, str]] = collections.Counter()
         for rt in BUILTINS:
@@ -265,7 +266,12 @@ class Store:
         meta["resourceVersion"] = str(self._next_version())
         self.objects[rt.key][(namespace, name)] = obj
         self._publish(rt, "ADDED", None, obj)
-        return self._present(rt, obj)
+        created = self._present(rt, obj)
+        owners = meta.get("ownerReferences") or []
+        if owners and not {ref.get("uid") for ref in owners} & self._all_uids():
+            # Created for owners that are already gone: the garbage collector removes it right after.
+            self._collect_garbage()
+        return created
 
     def _crd_status(self, crd: dict[str, Any]) -> dict[str, Any]:
         stamp = now()

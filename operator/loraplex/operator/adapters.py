@@ -39,6 +39,14 @@ class AdapterView:
     spec: LoraAdapterSpec | None
     spec_error: str | None
     status: dict[str, Any]
+    resource_version: str = ""
+    # Read on every decision about every sibling, so computed once here rather than from the spec each time.
+    base_model: str | None = dataclasses.field(init=False)
+    served_name: str = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "base_model", self.spec.base_model if self.spec else None)
+        object.__setattr__(self, "served_name", (self.spec.served_name if self.spec else None) or self.name)
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> AdapterView:
@@ -53,15 +61,8 @@ class AdapterView:
             generation=int(meta.get("generation") or 1), created=meta.get("creationTimestamp") or "",
             deleting=bool(meta.get("deletionTimestamp")), finalizers=tuple(meta.get("finalizers") or ()),
             spec=spec, spec_error=error, status=dict(body.get("status") or {}),
+            resource_version=meta.get("resourceVersion") or "",
         )
-
-    @property
-    def base_model(self) -> str | None:
-        return self.spec.base_model if self.spec else None
-
-    @property
-    def served_name(self) -> str:
-        return (self.spec.served_name if self.spec else None) or self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +139,11 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
     return ACCEPTED
 
 
-def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[AdapterView]) -> list[DesiredAdapter]:
+def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[AdapterView],
+                     owners: dict[str, AdapterView] | None = None) -> list[DesiredAdapter]:
     """The adapters a base model's sidecars should hold: every live, accepted one."""
     desired = []
-    owners = served_name_owners(adapters)
+    owners = served_name_owners(adapters) if owners is None else owners
     limits = adapter_limits(base_model)
     for adapter in adapters:
         if adapter.deleting or adapter.spec is None:

@@ -40,6 +40,15 @@ def _owned_fields(desired: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata", "status")}
 
 
+def in_sync(desired: dict[str, Any], live: dict[str, Any]) -> bool:
+    """True when `live` has everything we render for it: nothing to write."""
+    meta, live_meta = desired["metadata"], live.get("metadata") or {}
+    return (is_subset(_owned_fields(desired), live)
+            and is_subset(meta.get("labels", {}), live_meta.get("labels") or {})
+            and is_subset(meta.get("annotations", {}), live_meta.get("annotations") or {})
+            and live_meta.get("ownerReferences") == meta.get("ownerReferences"))
+
+
 async def apply_object(client: KubeClient, desired: dict[str, Any]) -> str:
     """Create or converge one object; returns 'created', 'updated' or 'unchanged'."""
 
@@ -48,13 +57,9 @@ async def apply_object(client: KubeClient, desired: dict[str, Any]) -> str:
         if live is None:
             await client.create(object_path(desired, with_name=False), desired)
             return "created"
-        meta, live_meta = desired["metadata"], live["metadata"]
-        in_sync = (is_subset(_owned_fields(desired), live)
-                   and is_subset(meta.get("labels", {}), live_meta.get("labels") or {})
-                   and is_subset(meta.get("annotations", {}), live_meta.get("annotations") or {})
-                   and live_meta.get("ownerReferences") == meta.get("ownerReferences"))
-        if in_sync:
+        if in_sync(desired, live):
             return "unchanged"
+        meta, live_meta = desired["metadata"], live["metadata"]
         # A full replace at the version we read: our fields win, foreign labels and annotations stay.
         replacement = {
             **live,

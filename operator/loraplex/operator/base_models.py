@@ -50,7 +50,7 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         adapters_ready = condition("AdaptersReady", True, "AllAdaptersReady",
                                    f"All {len(live_adapters)} adapter(s) are Ready.", generation)
     else:
-        not_ready = sorted(a.name for a in live_adapters if a not in ready_adapters)
+        not_ready = sorted(a.name for a in live_adapters if a.status.get("phase") != AdapterPhase.READY.value)
         shown = ", ".join(not_ready[:5]) + (f" and {len(not_ready) - 5} more" if len(not_ready) > 5 else "")
         adapters_ready = condition("AdaptersReady", False, "AdaptersNotReady",
                                    f"{len(ready_adapters)} of {len(live_adapters)} adapter(s) are Ready; "

@@ -119,9 +119,11 @@ async def _guarded(memo: kopf.Memo, what: tuple[Any, ...], fn: Callable[[], Awai
 # ---- events ----------------------------------------------------------------------------------------------
 
 @kopf.on.event(GROUP, VERSION, BASE_MODEL_DEPLOYMENT.plural)
-async def base_model_event(type: str | None, namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def base_model_event(type: str | None, body: Any, namespace: str, name: str, memo: kopf.Memo,
+                           **_: Any) -> None:
     key = (namespace, name)
-    await _guarded(memo, ("base-model", key), lambda: memo.reconciler.reconcile_base_model(key))
+    current = None if type == "DELETED" else _plain(body)
+    await _guarded(memo, ("base-model", key), lambda: memo.reconciler.base_model_changed(key, current))
 
 
 @kopf.on.event(GROUP, VERSION, LORA_ADAPTER.plural)
@@ -150,10 +152,12 @@ async def owned_object_event(namespace: str, labels: Any, memo: kopf.Memo, **_: 
 
 
 @kopf.on.event("", "v1", "configmaps", labels=OWNED_LABELS)
-async def adapter_set_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+async def adapter_set_event(type: str | None, body: Any, namespace: str, labels: Any, memo: kopf.Memo,
+                            **_: Any) -> None:
     """Mostly the echo of our own adapter-set write; otherwise someone edited or deleted it."""
     key = (namespace, labels[BASE_MODEL_LABEL])
-    await _guarded(memo, ("adapter-set", key), lambda: memo.reconciler.sync_adapter_set(key))
+    live = None if type == "DELETED" else _plain(body)
+    await _guarded(memo, ("adapter-set", key), lambda: memo.reconciler.sync_adapter_set(key, live))
 
 
 for _group, _version, _plural in OWNED_RESOURCES:

@@ -28,7 +28,7 @@ from loraplex.operator.adapters import (
     desired_adapters,
     served_name_owners,
 )
-from loraplex.operator.apply import apply_object
+from loraplex.operator.apply import apply_object, in_sync
 from loraplex.operator.base_models import base_model_status
 from loraplex.operator.events import post_event
 from loraplex.operator.settings import OperatorSettings
@@ -48,12 +48,17 @@ class Coalescer:
     """Runs `fn(key)` so that concurrent requests for one key share a run that starts after them.
 
     Many adapter events for one base model collapse into a few adapter-set writes.
+
+    With `min_interval`, runs for one key start at least that many seconds apart: the first request after
+    a quiet spell runs at once, and a burst is folded into one run per interval instead of one per event.
     """
 
-    def __init__(self, fn: Callable[[Any], Awaitable[None]]):
+    def __init__(self, fn: Callable[[Any], Awaitable[None]], min_interval: float = 0.0):
         self._fn = fn
+        self._min_interval = min_interval
         self._pending: dict[Hashable, asyncio.Future[None]] = {}
         self._running: set[Hashable] = set()
+        self._last_start: dict[Hashable, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def run(self, key: Hashable) -> None:
@@ -71,6 +76,11 @@ class Coalescer:
         self._running.add(key)
         try:
             while key in self._pending:
+                loop = asyncio.get_running_loop()
+                wait = self._last_start.get(key, -self._min_interval) + self._min_interval - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # requests arriving meanwhile join this run
+                self._last_start[key] = loop.time()
                 future = self._pending.pop(key)
                 try:
                     await self._fn(key)
@@ -83,17 +93,24 @@ class Coalescer:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdapterFacts:
-    """The parts of an adapter that other objects depend on: the adapter set (spec) and counts (phase)."""
+class AdapterClaim:
+    """What an adapter's base model depends on: its adapter set and who holds each served name."""
 
     base: str | None
     served_name: str
     spec: tuple[Any, ...]
-    phase: str
 
     @classmethod
-    def of(cls, view: AdapterView, phase: str) -> AdapterFacts:
-        return cls(view.base_model, view.served_name, (view.uid, view.generation, view.deleting), phase)
+    def of(cls, view: AdapterView) -> AdapterClaim:
+        return cls(view.base_model, view.served_name, (view.uid, view.generation, view.deleting))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFacts:
+    """The parts of an adapter that other objects depend on: its claim, and its phase (for the counts)."""
+
+    claim: AdapterClaim
+    phase: str
 
 
 class Reconciler:
@@ -110,10 +127,18 @@ class Reconciler:
         # Status we wrote that the indices may not show yet (their watch event is still on its way).
         self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
         self._finalized: set[str] = set()  # uids we already gave our finalizer
+        # Served-name owners per base model, dropped whenever an adapter's claim changes.
+        self._owners: dict[Key, dict[str, AdapterView]] = {}
+        # The adapter set as we last applied it, so echoes of our own writes cost nothing.
+        self._applied_adapter_sets: dict[Key, dict[str, Any]] = {}
+        # What each base model's last full reconcile saw of it: (uid, generation, deletionTimestamp).
+        self._reconciled_base_models: dict[Key, tuple[Any, ...]] = {}
         self._base_model_runs = Coalescer(self._reconcile_base_model)
         self._owned_runs = Coalescer(self._converge_owned)
-        self._adapter_sets = Coalescer(self._sync_adapter_set)
-        self._base_statuses = Coalescer(self._write_base_model_status)
+        # Every write of an adapter set carries the whole set (and reaches every replica's sidecar), so a
+        # burst of adapter changes is published a few times a second, not once per adapter.
+        self._adapter_sets = Coalescer(self._sync_adapter_set, settings.batch_seconds)
+        self._base_statuses = Coalescer(self._write_base_model_status, settings.batch_seconds)
 
     # ---- lookups over the indices ---------------------------------------------------------------
 
@@ -122,6 +147,13 @@ class Reconciler:
 
     def adapters_of(self, key: Key) -> list[AdapterView]:
         return list(self.adapters.get(key, ()))
+
+    def owners_of(self, key: Key) -> dict[str, AdapterView]:
+        """Who holds each served name among one base model's adapters."""
+        owners = self._owners.get(key)
+        if owners is None:
+            owners = self._owners[key] = served_name_owners(self.adapters_of(key))
+        return owners
 
     def adapter_phases(self) -> dict[str, int]:
         counts: dict[str, int] = collections.Counter()
@@ -146,13 +178,30 @@ class Reconciler:
         """Apply every owned object, publish the adapter set, refresh statuses."""
         await self._base_model_runs.run(key)
 
+    async def base_model_changed(self, key: Key, body: dict[str, Any] | None) -> None:
+        """A BaseModelDeployment event. Most are the echo of our own status write, which changes nothing
+        the owned objects or the adapters depend on: those only refresh the status."""
+        meta = (body or {}).get("metadata") or {}
+        seen = (meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp")) if body else None
+        if seen is not None and self._reconciled_base_models.get(key) == seen:
+            await self._base_statuses.run(key)
+            return
+        self._reconciled_base_models.pop(key, None)
+        await self.reconcile_base_model(key)
+        if seen is not None:
+            self._reconciled_base_models[key] = seen
+
     async def converge_owned_objects(self, key: Key) -> None:
         """An owned object changed (drift, deletion, Deployment status): repair it and refresh the model's
         status. Adapters depend only on the model's spec, so they are not re-examined here."""
         await self._owned_runs.run(key)
 
-    async def sync_adapter_set(self, key: Key) -> None:
-        """The adapter-set ConfigMap changed: put back what it should say (a no-op after our own write)."""
+    async def sync_adapter_set(self, key: Key, live: dict[str, Any] | None) -> None:
+        """The adapter-set ConfigMap changed (`live`) or is gone (None): put back what it should say."""
+        applied = self._applied_adapter_sets.get(key)
+        if live is not None and applied is not None and in_sync(applied, live):
+            return  # the echo of our own write
+        self._applied_adapter_sets.pop(key, None)
         await self._adapter_sets.run(key)
 
     async def _reconcile_base_model(self, key: Key) -> None:
@@ -195,8 +244,12 @@ class Reconciler:
         spec, _ = self.parse_spec(body)
         if spec is None or render.spec_problems(spec):
             return  # keep serving the last good set until the spec is fixed
-        desired = render.render_adapter_set(body, spec, desired_adapters(spec, self.adapters_of(key)))
+        desired = render.render_adapter_set(body, spec, desired_adapters(spec, self.adapters_of(key),
+                                                                         self.owners_of(key)))
+        if desired == self._applied_adapter_sets.get(key):
+            return  # as we last applied it, and no event has said that it moved since
         await apply_object(self.client, desired)
+        self._applied_adapter_sets[key] = desired
 
     async def _write_base_model_status(self, key: Key) -> None:
         body = self.base_model(key)
@@ -225,16 +278,21 @@ class Reconciler:
         if body is None:
             self._adapter_facts.pop(key, None)
             self._written.pop((LORA_ADAPTER.plural, *key), None)
+            if before is not None:
+                self._owners.pop((namespace, before.claim.base or ""), None)
         else:
             view = AdapterView.from_body(body)
-            phase = await self._reconcile_adapter(view)
-            after = AdapterFacts.of(view, phase)
+            claim = AdapterClaim.of(view)
+            if before is None or before.claim != claim:
+                for base in {claim.base, before.claim.base if before else None}:
+                    self._owners.pop((namespace, base or ""), None)
+            after = AdapterFacts(claim, await self._reconcile_adapter(view))
             self._adapter_facts[key] = after
         if before == after:
             return  # most events are status writes and replica reports: nothing else depends on them
-        spec_changed = before is None or after is None or before.spec != after.spec
-        for base in sorted({facts.base for facts in (before, after) if facts is not None and facts.base}):
-            if spec_changed:
+        claim_changed = before is None or after is None or before.claim != after.claim
+        for base in sorted({facts.claim.base for facts in (before, after) if facts is not None and facts.claim.base}):
+            if claim_changed:
                 await self._adapter_sets.run((namespace, base))
                 await self._recheck_served_name_rivals((namespace, base), key, before, after)
             await self._base_statuses.run((namespace, base))
@@ -242,29 +300,19 @@ class Reconciler:
     async def _recheck_served_name_rivals(self, base: Key, key: Key, before: AdapterFacts | None,
                                           after: AdapterFacts | None) -> None:
         """An adapter that took, changed or freed a served name can change its rivals' verdicts."""
-        names = {facts.served_name for facts in (before, after) if facts is not None}
+        names = {facts.claim.served_name for facts in (before, after) if facts is not None}
         rivals = [a for a in self.adapters_of(base) if a.served_name in names and a.name != key[1]]
-        if rivals:
-            siblings = self.adapters_of(base)
-            owners = served_name_owners(siblings)
-            for rival in rivals:
-                await self._reconcile_adapter(rival, siblings, owners)
+        for rival in rivals:
+            await self._reconcile_adapter(rival)
 
     async def refresh_adapters(self, key: Key) -> None:
         """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
-        siblings = self.adapters_of(key)
-        owners = served_name_owners(siblings)  # once for all of them: linear, not quadratic, in adapters
-        for view in siblings:
-            await self._reconcile_adapter(view, siblings, owners)
+        for view in self.adapters_of(key):
+            await self._reconcile_adapter(view)
 
-    async def _reconcile_adapter(self, view: AdapterView, siblings: list[AdapterView] | None = None,
-                                 owners: dict[str, AdapterView] | None = None) -> str:
+    async def _reconcile_adapter(self, view: AdapterView) -> str:
         """Finalizer, verdict and status of one adapter; returns the phase it now has."""
         async with self._locks[("adapter", view.namespace, view.name)]:
-            if siblings is None:
-                # kopf updates an index before calling handlers, so the index is never older than the event.
-                siblings = self.adapters_of((view.namespace, view.base_model or "")) if view.base_model else []
-                view = next((a for a in siblings if a.uid == view.uid), view)
             if not view.deleting and FINALIZER not in view.finalizers and view.uid not in self._finalized:
                 await self._set_finalizer(view, present=True)
                 self._finalized.add(view.uid)
@@ -273,7 +321,8 @@ class Reconciler:
             spec = None
             if body is not None and not body["metadata"].get("deletionTimestamp"):
                 spec, _ = self.parse_spec(body)
-            verdict = check_adapter(view, spec, siblings, owners)
+            # kopf updates an index before it calls handlers, so the owners are never older than this event.
+            verdict = check_adapter(view, spec, [], self.owners_of(base_key) if spec else {})
             replicas = self.live_replicas(base_key) if view.base_model else []
             update = adapter_status(view, verdict, replicas)
             patch_extra = {"replicaStatus": {pod: None for pod in update.stale_replicas}} \
@@ -298,9 +347,14 @@ class Reconciler:
     async def _set_finalizer(self, view: AdapterView, present: bool) -> None:
         path = resource_path(API_VERSION, LORA_ADAPTER.plural, view.namespace, view.name)
 
+        # The first attempt trusts the event's copy; if the object moved since, the 409 makes us read it.
+        known: dict[str, Any] | None = {
+            "uid": view.uid, "finalizers": list(view.finalizers), "resourceVersion": view.resource_version,
+            "deletionTimestamp": "set" if view.deleting else None} if view.resource_version else None
+
         async def attempt() -> None:
-            live = await self.client.get(path)
-            meta = live["metadata"]
+            nonlocal known
+            meta, known = known or (await self.client.get(path))["metadata"], None
             if meta.get("uid") != view.uid:
                 return
             finalizers = list(meta.get("finalizers") or [])
@@ -325,6 +379,9 @@ class Reconciler:
         """Trust the indices alone again (the periodic resync calls this, undoing any external edit)."""
         self._written.clear()
         self._finalized.clear()
+        self._owners.clear()
+        self._applied_adapter_sets.clear()
+        self._reconciled_base_models.clear()
 
     def _known_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         """The object's status as the cluster has it, counting our own writes the index has not seen yet.

@@ -15,6 +15,8 @@ class OperatorSettings:
     # A full level-triggered pass over every BaseModelDeployment, in case an event was missed.
     resync_seconds: float = 300.0
     metrics_port: int = 9090  # 0 turns the /metrics endpoint off
+    # Least time between two writes of one base model's adapter set (or status) during a burst of changes.
+    batch_seconds: float = 0.2
 
     @classmethod
     def from_environment(cls) -> OperatorSettings:
@@ -25,4 +27,5 @@ class OperatorSettings:
                                                      defaults.sidecar_image_pull_policy),
             resync_seconds=float(os.environ.get("LORAPLEX_RESYNC_SECONDS", defaults.resync_seconds)),
             metrics_port=int(os.environ.get("LORAPLEX_METRICS_PORT", defaults.metrics_port)),
+            batch_seconds=float(os.environ.get("LORAPLEX_BATCH_SECONDS", defaults.batch_seconds)),
         )
