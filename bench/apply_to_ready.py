@@ -6,7 +6,7 @@ Each adapter is created with kubectl-equivalent API calls and timed until its st
 every replica (polled every 10 ms). "Transfer" is the median time the sidecar's own downloader takes
 to fetch the same adapter from the same S3 server; the rest is loraplex's overhead: watches, the
 adapter set, validation, the atomic install, the runtime load and status aggregation.
-Writes bench/results/apply_to_ready.md.
+Writes bench/results/apply_to_ready.{md,png}.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -28,6 +27,7 @@ import kubernetes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, machine, table, write  # noqa: E402
 from demo.stack import LocalStack, build_artifacts  # noqa: E402
 from loraplex.sidecar.sources import Downloader, Progress  # noqa: E402
 from loraplex.sidecar.sources.s3 import S3Client  # noqa: E402
@@ -58,7 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=10)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
+    parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for the markdown table (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
@@ -104,29 +104,39 @@ def main() -> None:
         stack.stop()
         shutil.rmtree(work, ignore_errors=True)
     overheads = [total - transfer for total, transfer in zip(totals, transfers, strict=True)]
-    quantile = statistics.quantiles(overheads, n=20)[18] if len(overheads) >= 2 else overheads[0]
     size = "tiny (about 10 kB: rank 8 on q_proj and v_proj of a 2-layer model)"
-    text = "\n".join([
+
+    def p95(values: list[float]) -> float:
+        return statistics.quantiles(values, n=20)[18] if len(values) >= 2 else values[0]
+
+    lines = [
         "# Apply→Ready beyond transfer",
         "",
-        f"`python bench/apply_to_ready.py --adapters {args.adapters} --replicas {args.replicas}` on "
-        f"{platform.machine()}, {os.cpu_count()} cores: the real operator, sidecars and CPU runtimes on the local "
-        f"stack (API emulator, moto S3), adapters {size}, created one after another, Ready polled every 10 ms.",
+        f"`python bench/apply_to_ready.py --adapters {args.adapters} --replicas {args.replicas}` on {machine()}: "
+        "the real operator, sidecars and CPU runtimes on the local stack (API emulator, moto S3), adapters "
+        f"{size}, created one after another, Ready polled every 10 ms.",
         "",
-        "| | median | p95 |",
-        "|---|---:|---:|",
-        f"| apply→Ready on all {args.replicas} replicas | {statistics.median(totals):.3f} s | "
-        f"{statistics.quantiles(totals, n=20)[18]:.3f} s |",
-        f"| transfer (the sidecar's downloader, same objects) | {statistics.median(transfers):.3f} s | |",
-        f"| everything else (apply→Ready minus transfer) | {statistics.median(overheads):.3f} s | {quantile:.3f} s |",
+        *table(["", "median", "p95"], [
+            [f"apply→Ready on all {args.replicas} replicas", f"{statistics.median(totals):.3f} s",
+             f"{p95(totals):.3f} s"],
+            ["transfer (the sidecar's downloader, same objects)", f"{statistics.median(transfers):.3f} s", ""],
+            ["everything else (apply→Ready minus transfer)", f"{statistics.median(overheads):.3f} s",
+             f"{p95(overheads):.3f} s"],
+        ]),
         "",
         "The product promises under 1 s beyond transfer.",
-        "",
-    ])
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "apply_to_ready.md").write_text(text)
-    print(text)
+    ]
 
+    def draw(figure) -> None:  # type: ignore[no-untyped-def]
+        axes = figure.subplots()
+        axes.hist(overheads, bins=20, color="tab:blue")
+        for label, value, style in (("p50", statistics.median(overheads), "-"), ("p95", p95(overheads), "--")):
+            axes.axvline(value, color="black", linestyle=style, label=f"{label} {value:.3f} s")
+        axes.set(xlabel="apply→Ready minus transfer (s)", ylabel="adapters",
+                 title=f"{len(overheads)} adapters, {args.replicas} replicas")
+        axes.legend()
+
+    write(args.results, "apply_to_ready", lines, draw, size=(7, 4))
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ ConfigMap and reports each adapter Loaded by merge patch, as the real sidecar do
 measured in the sidecar benchmarks). What is measured is the operator: time until every adapter is
 Ready, its peak RSS, and the API requests it made per adapter (the emulator counts requests by
 client, so the simulation's and this script's own requests are not included).
-Writes bench/results/operator_scale.md.
+Writes bench/results/operator_scale.{md,png}.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, machine, table, write  # noqa: E402
 from tests.conftest import load_crds  # noqa: E402
 from tests.kube_emulator import EmulatorThread  # noqa: E402
 
@@ -105,10 +105,12 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(create, range(total)))
         created = time.perf_counter() - start
+        progress: list[tuple[float, int]] = []
         while True:
             ready = emulator.call(lambda: sum(
                 1 for obj in emulator.store.objects["loraadapters.loraplex.io"].values()
                 if (obj.get("status") or {}).get("phase") == "Ready"))
+            progress.append((time.perf_counter() - start, ready))
             if ready == total:
                 break
             if time.perf_counter() - start > 900:
@@ -117,11 +119,15 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
         elapsed = time.perf_counter() - start
         peak_kib = int(Path(f"/proc/{operator.pid}/status").read_text().split("VmHWM:")[1].split()[0])
         counts = emulator.call(lambda: dict(emulator.store.client_counts))
-        operator_requests = sum(n for (client, _), n in counts.items() if client == "aiohttp")
-        writes = sum(n for (client, verb), n in counts.items()
+        operator_requests = sum(n for (client, _, _), n in counts.items() if client == "aiohttp")
+        writes = sum(n for (client, verb, _), n in counts.items()
                      if client == "aiohttp" and verb in ("create", "update", "patch", "delete"))
+        breakdown = {f"{verb} {resource}": round(n / total, 2)
+                     for (client, verb, resource), n in sorted(counts.items(), key=lambda item: -item[1])
+                     if client == "aiohttp"}
         return {"adapters": total, "created_s": created, "ready_s": elapsed, "peak_rss_mb": peak_kib / 1024,
-                "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total}
+                "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total,
+                "breakdown": breakdown, "progress": progress}
     finally:
         stop.set()
         operator.terminate()
@@ -133,40 +139,56 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-models", type=int, default=10)
     parser.add_argument("--adapters", type=int, nargs="+", default=[10, 100], help="adapters per base model")
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results",
-                        help="folder for the markdown table (smoke runs in tests write elsewhere)")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
     rows = []
     for per_model in args.adapters:
         with tempfile.TemporaryDirectory(prefix="loraplex-scale-") as scratch:
             row = run(args.base_models, per_model, Path(scratch))
         rows.append(row)
-        print(json.dumps(row), flush=True)
+        print(json.dumps({key: value for key, value in row.items() if key != "progress"}), flush=True)
     lines = [
         "# Operator scale",
         "",
         f"`python bench/operator_scale.py --base-models {args.base_models} --adapters "
-        f"{' '.join(map(str, args.adapters))}` on {platform.machine()}, {os.cpu_count()} cores: the real operator "
-        "against the API emulator (which shares the 2 cores), one simulated replica per base model reporting "
-        "every adapter Loaded. Requests are the operator's own, counted at the emulator.",
+        f"{' '.join(map(str, args.adapters))}` on {machine()}: the real operator against the API emulator (which "
+        "shares the cores), one simulated replica per base model reporting every adapter Loaded. Requests are "
+        "the operator's own, counted at the emulator.",
         "",
-        "| adapters | created in | all Ready after | operator peak RSS | API requests / adapter | writes / adapter |",
-        "|---:|---:|---:|---:|---:|---:|",
+        *table(["adapters", "created in", "all Ready after", "operator peak RSS", "API requests / adapter",
+                "writes / adapter"],
+               [[str(row["adapters"]), f"{row['created_s']:.1f} s", f"{row['ready_s']:.1f} s",
+                 f"{row['peak_rss_mb']:.0f} MB", f"{row['requests_per_adapter']:.2f}",
+                 f"{row['writes_per_adapter']:.2f}"] for row in rows], align="rrrrrr"),
     ]
-    for row in rows:
-        lines.append(f"| {row['adapters']} | {row['created_s']:.1f} s | {row['ready_s']:.1f} s | "
-                     f"{row['peak_rss_mb']:.0f} MB | {row['requests_per_adapter']:.2f} | "
-                     f"{row['writes_per_adapter']:.2f} |")
     if len(rows) > 1:
         first, last = rows[0], rows[-1]
         growth = (last["ready_s"] / first["ready_s"]) / (last["adapters"] / first["adapters"])
         lines += ["", f"From {first['adapters']} to {last['adapters']} adapters the time to Ready grew "
                       f"{last['ready_s'] / first['ready_s']:.1f}x for {last['adapters'] / first['adapters']:.0f}x the "
-                      f"adapters ({growth:.2f} of linear)."]
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "operator_scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                      f"adapters ({growth:.2f} of linear); requests per adapter went from "
+                      f"{first['requests_per_adapter']:.1f} to {last['requests_per_adapter']:.1f}."]
 
+    def draw(figure) -> None:  # type: ignore[no-untyped-def]
+        over_time, per_adapter, memory = figure.subplots(1, 3)
+        for row in rows:
+            over_time.plot([t for t, _ in row["progress"]], [ready / row["adapters"] for _, ready in row["progress"]],
+                           label=f"{row['adapters']} adapters")
+        over_time.set(xlabel="seconds after the first create", ylabel="fraction Ready", title="Ready over time")
+        over_time.legend()
+        counts = [row["adapters"] for row in rows]
+        per_adapter.plot(counts, [row["requests_per_adapter"] for row in rows], "o-", label="requests")
+        per_adapter.plot(counts, [row["writes_per_adapter"] for row in rows], "o-", label="writes")
+        per_adapter.set(xscale="log", xlabel="adapters", ylabel="per adapter", title="Operator API requests",
+                        ylim=(0, None))
+        per_adapter.legend()
+        memory.plot(counts, [row["peak_rss_mb"] for row in rows], "o-")
+        memory.axhline(300, color="grey", linestyle="--", label="target 300 MB")
+        memory.set(xscale="log", xlabel="adapters", ylabel="MB", title="Operator peak RSS", ylim=(0, None))
+        memory.legend()
+
+    write(args.results, "operator_scale", lines, draw, size=(13, 4))
 
 if __name__ == "__main__":
     main()

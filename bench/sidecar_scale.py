@@ -6,14 +6,12 @@ The real `loraplex sidecar` process against the API emulator, moto S3 and a fake
 the LoRA endpoints. Measures the time until every adapter is reported Loaded, the sidecar's peak RSS,
 and, after a SIGKILL and restart, the time until the restarted sidecar is ready with every adapter
 re-verified from the volume, and how many objects it fetched again (should be none).
-Writes bench/results/sidecar_scale.md.
+Writes bench/results/sidecar_scale.{md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import re
 import shutil
 import sys
@@ -28,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, machine, table, write  # noqa: E402
 from loraplex.api.adapter_set import DesiredAdapter  # noqa: E402
 from loraplex.api.types import Runtime  # noqa: E402
 from tests.adapters import make_hf_adapter  # noqa: E402
@@ -49,7 +48,8 @@ def peak_rss_mb(pid: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=500)
-    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     emulator = EmulatorThread(history_limit=200_000).start()
@@ -93,9 +93,11 @@ def main() -> None:
             obj = custom.get_namespaced_custom_object("loraplex.io", "v1alpha1", "default", "loraadapters", name)
             writer.adapters[name] = DesiredAdapter(name=name, uid=obj["metadata"]["uid"], generation=1,
                                                    served_name=name, source=f"s3://adapters/many/{name}/")
+        first_progress: list[tuple[float, int]] = []
         start = time.perf_counter()
         writer.publish()
-        wait_for(lambda: count_loaded() == args.adapters, 600, "every adapter Loaded", sidecar.log)
+        wait_for(lambda: recorded(first_progress, start, count_loaded()) == args.adapters, 600,
+                 "every adapter Loaded", sidecar.log)
         first_sync = time.perf_counter() - start
         first_rss = peak_rss_mb(sidecar.process.pid)  # type: ignore[union-attr]
         fetched = object_gets(work / "moto.log")
@@ -110,12 +112,14 @@ def main() -> None:
         start = time.perf_counter()
         restarted.start()
 
-        def all_reported_again() -> bool:
-            return emulator.call(lambda: all(
+        def count_reported_again() -> int:
+            return emulator.call(lambda: sum(
                 ((obj.get("status") or {}).get("replicaStatus") or {}).get("llama3-0", {}).get("updated", "")
                 >= restart_stamp for obj in emulator.store.objects["loraadapters.loraplex.io"].values()))
 
-        wait_for(lambda: restarted.get("/readyz")[0] == 200 and all_reported_again(), 600,
+        restart_progress: list[tuple[float, int]] = []
+        wait_for(lambda: restarted.get("/readyz")[0] == 200
+                 and recorded(restart_progress, start, count_reported_again()) == args.adapters, 600,
                  "restarted sidecar ready, every adapter reported again", restarted.log)
         reverified = time.perf_counter() - start
         refetched = object_gets(work / "moto.log") - fetched
@@ -127,26 +131,37 @@ def main() -> None:
         emulator.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    text = "\n".join([
+    lines = [
         "# Sidecar scale",
         "",
-        f"`python bench/sidecar_scale.py --adapters {args.adapters}` on {platform.machine()}, {os.cpu_count()} cores: "
-        "the real sidecar with the API emulator, moto S3 and a fake vLLM in the same machine; adapters of "
-        "about 10 kB (3 objects each), 8 downloads at a time.",
+        f"`python bench/sidecar_scale.py --adapters {args.adapters}` on {machine()}: the real sidecar with the API "
+        "emulator, moto S3 and a fake vLLM in the same machine; adapters of about 10 kB (3 objects each), "
+        "8 downloads at a time.",
         "",
-        "| | |",
-        "|---|---:|",
-        f"| {args.adapters} adapters published in one adapter-set write → all reported Loaded | {first_sync:.1f} s |",
-        f"| sidecar peak RSS | {first_rss:.0f} MB |",
-        f"| SIGKILL, restart with all {args.adapters} on disk → ready, all re-verified and reported | "
-        f"{reverified:.1f} s |",
-        f"| objects fetched again after the restart | {refetched} |",
-        "",
-    ])
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "sidecar_scale.md").write_text(text)
-    print(text)
+        *table(["", ""], [
+            [f"{args.adapters} adapters published in one adapter-set write → all reported Loaded",
+             f"{first_sync:.1f} s"],
+            ["sidecar peak RSS", f"{first_rss:.0f} MB"],
+            [f"SIGKILL, restart with all {args.adapters} on disk → ready, all re-verified and reported",
+             f"{reverified:.1f} s"],
+            ["objects fetched again after the restart", str(refetched)],
+        ]),
+    ]
 
+    def draw(figure) -> None:  # type: ignore[no-untyped-def]
+        axes = figure.subplots()
+        axes.plot(*zip(*first_progress, strict=True), label="first start: reported Loaded")
+        axes.plot(*zip(*restart_progress, strict=True), label="after SIGKILL + restart: re-verified and reported")
+        axes.axvline(5, color="grey", linestyle="--", label="restart target 5 s")
+        axes.set(xlabel="seconds", ylabel="adapters", title=f"One sidecar, {args.adapters} adapters")
+        axes.legend()
+
+    write(args.results, "sidecar_scale", lines, draw, size=(7, 4))
+
+
+def recorded(samples: list[tuple[float, int]], start: float, count: int) -> int:
+    samples.append((time.perf_counter() - start, count))
+    return count
 
 if __name__ == "__main__":
     main()

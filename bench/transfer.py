@@ -1,7 +1,10 @@
 """Download throughput: the sidecar's downloader against curl (https via nginx) and boto3's transfer
-manager (S3 via moto_server), on the same objects in the same run. Writes bench/results/transfer.md.
+manager (S3 via moto_server), on the same objects in the same run. Writes bench/results/transfer.{md,png}.
 
-    .venv/bin/python bench/transfer.py [--sizes-mb 64 512] [--runs 3]
+    .venv/bin/python bench/transfer.py [--sizes-mb 10 200 2048] [--runs 3]
+
+moto is run through bench/moto_ranged_server.py, which makes a ranged GET read only its range (stock
+moto reads the whole object per request, which at 2 GB measures moto rather than either client).
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import shutil
 import ssl
 import statistics
@@ -24,6 +26,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, machine, table, write  # noqa: E402
 from loraplex.sidecar.sources.base import Progress, RemoteFile, TransferSettings, download_file  # noqa: E402
 from loraplex.sidecar.sources.s3 import S3Client  # noqa: E402
 from tests.fakes.files import self_signed_certificate  # noqa: E402
@@ -89,11 +92,14 @@ def one_round(source: Path, url: str, target: Path, cert: Path, s3, client: S3Cl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[64, 512])
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[10, 200, 2048])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
-    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
-        sys.exit("nginx is needed: apt-get install nginx-light")
+    nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(nginx_binary).exists() or shutil.which("curl") is None:
+        sys.exit("nginx and curl are needed: apt-get install nginx-light curl")
 
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     served = work / "served"
@@ -104,8 +110,8 @@ def main() -> None:
     (work / "nginx.conf").write_text(NGINX_CONF.format(
         dir=work, port=nginx_port, cert=cert, key=key, root=served,
         user="user root;" if os.geteuid() == 0 else ""))  # the workers must read our private temp dir
-    nginx = subprocess.Popen(["nginx", "-c", str(work / "nginx.conf"), "-p", str(work)])
-    moto = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-p", str(moto_port)],
+    nginx = subprocess.Popen([nginx_binary, "-c", str(work / "nginx.conf"), "-p", str(work)])
+    moto = subprocess.Popen([sys.executable, str(ROOT / "bench" / "moto_ranged_server.py"), "-p", str(moto_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(3)
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_REGION="us-east-1")
@@ -120,7 +126,7 @@ def main() -> None:
             source = served / f"object-{size_mb}.bin"
             with source.open("wb") as handle:
                 for _ in range(size_mb):
-                    handle.write(os.urandom(1024 * 1024))
+                    handle.write(os.urandom(1 << 20))
             s3.upload_file(str(source), "bench", source.name)
             url = f"https://127.0.0.1:{nginx_port}/{source.name}"
             target = work / "downloaded.bin"
@@ -142,20 +148,31 @@ def main() -> None:
         "# Transfer throughput",
         "",
         f"`python bench/transfer.py --sizes-mb {' '.join(map(str, args.sizes_mb))} --runs {args.runs}` on "
-        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; median of "
-        f"{args.runs} runs, MB/s (1 MB = 2^20 bytes). https: nginx with TLS on loopback; s3: moto_server on "
-        "loopback. Every client writes the object to local disk.",
+        f"{machine()}; median of {args.runs} runs, MB/s (1 MB = 2^20 bytes). https: nginx with TLS on loopback; "
+        "s3: moto_server on loopback (ranged GETs served without re-reading the whole object, see "
+        "bench/moto_ranged_server.py). Every client writes the object to local disk.",
         "",
-        "| size | curl | loraplex https | ratio to curl | boto3 transfer manager | loraplex s3 | ratio to boto3 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        *table(["size", "curl", "loraplex https", "ratio to curl", "boto3 transfer manager", "loraplex s3",
+                "ratio to boto3"],
+               [[f"{size_mb} MB", f"{mbps['curl']:.0f}", f"{mbps['loraplex https']:.0f}",
+                 f"{mbps['loraplex https'] / mbps['curl']:.2f}x", f"{mbps['boto3']:.0f}", f"{mbps['loraplex s3']:.0f}",
+                 f"{mbps['loraplex s3'] / mbps['boto3']:.2f}x"] for size_mb, mbps in rows]),
     ]
-    for size_mb, mbps in rows:
-        lines.append(f"| {size_mb} MB | {mbps['curl']:.0f} | {mbps['loraplex https']:.0f} | "
-                     f"{mbps['loraplex https'] / mbps['curl']:.2f}x | {mbps['boto3']:.0f} | "
-                     f"{mbps['loraplex s3']:.0f} | {mbps['loraplex s3'] / mbps['boto3']:.2f}x |")
-    output = ROOT / "bench" / "results" / "transfer.md"
-    output.write_text("\n".join(lines) + "\n")
-    print(output.read_text())
+
+    def draw(figure) -> None:  # type: ignore[no-untyped-def]
+        for axes, (title, pair) in zip(figure.subplots(1, 2), [("https (nginx)", ("curl", "loraplex https")),
+                                                               ("S3 (moto)", ("boto3", "loraplex s3"))], strict=True):
+            width = 0.38
+            for offset, client in zip((-width / 2, width / 2), pair, strict=True):
+                bars = axes.bar([index + offset for index in range(len(rows))], [mbps[client] for _, mbps in rows],
+                                width, label=client)
+            axes.bar_label(bars, [f"{mbps[pair[1]] / mbps[pair[0]]:.2f}x" for _, mbps in rows])
+            axes.set_xticks(range(len(rows)), [f"{size_mb} MB" for size_mb, _ in rows])
+            axes.set_ylabel("MB/s (median)")
+            axes.set_title(title)
+            axes.legend()
+
+    write(args.results, "transfer", lines, draw)
 
 
 if __name__ == "__main__":

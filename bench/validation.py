@@ -4,15 +4,13 @@
 
 Builds a Llama-3-8B-shaped LoRA (all seven projections, every layer) as adapter_model.safetensors
 with random bf16 weights, then times `loraplex.sidecar.formats.validate` against
-`safetensors.torch.load_file` (what a runtime does). Writes bench/results/validation.md.
+`safetensors.torch.load_file` (what a runtime does). Writes bench/results/validation.{md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.report import RESULTS, machine, table, write  # noqa: E402
 from loraplex.sidecar.formats import AdapterPolicy, validate  # noqa: E402
 from loraplex.sidecar.formats.rules import module_shapes  # noqa: E402
 
@@ -54,6 +53,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as scratch:
         directory = Path(scratch)
@@ -72,25 +73,28 @@ def main() -> None:
                 tensor.clone()
             loading.append(time.perf_counter() - start)
     v, load = statistics.median(validation), statistics.median(loading)
-    text = "\n".join([
+    lines = [
         "# Validation time",
         "",
-        f"`python bench/validation.py --rank {args.rank} --layers {args.layers} --runs {args.runs}` on "
-        f"{platform.machine()}, {os.cpu_count()} cores; median of {args.runs} runs with the file in the page cache.",
+        f"`python bench/validation.py --rank {args.rank} --layers {args.layers} --runs {args.runs}` on {machine()}; "
+        f"median of {args.runs} runs with the file in the page cache.",
         f"Adapter: Llama-3-8B shapes, r={args.rank}, all seven projections in {args.layers} layers, bf16, "
         f"{size / 2**20:.0f} MiB of adapter_model.safetensors.",
         "",
-        "| what | seconds | |",
-        "|---|---:|---:|",
-        f"| loraplex validate (header, shapes vs config.json, rules) | {v:.4f} | 1x |",
-        f"| safetensors.torch.load_file + reading every tensor (what a runtime does) | {load:.4f} | "
-        f"{load / v:.0f}x slower |",
-        "",
-    ])
-    output = ROOT / "bench" / "results" / "validation.md"
-    output.write_text(text)
-    print(text)
+        *table(["what", "seconds", ""], [
+            ["loraplex validate (header, shapes vs config.json, rules)", f"{v:.4f}", "1x"],
+            ["safetensors.torch.load_file + reading every tensor (what a runtime does)", f"{load:.4f}",
+             f"{load / v:.0f}x slower"],
+        ]),
+    ]
 
+    def draw(figure) -> None:  # type: ignore[no-untyped-def]
+        axes = figure.subplots()
+        axes.barh(["loraplex validate\n(header only)", "load every tensor\n(what a runtime does)"],
+                  [v * 1000, load * 1000], color=["tab:green", "tab:grey"])
+        axes.set(xlabel="milliseconds (median)", title=f"{size / 2**20:.0f} MiB adapter, r={args.rank}")
+
+    write(args.results, "validation", lines, draw, size=(7, 3))
 
 if __name__ == "__main__":
     main()
