@@ -1,6 +1,6 @@
 """Apply→Ready time of a LoraAdapter, split into transfer and everything else, on the local stack.
 
-    .venv/bin/python bench/apply_to_ready.py [--adapters 10] [--replicas 2]
+    .venv/bin/python bench/apply_to_ready.py [--adapters 50] [--replicas 2]
 
 Each adapter is created with kubectl-equivalent API calls and timed until its status says Ready on
 every replica (polled every 10 ms). "Transfer" is the median time the sidecar's own downloader takes
@@ -56,7 +56,7 @@ def transfer_seconds(port: int, prefix: str, scratch: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--adapters", type=int, default=10)
+    parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for the markdown table (smoke runs in tests write elsewhere)")

@@ -1,6 +1,6 @@
 """Operator scale: B base models x A adapters each, until every adapter is Ready.
 
-    .venv/bin/python bench/operator_scale.py --base-models 10 --adapters 100 [--adapters 500 ...]
+    .venv/bin/python bench/operator_scale.py [--base-models 10] [--adapters 10 100 500]
 
 Runs the real operator against the API emulator. Each base model gets one replica whose kubelet and
 sidecar are simulated in this process: a Pod object, and a "sidecar" that follows the adapter-set
@@ -138,7 +138,8 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--base-models", type=int, default=10)
-    parser.add_argument("--adapters", type=int, nargs="+", default=[10, 100], help="adapters per base model")
+    parser.add_argument("--adapters", type=int, nargs="+", default=[10, 100, 500],
+                        help="adapters per base model, one run each")
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="folder for the table and plot (smoke runs in tests write elsewhere)")
     args = parser.parse_args()
