@@ -185,6 +185,16 @@ def test_owner_references_cascade_and_orphan(custom, core):
     assert excinfo.value.status == 404
 
 
+def test_configmaps_over_one_mebibyte_are_refused(core):
+    core.create_namespaced_config_map("default", {"metadata": {"name": "full"}, "data": {"k": "x" * (1 << 20)}})
+    with pytest.raises(ApiException) as excinfo:
+        core.create_namespaced_config_map("default", {"metadata": {"name": "over"},
+                                                      "data": {"k": "x" * (1 << 20), "j": "y"}})
+    assert excinfo.value.status == 422 and "must have at most 1048576 bytes" in excinfo.value.body
+    with pytest.raises(ApiException):
+        core.patch_namespaced_config_map("full", "default", {"data": {"j": "y"}})
+
+
 def test_label_and_field_selectors(core):
     for name, labels in [("a", {"tier": "gpu", "team": "x"}), ("b", {"tier": "cpu"}), ("c", {"tier": "gpu"})]:
         core.create_namespaced_config_map("default", {"metadata": {"name": name, "labels": labels}})

@@ -51,9 +51,9 @@ class LoraplexProcess:
 
 class OperatorProcess(LoraplexProcess):
     def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
-                 peering: tuple[str, int] | None = None):
+                 peering: tuple[str, int] | None = None, env: dict[str, str] | None = None):
         super().__init__(log_path)
-        self.kubeconfig, self.resync_seconds = kubeconfig, resync_seconds
+        self.kubeconfig, self.resync_seconds, self.extra_env = kubeconfig, resync_seconds, env or {}
         self.peering = peering  # (name, priority), or None for --standalone
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -66,7 +66,8 @@ class OperatorProcess(LoraplexProcess):
     def start(self) -> OperatorProcess:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig),
                "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds), "LORAPLEX_PEERING_LIFETIME_SECONDS": "5",
-               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port)}
+               "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:test", "LORAPLEX_METRICS_PORT": str(self.metrics_port),
+               **self.extra_env}
         peering = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering \
             else ["--standalone"]
         self.launch(["operator", "--namespace", "default", *peering], env)

@@ -144,6 +144,38 @@ def test_edited_or_deleted_adapter_set_is_put_back(cluster, operator):
     until(operator, lambda: set(served(cluster)) == {"math", "squad"}, "squad added")
 
 
+def test_adapters_that_do_not_fit_the_adapter_set_wait_for_room(cluster, kubeconfig, tmp_path, crds_installed):
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator.log",
+                               env={"LORAPLEX_ADAPTER_SET_MAX_BYTES": "500"}).start()
+    try:
+        cluster.apply_base_model("llama3")
+        names = [f"a{index}" for index in range(1, 6)]
+        for name in names:  # one after another: the oldest keep their place
+            cluster.apply_adapter(name)
+            time.sleep(0.05)
+        until(operator, lambda: all(phase(cluster, name) is not None for name in names)
+              and len(served(cluster)) + sum(
+                  cluster.condition(cluster.adapter(n), "Ready")["reason"] == "AdapterSetFull" for n in names) == 5,
+              "every adapter either in the set or waiting for room")
+        fitted = sorted(served(cluster))
+        assert 1 <= len(fitted) < 5 and fitted == names[:len(fitted)]
+        data = cluster.core.read_namespaced_config_map("llama3-adapters", "default").data["adapters.json"]
+        assert len(data) <= 500
+        waiting = names[len(fitted)]
+        assert phase(cluster, waiting) == "Pending"
+        assert "adapter set of base model 'llama3' is full" in cluster.condition(
+            cluster.adapter(waiting), "Ready")["message"]
+        events = cluster.core.list_namespaced_event("default").items
+        assert any(e.reason == "AdapterSetFull" and e.involved_object.name == "llama3" for e in events)
+
+        cluster.delete("loraadapters", "a1")
+        until(operator, lambda: waiting in served(cluster) and "a1" not in served(cluster), "room made for the next")
+        until(operator, lambda: cluster.condition(cluster.adapter(waiting), "Ready")["reason"] == "NoReplicas",
+              "no longer waiting for room")
+    finally:
+        operator.stop()
+
+
 def test_readiness_aggregates_per_replica_reports(cluster, operator):
     cluster.apply_base_model("llama3", replicas=2)
     cluster.add_pod("llama3-a")

@@ -55,6 +55,9 @@ def conflict(rt: ResourceType, name: str) -> ApiError:
                     {"name": name, "group": rt.group, "kind": rt.plural})
 
 
+CONFIGMAP_MAX_BYTES = 1024 * 1024  # the API server's limit on a ConfigMap's data and binaryData together
+
+
 def invalid(rt: ResourceType, name: str, causes: list[str]) -> ApiError:
     return ApiError(422, "Invalid", f'{rt.kind}.{rt.group or "core"} "{name}" is invalid: ' + ", ".join(causes),
                     {"name": name, "group": rt.group, "kind": rt.kind,
@@ -215,6 +218,11 @@ class Store:
                 raise invalid(rt, name, [f"metadata.{field}: Invalid value: must be a map of strings"])
         if rt.key == CRD_KEY:
             self._validate_crd(rt, obj, name)
+        if rt.key == "configmaps":
+            size = sum(len(str(v).encode()) for v in (obj.get("data") or {}).values()) + sum(
+                len(base64.b64decode(v)) for v in (obj.get("binaryData") or {}).values())
+            if size > CONFIGMAP_MAX_BYTES:
+                raise invalid(rt, name, [f"[]: Too long: must have at most {CONFIGMAP_MAX_BYTES} bytes"])
         return obj
 
     def _validate_crd(self, rt: ResourceType, obj: dict[str, Any], name: str) -> None:

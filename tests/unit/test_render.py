@@ -183,6 +183,21 @@ def test_adapter_set_is_deterministic():
     assert first == second
 
 
+def test_adapter_set_keeps_the_first_adapters_that_fit():
+    adapters = [DesiredAdapter(name=f"a{i}", uid=f"uid-{i}", generation=1, served_name=f"z{9 - i}",
+                               source=f"s3://b/a{i}") for i in range(10)]
+    whole = len(render.render_adapter_set(owner(), spec(), adapters)["data"]["adapters.json"])
+    assert render.fit_adapter_set(owner(), spec(), adapters, whole) == (adapters, [])
+    kept, left_out = render.fit_adapter_set(owner(), spec(), adapters, whole - 1)
+    assert kept == adapters[:9] and left_out == adapters[9:]
+    for limit in (300, 500, 1000):
+        kept, left_out = render.fit_adapter_set(owner(), spec(), adapters, limit)
+        assert kept + left_out == adapters
+        assert len(render.render_adapter_set(owner(), spec(), kept)["data"]["adapters.json"]) <= limit
+        one_more = render.render_adapter_set(owner(), spec(), adapters[:len(kept) + 1])
+        assert len(one_more["data"]["adapters.json"]) > limit  # the prefix is the longest that fits
+
+
 def test_spec_changes_change_the_pod_template():
     before = render.render_deployment(owner(), spec(), SETTINGS)["spec"]["template"]
     after = render.render_deployment(owner(), spec(lora={"maxGpuLoras": 16, "maxCpuLoras": 16}),

@@ -73,6 +73,13 @@ class Verdict:
 
 
 ACCEPTED = Verdict(True, "SpecAccepted", "The adapter spec fits its base model's limits.")
+WAITING_REASONS = frozenset({"BaseModelNotFound", "AdapterSetFull"})  # Pending, not Failed: they resolve by themselves
+
+
+def adapter_set_full(base_model: str, max_bytes: int) -> Verdict:
+    return Verdict(False, "AdapterSetFull",
+                   f"the adapter set of base model {base_model!r} is full (its ConfigMap holds at most {max_bytes} "
+                   "bytes); this adapter waits until older ones are deleted or moved to another base model.")
 
 
 def served_name_owners(adapters: list[AdapterView]) -> dict[str, AdapterView]:
@@ -141,11 +148,12 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
 
 def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[AdapterView],
                      owners: dict[str, AdapterView] | None = None) -> list[DesiredAdapter]:
-    """The adapters a base model's sidecars should hold: every live, accepted one."""
+    """The adapters a base model's sidecars should hold: every live, accepted one, oldest first (the order
+    in which they keep their place when not all of them fit)."""
     desired = []
     owners = served_name_owners(adapters) if owners is None else owners
     limits = adapter_limits(base_model)
-    for adapter in adapters:
+    for adapter in sorted(adapters, key=lambda a: (a.created, a.name)):
         if adapter.deleting or adapter.spec is None:
             continue
         if not check_adapter(adapter, base_model, adapters, owners, limits).accepted:
@@ -202,7 +210,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         status["conditions"] = conditions((None, "Terminating", message), (False, "Terminating", message),
                                           (False, "Terminating", message))
     elif not verdict.accepted:
-        waiting = verdict.reason == "BaseModelNotFound"
+        waiting = verdict.reason in WAITING_REASONS
         status["phase"] = (AdapterPhase.PENDING if waiting else AdapterPhase.FAILED).value
         validated = (None, "Pending", verdict.message) if waiting else (False, verdict.reason, verdict.message)
         status["conditions"] = conditions(validated, (False, verdict.reason, verdict.message),

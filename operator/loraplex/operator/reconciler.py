@@ -15,6 +15,7 @@ from typing import Any
 
 import pydantic
 
+from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.conditions import find, merge_conditions, utc_now
 from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION, BaseModelDeploymentSpec
 from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
@@ -22,6 +23,7 @@ from loraplex.operator import render
 from loraplex.operator.adapters import (
     FINALIZER,
     AdapterView,
+    adapter_set_full,
     adapter_status,
     check_adapter,
     cleanup_done,
@@ -131,6 +133,8 @@ class Reconciler:
         self._owners: dict[Key, dict[str, AdapterView]] = {}
         # The adapter set as we last applied it, so echoes of our own writes cost nothing.
         self._applied_adapter_sets: dict[Key, dict[str, Any]] = {}
+        # uids of accepted adapters that did not fit in their base model's adapter set.
+        self._left_out: dict[Key, set[str]] = {}
         # What each base model's last full reconcile saw of it: (uid, generation, deletionTimestamp).
         self._reconciled_base_models: dict[Key, tuple[Any, ...]] = {}
         self._base_model_runs = Coalescer(self._reconcile_base_model)
@@ -244,12 +248,30 @@ class Reconciler:
         spec, _ = self.parse_spec(body)
         if spec is None or render.spec_problems(spec):
             return  # keep serving the last good set until the spec is fixed
-        desired = render.render_adapter_set(body, spec, desired_adapters(spec, self.adapters_of(key),
-                                                                         self.owners_of(key)))
-        if desired == self._applied_adapter_sets.get(key):
-            return  # as we last applied it, and no event has said that it moved since
-        await apply_object(self.client, desired)
-        self._applied_adapter_sets[key] = desired
+        adapters = desired_adapters(spec, self.adapters_of(key), self.owners_of(key))
+        desired = render.render_adapter_set(body, spec, adapters)
+        left_out: list[Any] = []
+        if len(desired["data"][DATA_KEY]) > self.settings.adapter_set_max_bytes:
+            adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes)
+            desired = render.render_adapter_set(body, spec, adapters)
+        if desired != self._applied_adapter_sets.get(key):  # else as we last applied it, and nothing moved it
+            await apply_object(self.client, desired)
+            self._applied_adapter_sets[key] = desired
+        await self._update_left_out(key, body, {a.uid for a in left_out})
+
+    async def _update_left_out(self, key: Key, body: dict[str, Any], uids: set[str]) -> None:
+        """Record which adapters did not fit, and re-examine those that went in or out."""
+        before = self._left_out.get(key, set())
+        if uids == before:
+            return
+        self._left_out[key] = uids
+        if uids - before:
+            await post_event(self.client, body, "Warning", "AdapterSetFull",
+                             f"{len(uids)} adapter(s) do not fit in the adapter set "
+                             f"(at most {self.settings.adapter_set_max_bytes} bytes) and wait for room.")
+        for view in self.adapters_of(key):
+            if view.uid in uids ^ before:
+                await self._reconcile_adapter(view)
 
     async def _write_base_model_status(self, key: Key) -> None:
         body = self.base_model(key)
@@ -323,6 +345,8 @@ class Reconciler:
                 spec, _ = self.parse_spec(body)
             # kopf updates an index before it calls handlers, so the owners are never older than this event.
             verdict = check_adapter(view, spec, [], self.owners_of(base_key) if spec else {})
+            if verdict.accepted and view.uid in self._left_out.get(base_key, ()):
+                verdict = adapter_set_full(base_key[1], self.settings.adapter_set_max_bytes)
             replicas = self.live_replicas(base_key) if view.base_model else []
             update = adapter_status(view, verdict, replicas)
             patch_extra = {"replicaStatus": {pod: None for pod in update.stale_replicas}} \

@@ -7,9 +7,10 @@ adapter changes (which live in the adapter-set ConfigMap) never roll the pods.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
-from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
+from loraplex.api.adapter_set import DATA_KEY, AdapterLimits, AdapterSet, DesiredAdapter
 from loraplex.api.types import (
     API_VERSION,
     BASE_MODEL_DEPLOYMENT,
@@ -367,6 +368,18 @@ def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
         "metadata": _metadata(owner, ChildNames(name).adapter_set, "adapter-set"),
         "data": adapter_set.to_configmap_data(),
     }
+
+
+def fit_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec, adapters: list[DesiredAdapter],
+                    max_bytes: int) -> tuple[list[DesiredAdapter], list[DesiredAdapter]]:
+    """Split `adapters` (in priority order) into the longest prefix whose adapter set fits in `max_bytes`
+    of ConfigMap data, and the rest."""
+    used = len(render_adapter_set(owner, spec, [])["data"][DATA_KEY])
+    for index, adapter in enumerate(adapters):
+        used += len(json.dumps(adapter.to_wire(), sort_keys=True, separators=(",", ":"))) + (1 if index else 0)
+        if used > max_bytes:
+            return adapters[:index], adapters[index:]
+    return adapters, []
 
 
 def render_children(owner: dict[str, Any], spec: BaseModelDeploymentSpec, settings: OperatorSettings

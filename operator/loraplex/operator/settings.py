@@ -17,6 +17,8 @@ class OperatorSettings:
     metrics_port: int = 9090  # 0 turns the /metrics endpoint off
     # Least time between two writes of one base model's adapter set (or status) during a burst of changes.
     batch_seconds: float = 0.2
+    # The API server refuses a ConfigMap with more than 1 MiB of data; lower it for a stricter server.
+    adapter_set_max_bytes: int = 1024 * 1024
 
     @classmethod
     def from_environment(cls) -> OperatorSettings:
@@ -28,4 +30,6 @@ class OperatorSettings:
             resync_seconds=float(os.environ.get("LORAPLEX_RESYNC_SECONDS", defaults.resync_seconds)),
             metrics_port=int(os.environ.get("LORAPLEX_METRICS_PORT", defaults.metrics_port)),
             batch_seconds=float(os.environ.get("LORAPLEX_BATCH_SECONDS", defaults.batch_seconds)),
+            adapter_set_max_bytes=int(os.environ.get("LORAPLEX_ADAPTER_SET_MAX_BYTES",
+                                                     defaults.adapter_set_max_bytes)),
         )
