@@ -49,6 +49,9 @@ class Agent:
         self._attempts: dict[str, int] = {}  # consecutive failures of the current generation
         self.base_config: dict[str, Any] | None = None
         self.wake = asyncio.Event()
+        # file:// source -> fingerprint, refreshed in a thread (watch_local_store), never on the event loop.
+        self.local_fingerprints: dict[str, str | None] = {}
+        self._local_store_moved = asyncio.Event()
         self.initial_sync_done = False
         self._downloads = asyncio.Semaphore(settings.max_concurrent_downloads)
 
@@ -66,12 +69,17 @@ class Agent:
             else:
                 logger.warning("adapter %s on the volume is incomplete; it will be fetched again", name)
                 await asyncio.to_thread(self.store.remove, name)
+        self.local_fingerprints = await asyncio.to_thread(self._fingerprints, {
+            record.source for record in self.installed.values() if record.fingerprint is not None})
         if self.installed:
             with contextlib.suppress(RuntimeUnavailable):
                 self.loaded = await self.runtime.served_adapters() & set(self.installed)
 
     def on_adapter_set(self, adapter_set: AdapterSet) -> None:
         self.adapter_set = adapter_set
+        if any(a.source.startswith("file://") and a.source not in self.local_fingerprints
+               for a in adapter_set.adapters):
+            self._local_store_moved.set()
         self.wake.set()
 
     # ---- the loop ------------------------------------------------------------------------------------
@@ -127,7 +135,7 @@ class Agent:
         if (record is not None and record.uid == adapter.uid and record.generation == adapter.generation
                 and record.source == adapter.source and record.sha256 == adapter.sha256
                 and (record.fingerprint is None
-                     or record.fingerprint == self.downloader.local_fingerprint(adapter.source))):
+                     or record.fingerprint == self.local_fingerprints.get(adapter.source, record.fingerprint))):
             return record
         return None
 
@@ -222,6 +230,8 @@ class Agent:
                     self.loaded.discard(name)
                 await asyncio.to_thread(self.store.install, staging, record)
                 self.installed[name] = record
+                if fetched.fingerprint is not None:
+                    self.local_fingerprints[adapter.source] = fetched.fingerprint
                 return record
             finally:
                 await asyncio.to_thread(self.store.discard, staging)
@@ -327,11 +337,30 @@ class Agent:
             was_healthy = healthy
 
     def local_store_changed(self) -> None:
-        """A file under the adapter store changed: re-check file:// adapters now, not at their next retry."""
-        for name, adapter in self._desired().items():
-            if adapter.source.startswith("file://"):
-                self.retry_at.pop(name, None)
-        self.wake.set()
+        """A file under the adapter store changed (from the filesystem watcher): rescan soon."""
+        self._local_store_moved.set()
+
+    async def watch_local_store(self) -> None:
+        """Keep the fingerprints of file:// sources current, in a thread: at once when the filesystem watcher
+        reports a change (a burst of them makes one rescan), and every local_rescan_seconds in case it
+        cannot see one (inotify misses writes made on other hosts of a network filesystem)."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._local_store_moved.wait(), self.settings.local_rescan_seconds)
+            self._local_store_moved.clear()
+            desired = {name: a for name, a in self._desired().items() if a.source.startswith("file://")}
+            fresh = await asyncio.to_thread(self._fingerprints, {a.source for a in desired.values()})
+            moved = {source for source, value in fresh.items() if self.local_fingerprints.get(source) != value}
+            self.local_fingerprints = fresh
+            if moved:
+                for name, adapter in desired.items():
+                    if adapter.source in moved:  # new files: re-check now, even if the old ones were rejected
+                        self.retry_at.pop(name, None)
+                        self.failed_generation.pop(name, None)
+                self.wake.set()
+
+    def _fingerprints(self, sources: set[str]) -> dict[str, str | None]:
+        return {source: self.downloader.local_fingerprint(source) for source in sources}
 
     def _desired(self) -> dict[str, DesiredAdapter]:
         return {a.served_name: a for a in self.adapter_set.adapters} if self.adapter_set else {}

@@ -42,6 +42,7 @@ class SidecarSettings:
     nim_refresh_seconds: float = 10.0
     reassert_seconds: float = 60.0
     runtime_poll_seconds: float = 2.0
+    local_rescan_seconds: float = 30.0
 
     @classmethod
     def from_environment(cls, env: dict[str, str] | None = None) -> SidecarSettings:
@@ -68,4 +69,5 @@ class SidecarSettings:
             nim_refresh_seconds=float(env.get("LORAPLEX_NIM_REFRESH_SECONDS", "10")),
             reassert_seconds=float(env.get("LORAPLEX_REASSERT_SECONDS", "60")),
             runtime_poll_seconds=float(env.get("LORAPLEX_RUNTIME_POLL_SECONDS", "2")),
+            local_rescan_seconds=float(env.get("LORAPLEX_LOCAL_RESCAN_SECONDS", "30")),
         )

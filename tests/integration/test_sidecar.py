@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import tarfile
 import time
@@ -258,6 +259,14 @@ def test_folder_dropped_into_the_adapter_store_is_picked_up_at_once(writer, vllm
     until(sidecar, lambda: writer.state("local-math") == "Loaded", "Loaded after the drop", timeout=4.5)
     assert time.monotonic() - dropped < 4.5  # before the first 5 s retry: the watch noticed it
     assert "local-math" in vllm.loaded
+
+    config = store / "math" / "adapter_config.json"
+    good = config.read_text()
+    config.write_text(json.dumps({**json.loads(good), "r": 4096}))  # rewritten in place, and now too big
+    until(sidecar, lambda: writer.state("local-math") == "Failed", "the rewritten files rejected")
+    assert writer.replica_status("local-math")["reason"] == "ValidationFailed"
+    config.write_text(good)  # fixed in place: no spec change needed to try again
+    until(sidecar, lambda: writer.state("local-math") == "Loaded", "Loaded again after the fix")
 
 
 def test_checksum_mismatch_is_refused(writer, vllm, volume, sidecar_factory):
