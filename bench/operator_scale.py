@@ -3,9 +3,9 @@
     .venv/bin/python bench/operator_scale.py [--base-models 10] [--adapters 10 100 500]
 
 Runs the real operator against the API emulator. Each base model gets one replica whose kubelet and
-sidecar are simulated in this process: a Pod object, and a "sidecar" that follows the adapter-set
-ConfigMap and reports each adapter Loaded by merge patch, as the real sidecar does (its own cost is
-measured in the sidecar benchmarks). What is measured is the operator: time until every adapter is
+sidecar are simulated by bench/simulated_replicas.py: a Pod object, and a "sidecar" that follows the
+adapter-set ConfigMap and reports each adapter Loaded by merge patch, as the real sidecar does (its own
+cost is measured in the sidecar benchmarks). What is measured is the operator: time until every adapter is
 Ready, its peak RSS, and the API requests it made per adapter (the emulator counts requests by
 client, so the simulation's and this script's own requests are not included).
 Writes bench/results/operator_scale.{md,png}.
@@ -14,12 +14,12 @@ Writes bench/results/operator_scale.{md,png}.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,35 +37,6 @@ from tests.kube_emulator import EmulatorThread  # noqa: E402
 GROUP, VERSION = "loraplex.io", "v1alpha1"
 
 
-def simulated_sidecars(api: kubernetes.client.ApiClient, base_models: list[str], stop: threading.Event) -> None:
-    """One replica per base model that reports every adapter of its adapter set Loaded."""
-    core = kubernetes.client.CoreV1Api(api)
-    custom = kubernetes.client.CustomObjectsApi(api)
-    reported: dict[str, set[tuple[str, int]]] = {name: set() for name in base_models}
-    for name in base_models:
-        core.create_namespaced_pod("default", {
-            "metadata": {"name": f"{name}-0", "labels": {"loraplex.io/base-model": name}},
-            "spec": {"containers": [{"name": "inference", "image": "x"}]}})
-
-    def report(pod: str, adapter: str, generation: int) -> None:
-        custom.patch_namespaced_custom_object_status(GROUP, VERSION, "default", "loraadapters", adapter, {
-            "status": {"replicaStatus": {pod: {"state": "Loaded", "observedGeneration": generation,
-                                               "format": "hf", "rank": 8}}}})
-
-    with ThreadPoolExecutor(8) as pool:
-        while not stop.is_set():
-            for name in base_models:
-                try:
-                    data = core.read_namespaced_config_map(f"{name}-adapters", "default").data or {}
-                except kubernetes.client.ApiException:
-                    continue
-                wanted = {(a["name"], a["generation"]) for a in json.loads(data["adapters.json"])["adapters"]}
-                for adapter, generation in sorted(wanted - reported[name]):
-                    pool.submit(report, f"{name}-0", adapter, generation)
-                reported[name] |= wanted
-            stop.wait(0.5)
-
-
 def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str, float]:
     emulator = EmulatorThread(history_limit=200_000).start()
     kubeconfig = work / "kubeconfig"
@@ -79,9 +50,9 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
     custom = kubernetes.client.CustomObjectsApi(api)
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LORAPLEX_METRICS_PORT": "0",
            "LORAPLEX_RESYNC_SECONDS": "600"}
+    replicas: subprocess.Popen[bytes] | None = None
     operator = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "-n", "default", "--standalone"],
                                 env=env, stdout=(work / "operator.log").open("wb"), stderr=subprocess.STDOUT)
-    stop = threading.Event()
     try:
         names = [f"model-{index}" for index in range(base_model_count)]
         for name in names:
@@ -89,8 +60,8 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
                 "apiVersion": f"{GROUP}/{VERSION}", "kind": "BaseModelDeployment", "metadata": {"name": name},
                 "spec": {"model": name, "runtime": "vllm", "image": "vllm/vllm-openai:v0.11.0",
                          "lora": {"maxCpuLoras": 10000}}})
-        sidecars = threading.Thread(target=simulated_sidecars, args=(api, names, stop), daemon=True)
-        sidecars.start()
+        replicas = subprocess.Popen([sys.executable, str(ROOT / "bench" / "simulated_replicas.py"), emulator.url,
+                                     *names], stdout=(work / "replicas.log").open("wb"), stderr=subprocess.STDOUT)
         time.sleep(3)  # the operator has started and reconciled the base models
         emulator.call(emulator.store.client_counts.clear)
         total = base_model_count * adapters_per_model
@@ -129,9 +100,10 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
                 "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total,
                 "breakdown": breakdown, "progress": progress}
     finally:
-        stop.set()
-        operator.terminate()
-        operator.wait(timeout=30)
+        for process in (replicas, operator):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
         emulator.stop()
 
 
@@ -164,12 +136,12 @@ def main() -> None:
                  f"{row['writes_per_adapter']:.2f}"] for row in rows], align="rrrrrr"),
     ]
     if len(rows) > 1:
-        first, last = rows[0], rows[-1]
-        growth = (last["ready_s"] / first["ready_s"]) / (last["adapters"] / first["adapters"])
-        lines += ["", f"From {first['adapters']} to {last['adapters']} adapters the time to Ready grew "
-                      f"{last['ready_s'] / first['ready_s']:.1f}x for {last['adapters'] / first['adapters']:.0f}x the "
-                      f"adapters ({growth:.2f} of linear); requests per adapter went from "
-                      f"{first['requests_per_adapter']:.1f} to {last['requests_per_adapter']:.1f}."]
+        steps = [f"{a['adapters']} → {b['adapters']}: time to Ready {b['ready_s'] / a['ready_s']:.1f}x for "
+                 f"{b['adapters'] / a['adapters']:.0f}x the adapters "
+                 f"({(b['ready_s'] / a['ready_s']) / (b['adapters'] / a['adapters']):.2f} of linear)"
+                 for a, b in itertools.pairwise(rows)]
+        lines += ["", "Growth: " + "; ".join(steps) + ". Requests per adapter: "
+                  + ", ".join(f"{row['requests_per_adapter']:.1f}" for row in rows) + "."]
 
     def draw(figure) -> None:  # type: ignore[no-untyped-def]
         over_time, per_adapter, memory = figure.subplots(1, 3)
