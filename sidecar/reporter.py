@@ -1,5 +1,10 @@
 """Per-replica status: each pod writes only its own key of status.replicaStatus, by JSON merge patch,
-so replicas never conflict with each other or with the operator. Updates are coalesced."""
+so replicas never conflict with each other or with the operator.
+
+Progress (Downloading, Validating...) is paced: one write per adapter every `min_interval` at most, the
+latest state winning. An outcome someone waits for (Loaded, Failed, or the entry's removal) goes out at
+once, so pacing never adds to the time until an adapter is Ready.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,11 @@ import logging
 from typing import Any
 
 from loraplex.api.conditions import utc_now
-from loraplex.api.types import API_VERSION, LORA_ADAPTER
+from loraplex.api.types import API_VERSION, LORA_ADAPTER, ReplicaState
 from loraplex.kube import ApiError, KubeClient, NotFound, resource_path
 
 logger = logging.getLogger(__name__)
+OUTCOMES = frozenset({ReplicaState.LOADED.value, ReplicaState.FAILED.value})
 
 
 class StatusReporter:
@@ -20,7 +26,9 @@ class StatusReporter:
         self.min_interval = min_interval
         self._latest: dict[str, dict[str, Any] | None] = {}  # adapter -> entry we want (None: remove ours)
         self._dirty: set[str] = set()
+        self._last_write: dict[str, float] = {}  # adapter -> loop time of its last write
         self._wake = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None  # wakes the loop when paced progress is due
 
     def set(self, adapter: str, entry: dict[str, Any] | None) -> None:
         if entry is not None:
@@ -42,12 +50,31 @@ class StatusReporter:
         self._wake.set()
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch, self._dirty = self._dirty, set()
-            await asyncio.gather(*(self._write(name) for name in sorted(batch)))
-            await asyncio.sleep(self.min_interval)
+            now = loop.time()
+            due = {name for name in self._dirty if self._urgent(name)
+                   or now - self._last_write.get(name, float("-inf")) >= self.min_interval}
+            self._dirty -= due
+            for name in due:
+                self._last_write[name] = now
+            await asyncio.gather(*(self._write(name) for name in sorted(due)))
+            if self._dirty:  # paced progress: come back when the first of them is due
+                first_due = min(self._last_write.get(name, now) for name in self._dirty) + self.min_interval
+                if self._timer is None or self._timer.when() > first_due:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(first_due, self._paced_progress_due)
+
+    def _paced_progress_due(self) -> None:
+        self._timer = None
+        self._wake.set()
+
+    def _urgent(self, adapter: str) -> bool:
+        entry = self._latest.get(adapter)
+        return entry is None or entry.get("state") in OUTCOMES
 
     async def flush(self) -> None:
         batch, self._dirty = self._dirty, set()
@@ -61,6 +88,7 @@ class StatusReporter:
         except NotFound:
             if entry is None:
                 self._latest.pop(adapter, None)
+                self._last_write.pop(adapter, None)
         except (ApiError, OSError, TimeoutError) as exc:
             logger.warning("could not report %s on LoraAdapter %s (%s); will retry", entry and entry.get("state"),
                            adapter, exc)
@@ -70,3 +98,4 @@ class StatusReporter:
         else:
             if entry is None:
                 self._latest.pop(adapter, None)
+                self._last_write.pop(adapter, None)
