@@ -39,3 +39,5 @@ class AdapterReport:
     use_rslora: bool = False
     bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
+    # TensorRT-LLM only: values per row of model.lora_weights.npy (every row is padded to the widest).
+    row_values: int | None = None

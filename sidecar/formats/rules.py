@@ -57,6 +57,17 @@ def module_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
     }
 
 
+def trtllm_module_shapes(config: dict[str, Any]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """The (in, out) each TensorRT-LLM LoRA module may have in this base model. mlp_h_to_4h is the gate
+    projection, or the fused gate+up projection of models that fuse them."""
+    hf = module_shapes(config)
+    return {
+        "attn_qkv": (hf["qkv_proj"],), "attn_q": (hf["q_proj"],), "attn_k": (hf["k_proj"],),
+        "attn_v": (hf["v_proj"],), "attn_dense": (hf["o_proj"],), "mlp_gate": (hf["up_proj"],),
+        "mlp_h_to_4h": (hf["gate_proj"], hf["gate_up_proj"]), "mlp_4h_to_h": (hf["down_proj"],),
+    }
+
+
 def check(report: AdapterReport, policy: AdapterPolicy) -> None:
     """Raise a Rejection naming the file and the first rule the adapter breaks."""
     where = report.files[0]
@@ -109,6 +120,8 @@ def _check_shapes(report: AdapterReport, base_config: dict[str, Any]) -> None:
         shapes = module_shapes(base_config)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise Rejection("config.json", f"of the base model lacks the sizes needed to check shapes ({exc})") from None
+    if report.row_values is not None:
+        _check_trtllm_rows(report, trtllm_module_shapes(base_config))
     for weights in report.weights:
         if weights.layer is not None and weights.layer >= layers:
             raise Rejection(where, f"adapts layer {weights.layer} but the base model has {layers} layers; the "
@@ -120,3 +133,25 @@ def _check_shapes(report: AdapterReport, base_config: dict[str, Any]) -> None:
             raise Rejection(where, f"{weights.module} of layer {weights.layer} maps {weights.in_features}→"
                                    f"{weights.out_features} but the base model's config.json gives {expected[0]}→"
                                    f"{expected[1]}; the adapter was trained for another base model")
+
+
+def _check_trtllm_rows(report: AdapterReport, shapes: dict[str, tuple[tuple[int, int], ...]]) -> None:
+    """Every row must hold its module's flattened pair for this base model, and the rows' common width
+    must be what the widest of them packs to (converters pad every row to exactly that)."""
+    width = report.row_values
+    where = report.files[-1]
+    packed_sizes: set[int] = set()
+    for index, weights in enumerate(report.weights):
+        candidates = [weights.rank * (n_in + n_out) for n_in, n_out in shapes.get(weights.module, ())]
+        fitting = [size for size in candidates if size <= width]
+        if candidates and not fitting:
+            n_in, n_out = shapes[weights.module][0]
+            raise Rejection(where, f"row {index} ({weights.module} of layer {weights.layer}, adapter size "
+                                   f"{weights.rank}) needs {min(candidates)} values for the base model's "
+                                   f"{n_in}→{n_out} {weights.module}, but rows hold {width}; the adapter was "
+                                   "converted for another base model")
+        packed_sizes.update(fitting)
+    if packed_sizes and width not in packed_sizes:
+        raise Rejection(where, f"rows hold {width} values, but no adapted module of this base model packs to that "
+                               f"many (the widest packs to {max(packed_sizes)}); the adapter was converted for "
+                               "another base model")

@@ -58,12 +58,13 @@ def inspect(directory: Path) -> AdapterReport:
             raise Rejection(CONFIG, f"row ({module_id}, {layer}, {size}) has a negative layer or empty adapter")
         if 2 * size > weights.shape[1]:
             raise Rejection(WEIGHTS, f"rows of {weights.shape[1]} values cannot hold an adapter of size {size}")
-        # Only the sum in+out is recorded per row; the rules split it using the base model's config.
+        # A row is the flattened in (size x in) then out (out x size) matrix; the rules check its
+        # length against the base model's shapes.
         entries.append(LoraWeights(MODULE_IDS[module_id], layer, size, -1, -1))
     rank = max(entry.rank for entry in entries)
     files = (CONFIG, WEIGHTS)
     return AdapterReport(
         format=AdapterFormat.TRTLLM, rank=rank, rank_source=f"{CONFIG}: adapter size {rank}",
         target_modules=tuple(sorted({e.module for e in entries})), weights=tuple(entries),
-        size_bytes=sum((directory / f).stat().st_size for f in files), files=files,
+        size_bytes=sum((directory / f).stat().st_size for f in files), files=files, row_values=int(weights.shape[1]),
     )

@@ -278,6 +278,31 @@ def test_trtllm_rows_must_match(adapters, tmp_path):
     assert "expected one row per model.lora_config.npy row (2)" in rejection(directory)
 
 
+def write_trtllm_rows(directory: Path, rows: list[tuple[int, int, int, int]]) -> Path:
+    """(module id, layer, adapter size, packed values) rows, padded to the widest as the converters do."""
+    directory.mkdir(parents=True, exist_ok=True)
+    width = max(values for *_, values in rows)
+    np.save(directory / "model.lora_config.npy", np.array([[[m, layer, size] for m, layer, size, _ in rows]],
+                                                          dtype=np.int32))
+    np.save(directory / "model.lora_weights.npy", np.zeros((1, len(rows), width), dtype=np.float16))
+    return directory
+
+
+def test_trtllm_rows_are_checked_against_the_base_model_shapes(tmp_path):
+    policy = AdapterPolicy(base_config=TINY_LLAMA)  # hidden 32, q 32, kv 16, intermediate 64
+    mixed = write_trtllm_rows(tmp_path / "mixed", [(1, 0, 8, 8 * (32 + 32)), (6, 1, 8, 8 * (64 + 32))])
+    assert validate(mixed, policy).target_modules == ("attn_q", "mlp_4h_to_h")
+    fused = write_trtllm_rows(tmp_path / "fused", [(5, 0, 4, 4 * (32 + 128))])  # gate+up in one projection
+    assert validate(fused, policy).rank == 4
+
+    narrower = make_trtllm_adapter(tmp_path / "narrow", rank=8, hidden=16, qkv_out=32)
+    assert ("row 0 (attn_qkv of layer 0, adapter size 8) needs 768 values for the base model's 32→64 attn_qkv, "
+            "but rows hold 384") in rejection(narrower, policy)
+    wider = make_trtllm_adapter(tmp_path / "wide", rank=8, hidden=64, qkv_out=128)
+    assert "rows hold 1536 values, but no adapted module of this base model packs to that many (the widest " \
+           "packs to 768); the adapter was converted for another base model" in rejection(wider, policy)
+
+
 def test_empty_folder(tmp_path):
     assert "holds no adapter" in rejection(tmp_path)
 
