@@ -25,7 +25,8 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, artifacts) -> Iterator[LocalStack]:
-    local = LocalStack(tmp_path_factory.mktemp("cluster"), artifacts, s3_port=free_port(), resync_seconds=3)
+    local = LocalStack(tmp_path_factory.mktemp("cluster"), artifacts, s3_port=free_port(),
+                       resync_seconds=600)  # no periodic resync: events alone must get every scenario there
     local.start()
     yield local
     local.stop()

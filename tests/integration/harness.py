@@ -50,7 +50,10 @@ class LoraplexProcess:
 
 
 class OperatorProcess(LoraplexProcess):
-    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 3.0,
+    """The operator as a process. Its periodic resync is off by default (600 s), so a test passes only if
+    events alone get the cluster there; tests of the resync itself ask for a short one."""
+
+    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 600.0,
                  peering: tuple[str, int] | None = None, env: dict[str, str] | None = None):
         super().__init__(log_path)
         self.kubeconfig, self.resync_seconds, self.extra_env = kubeconfig, resync_seconds, env or {}

@@ -33,7 +33,7 @@ def kubectl(kubeconfig: Path, tmp_path: Path):
 
 @pytest.fixture
 def operator(kubeconfig: Path, tmp_path: Path) -> Iterator[OperatorProcess]:
-    process = OperatorProcess(kubeconfig, tmp_path / "operator.log")
+    process = OperatorProcess(kubeconfig, tmp_path / "operator.log", resync_seconds=3)  # no drift across resyncs
     yield process
     process.stop()
 

@@ -353,8 +353,16 @@ def test_operator_restart_converges_without_duplicates(cluster, operator, kubeco
         restarted.stop()
 
 
-def test_nothing_changes_once_converged(cluster, operator, emulator: EmulatorThread):
-    """GitOps tools must see no drift: no status churn and no writes while nothing changes."""
+def test_nothing_changes_once_converged(cluster, kubeconfig, tmp_path, emulator: EmulatorThread):
+    """GitOps tools must see no drift: no status churn and no writes while nothing changes, resyncs included."""
+    operator = OperatorProcess(kubeconfig, tmp_path / "operator.log", resync_seconds=3).start()
+    try:
+        _converge_then_stay_still(cluster, operator, emulator)
+    finally:
+        operator.stop()
+
+
+def _converge_then_stay_still(cluster: Cluster, operator: OperatorProcess, emulator: EmulatorThread) -> None:
     cluster.apply_base_model("llama3", replicas=1)
     cluster.add_pod("llama3-a")
     cluster.apply_adapter("math")

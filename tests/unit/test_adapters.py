@@ -193,6 +193,14 @@ def test_base_model_status_counts_replicas_and_adapters():
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
 
 
+def test_base_model_status_counts_the_phases_the_operator_decided_before_its_watch_shows_them():
+    body = {"metadata": {"name": "llama3", "namespace": "ns", "generation": 1}}
+    adapters = [adapter("a", status={"phase": "Loading"}), adapter("b", status={"phase": "Loading"})]
+    status = base_model_status(body, base(), None, None, adapters, phases={"a": "Ready"})
+    assert status["adaptersReady"] == 1
+    assert status["conditions"][2]["message"].endswith("not ready: b.")
+
+
 def test_base_model_status_reports_an_invalid_spec():
     body = {"metadata": {"name": "llama3", "namespace": "ns", "generation": 2}}
     status = base_model_status(body, base(), ("InvalidSpec", "lora.maxRank 1024 exceeds ..."), None, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from loraplex.api.conditions import condition
@@ -12,15 +13,21 @@ from loraplex.operator.render import endpoint
 
 def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None,
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
-                      adapters: list[AdapterView]) -> dict[str, Any]:
+                      adapters: list[AdapterView], phases: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Every operator-owned status field; conditions carry no transition times yet.
 
-    `problem` is the (reason, message) of why the spec could not be applied, or None.
+    `problem` is the (reason, message) of why the spec could not be applied, or None. `phases` are the
+    adapters' phases by name as the operator last decided them, which its watch may not show yet.
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
+    phases = phases or {}
+
+    def phase(adapter: AdapterView) -> str | None:
+        return phases.get(adapter.name) or adapter.status.get("phase")
+
     live_adapters = [a for a in adapters if not a.deleting]
-    ready_adapters = [a for a in live_adapters if a.status.get("phase") == AdapterPhase.READY.value]
+    ready_adapters = [a for a in live_adapters if phase(a) == AdapterPhase.READY.value]
     deployment_status = (deployment or {}).get("status") or {}
     replicas = int(deployment_status.get("replicas") or 0)
     ready = int(deployment_status.get("readyReplicas") or 0)
@@ -50,7 +57,7 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         adapters_ready = condition("AdaptersReady", True, "AllAdaptersReady",
                                    f"All {len(live_adapters)} adapter(s) are Ready.", generation)
     else:
-        not_ready = sorted(a.name for a in live_adapters if a.status.get("phase") != AdapterPhase.READY.value)
+        not_ready = sorted(a.name for a in live_adapters if phase(a) != AdapterPhase.READY.value)
         shown = ", ".join(not_ready[:5]) + (f" and {len(not_ready) - 5} more" if len(not_ready) > 5 else "")
         adapters_ready = condition("AdaptersReady", False, "AdaptersNotReady",
                                    f"{len(ready_adapters)} of {len(live_adapters)} adapter(s) are Ready; "

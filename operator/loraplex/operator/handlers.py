@@ -19,12 +19,11 @@ from loraplex.kube import KubeClient
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.metrics import OperatorMetrics
 from loraplex.operator.reconciler import Key, Reconciler
-from loraplex.operator.render import BASE_MODEL_LABEL, MANAGED_BY
+from loraplex.operator.render import BASE_MODEL_LABEL
 from loraplex.operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)
 
-OWNED_LABELS = {"app.kubernetes.io/managed-by": MANAGED_BY, BASE_MODEL_LABEL: kopf.PRESENT}
 OWNED_RESOURCES = [
     ("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "serviceaccounts"),
     ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"),
@@ -34,6 +33,20 @@ _RETRY_DELAYS = (1, 2, 5, 10, 30, 60)
 
 def _plain(body: Any) -> dict[str, Any]:
     return dict(body)
+
+
+def owning_base_model(meta: Any) -> str | None:
+    """The BaseModelDeployment that controls an object, by its owner reference. Labels are not used for
+    this: someone editing them must not hide the object from the operator that should repair it."""
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("kind") == BASE_MODEL_DEPLOYMENT.kind and ref.get("apiVersion") == f"{GROUP}/{VERSION}" \
+                and ref.get("controller"):
+            return str(ref["name"])
+    return None
+
+
+def _owned(meta: Any, **_: Any) -> bool:
+    return owning_base_model(meta) is not None
 
 
 # ---- indices: kopf keeps them current from its watches, before any handler runs ---------------------
@@ -57,9 +70,9 @@ def replica_index(namespace: str, name: str, labels: Any, meta: Any, status: Any
     return {(namespace, labels[BASE_MODEL_LABEL]): name}
 
 
-@kopf.index("apps", "v1", "deployments", labels=OWNED_LABELS)
-def deployment_index(namespace: str, labels: Any, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
-    return {(namespace, labels[BASE_MODEL_LABEL]): _plain(body)}
+@kopf.index("apps", "v1", "deployments", when=_owned)
+def deployment_index(namespace: str, meta: Any, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, owning_base_model(meta) or ""): _plain(body)}
 
 
 # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -145,20 +158,20 @@ async def replica_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) 
     await _guarded(memo, ("replicas", key), refresh)
 
 
-async def owned_object_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
+async def owned_object_event(namespace: str, meta: Any, memo: kopf.Memo, **_: Any) -> None:
     """Someone changed or deleted what we own, or its status moved: converge the owner."""
-    key = (namespace, labels[BASE_MODEL_LABEL])
+    key = (namespace, owning_base_model(meta) or "")
     await _guarded(memo, ("owned", key), lambda: memo.reconciler.converge_owned_objects(key))
 
 
-@kopf.on.event("", "v1", "configmaps", labels=OWNED_LABELS)
-async def adapter_set_event(type: str | None, body: Any, namespace: str, labels: Any, memo: kopf.Memo,
+@kopf.on.event("", "v1", "configmaps", when=_owned)
+async def adapter_set_event(type: str | None, body: Any, namespace: str, meta: Any, memo: kopf.Memo,
                             **_: Any) -> None:
     """Mostly the echo of our own adapter-set write; otherwise someone edited or deleted it."""
-    key = (namespace, labels[BASE_MODEL_LABEL])
+    key = (namespace, owning_base_model(meta) or "")
     live = None if type == "DELETED" else _plain(body)
     await _guarded(memo, ("adapter-set", key), lambda: memo.reconciler.sync_adapter_set(key, live))
 
 
 for _group, _version, _plural in OWNED_RESOURCES:
-    kopf.on.event(_group, _version, _plural, labels=OWNED_LABELS, id=f"owned-{_plural}")(owned_object_event)
+    kopf.on.event(_group, _version, _plural, when=_owned, id=f"owned-{_plural}")(owned_object_event)

@@ -213,19 +213,24 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             await self.refresh_adapters(key)  # they now wait for a base model
             return
-        await self._apply_owned(key, body)
+        await self._apply_owned(key)
         await self._adapter_sets.run(key)
         await self.refresh_adapters(key)
         await self._base_statuses.run(key)
 
     async def _converge_owned(self, key: Key) -> None:
-        body = self.base_model(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        await self._apply_owned(key, body)
+        await self._apply_owned(key)
         await self._base_statuses.run(key)
 
-    async def _apply_owned(self, key: Key, body: dict[str, Any]) -> None:
+    async def _apply_owned(self, key: Key) -> None:
+        # One at a time per base model, each reading the spec as it is when it starts: the last to finish
+        # has applied, and recorded the problem of, the newest spec.
+        async with self._locks[("owned", *key)]:
+            body = self.base_model(key)
+            if body is not None and not body["metadata"].get("deletionTimestamp"):
+                await self._apply_owned_objects(key, body)
+
+    async def _apply_owned_objects(self, key: Key, body: dict[str, Any]) -> None:
         spec, error = self.parse_spec(body)
         problem = ("InvalidSpec", error) if error else None
         if spec is not None:
@@ -280,7 +285,10 @@ class Reconciler:
         spec, _ = self.parse_spec(body)
         problem = self._apply_problems.get(key)
         deployment = _first(self.deployments, key)
-        desired = base_model_status(body, spec, problem, deployment, self.adapters_of(key))
+        adapters = self.adapters_of(key)
+        # Our own status writes reach the index later than we know their outcome: count what we decided.
+        phases = {a.name: facts.phase for a in adapters if (facts := self._adapter_facts.get((key[0], a.name)))}
+        desired = base_model_status(body, spec, problem, deployment, adapters, phases)
         before = find(self._known_status(BASE_MODEL_DEPLOYMENT.plural, body).get("conditions"), "Reconciled")
         await self._write_status(BASE_MODEL_DEPLOYMENT.plural, body, desired)
         after = desired["conditions"][0]
