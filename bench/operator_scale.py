@@ -51,8 +51,33 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "LORAPLEX_METRICS_PORT": "0",
            "LORAPLEX_RESYNC_SECONDS": "600"}
     replicas: subprocess.Popen[bytes] | None = None
-    operator = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "-n", "default", "--standalone"],
-                                env=env, stdout=(work / "operator.log").open("wb"), stderr=subprocess.STDOUT)
+
+    def launch_operator(log: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "-n", "default", "--standalone"],
+                                env=env, stdout=(work / log).open("wb"), stderr=subprocess.STDOUT)
+
+    def operator_counts() -> tuple[int, int]:
+        counts = emulator.call(lambda: dict(emulator.store.client_counts))
+        return (sum(n for (client, _, _), n in counts.items() if client == "aiohttp"),
+                sum(n for (client, verb, _), n in counts.items()
+                    if client == "aiohttp" and verb in ("create", "update", "patch", "delete")))
+
+    def count_ready() -> int:
+        return emulator.call(lambda: sum(1 for obj in emulator.store.objects["loraadapters.loraplex.io"].values()
+                                         if (obj.get("status") or {}).get("phase") == "Ready"))
+
+    def wait_until_quiet(since: float) -> float:
+        """When the operator made its last request, once it has made none for 3 s (and at least one)."""
+        last_count, last_change = operator_counts()[0], since
+        while time.perf_counter() - last_change < 3 or last_count == 0:
+            time.sleep(0.25)
+            if (count := operator_counts()[0]) != last_count:
+                last_count, last_change = count, time.perf_counter()
+            if time.perf_counter() - since > 300:
+                raise TimeoutError("the operator never went quiet")
+        return last_change
+
+    operator = launch_operator("operator.log")
     try:
         names = [f"model-{index}" for index in range(base_model_count)]
         for name in names:
@@ -78,9 +103,7 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
         created = time.perf_counter() - start
         progress: list[tuple[float, int]] = []
         while True:
-            ready = emulator.call(lambda: sum(
-                1 for obj in emulator.store.objects["loraadapters.loraplex.io"].values()
-                if (obj.get("status") or {}).get("phase") == "Ready"))
+            ready = count_ready()
             progress.append((time.perf_counter() - start, ready))
             if ready == total:
                 break
@@ -90,14 +113,29 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
         elapsed = time.perf_counter() - start
         peak_kib = int(Path(f"/proc/{operator.pid}/status").read_text().split("VmHWM:")[1].split()[0])
         counts = emulator.call(lambda: dict(emulator.store.client_counts))
-        operator_requests = sum(n for (client, _, _), n in counts.items() if client == "aiohttp")
-        writes = sum(n for (client, verb, _), n in counts.items()
-                     if client == "aiohttp" and verb in ("create", "update", "patch", "delete"))
+        operator_requests, writes = operator_counts()
         breakdown = {f"{verb} {resource}": round(n / total, 2)
                      for (client, verb, resource), n in sorted(counts.items(), key=lambda item: -item[1])
                      if client == "aiohttp"}
+
+        # A restarted operator must find everything converged: it reads, and writes nothing.
+        wait_until_quiet(time.perf_counter())  # its last batched status writes are out
+        operator.kill()
+        operator.wait(timeout=30)
+        emulator.call(emulator.store.client_counts.clear)
+        restarted = time.perf_counter()
+        operator = launch_operator("operator-restarted.log")
+        last_request = wait_until_quiet(restarted)
+        restart_requests, restart_writes = operator_counts()
+        restart_breakdown = {f"{verb} {resource}": n for (client, verb, resource), n
+                             in emulator.call(lambda: dict(emulator.store.client_counts)).items()
+                             if client == "aiohttp"}
+        if count_ready() != total:
+            raise AssertionError(f"only {count_ready()} of {total} adapters Ready after the operator restart")
         return {"adapters": total, "created_s": created, "ready_s": elapsed, "peak_rss_mb": peak_kib / 1024,
                 "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total,
+                "restart_s": last_request - restarted, "restart_requests": restart_requests,
+                "restart_writes": restart_writes, "restart_breakdown": restart_breakdown,
                 "breakdown": breakdown, "progress": progress}
     finally:
         for process in (replicas, operator):
@@ -130,10 +168,14 @@ def main() -> None:
         "the operator's own, counted at the emulator.",
         "",
         *table(["adapters", "created in", "all Ready after", "operator peak RSS", "API requests / adapter",
-                "writes / adapter"],
+                "writes / adapter", "restart: quiet after", "restart: requests (writes)"],
                [[str(row["adapters"]), f"{row['created_s']:.1f} s", f"{row['ready_s']:.1f} s",
                  f"{row['peak_rss_mb']:.0f} MB", f"{row['requests_per_adapter']:.2f}",
-                 f"{row['writes_per_adapter']:.2f}"] for row in rows], align="rrrrrr"),
+                 f"{row['writes_per_adapter']:.2f}", f"{row['restart_s']:.1f} s",
+                 f"{row['restart_requests']} ({row['restart_writes']})"] for row in rows], align="rrrrrrrr"),
+        "",
+        "Restart: the operator is SIGKILLed once every adapter is Ready and started again; the time is until its "
+        "last request (then 3 s without any), the requests are all of its own, including its lists and watches.",
     ]
     if len(rows) > 1:
         steps = [f"{a['adapters']} → {b['adapters']}: time to Ready {b['ready_s'] / a['ready_s']:.1f}x for "
