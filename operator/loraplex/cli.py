@@ -38,6 +38,7 @@ def _run_operator(args: argparse.Namespace) -> int:
         peering_name=args.peering,
         priority=priority,
         liveness_endpoint=args.liveness,
+        memo=kopf.Memo(namespaces=None if args.all_namespaces else list(args.namespace)),
     )
     return 0
 

@@ -16,7 +16,6 @@ import kopf
 
 from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
 from loraplex.kube import KubeClient
-from loraplex.operator.adapters import AdapterView
 from loraplex.operator.metrics import OperatorMetrics
 from loraplex.operator.reconciler import Key, Reconciler
 from loraplex.operator.render import BASE_MODEL_LABEL
@@ -56,12 +55,6 @@ def base_model_index(namespace: str, name: str, body: Any, **_: Any) -> dict[Key
     return {(namespace, name): _plain(body)}
 
 
-@kopf.index(GROUP, VERSION, LORA_ADAPTER.plural)
-def adapter_index(namespace: str, body: Any, **_: Any) -> dict[Key, AdapterView]:
-    view = AdapterView.from_body(_plain(body))
-    return {(namespace, view.base_model or ""): view}
-
-
 @kopf.index("", "v1", "pods", labels={BASE_MODEL_LABEL: kopf.PRESENT})
 def replica_index(namespace: str, name: str, labels: Any, meta: Any, status: Any, **_: Any
                   ) -> dict[Key, str] | None:
@@ -85,7 +78,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     # How long a silent peer counts as alive: the failover time after a replica dies without goodbye.
     settings.peering.lifetime = int(os.environ.get("LORAPLEX_PEERING_LIFETIME_SECONDS", "60"))
     operator_settings = OperatorSettings.from_environment()
-    memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs)
+    memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs,
+                                 namespaces=memo.get("namespaces"))
+    await memo.reconciler.load_adapters()  # complete before any handler decides (see adapter_index.py)
     memo.metrics = OperatorMetrics(memo.reconciler.adapter_phases)
     memo.metrics_runner = await memo.metrics.serve(operator_settings.metrics_port) \
         if operator_settings.metrics_port else None
@@ -106,6 +101,10 @@ async def _resync_forever(memo: kopf.Memo, interval: float) -> None:
     reconciler: Reconciler = memo.reconciler
     while True:
         await asyncio.sleep(interval)
+        try:
+            await reconciler.load_adapters()
+        except Exception as exc:
+            logger.warning("resync could not list the LoraAdapters (%s); using what the events brought", exc)
         reconciler.forget_written_status()
         for key in list(reconciler.base_models):
             await _guarded(memo, ("base-model", key), lambda k=key: reconciler.reconcile_base_model(k))

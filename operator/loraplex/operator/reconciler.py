@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import fnmatch
 import logging
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from typing import Any
@@ -20,6 +21,7 @@ from loraplex.api.conditions import find, merge_conditions, utc_now
 from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION, BaseModelDeploymentSpec
 from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
 from loraplex.operator import render
+from loraplex.operator.adapter_index import AdapterIndex
 from loraplex.operator.adapters import (
     FINALIZER,
     AdapterView,
@@ -116,11 +118,13 @@ class AdapterFacts:
 
 
 class Reconciler:
-    def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any]):
+    def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
+                 namespaces: list[str] | None = None):
         self.client = client
         self.settings = settings
+        self.namespaces = namespaces  # None: every namespace
         self.base_models = indices["base_model_index"]
-        self.adapters = indices["adapter_index"]
+        self.adapters = AdapterIndex()
         self.replicas = indices["replica_index"]
         self.deployments = indices["deployment_index"]
         self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
@@ -151,6 +155,22 @@ class Reconciler:
 
     def adapters_of(self, key: Key) -> list[AdapterView]:
         return list(self.adapters.get(key, ()))
+
+    async def load_adapters(self) -> None:
+        """LIST every LoraAdapter in scope into the index: before the first event, and at every resync."""
+        changes_before = self.adapters.changes
+        plural = LORA_ADAPTER.plural
+        if self.namespaces is None or any(set(n) & set("*?[!") for n in self.namespaces):
+            items = (await self.client.list(resource_path(API_VERSION, plural))).get("items") or []
+            if self.namespaces is not None:  # kopf also takes glob patterns of namespaces
+                items = [i for i in items if any(fnmatch.fnmatchcase(i["metadata"].get("namespace", ""), pattern)
+                                                 for pattern in self.namespaces)]
+        else:
+            items = []
+            for namespace in self.namespaces:
+                items += (await self.client.list(resource_path(API_VERSION, plural, namespace))).get("items") or []
+        self.adapters.merge_list(items, changes_before)
+        self._owners.clear()
 
     def owners_of(self, key: Key) -> dict[str, AdapterView]:
         """Who holds each served name among one base model's adapters."""
@@ -306,12 +326,14 @@ class Reconciler:
         before = self._adapter_facts.get(key)
         after: AdapterFacts | None = None
         if body is None:
+            self.adapters.remove(*key)
             self._adapter_facts.pop(key, None)
             self._written.pop((LORA_ADAPTER.plural, *key), None)
             if before is not None:
                 self._owners.pop((namespace, before.claim.base or ""), None)
         else:
             view = AdapterView.from_body(body)
+            self.adapters.put(view)
             claim = AdapterClaim.of(view)
             if before is None or before.claim != claim:
                 for base in {claim.base, before.claim.base if before else None}:
@@ -351,7 +373,7 @@ class Reconciler:
             spec = None
             if body is not None and not body["metadata"].get("deletionTimestamp"):
                 spec, _ = self.parse_spec(body)
-            # kopf updates an index before it calls handlers, so the owners are never older than this event.
+            # The index took this event before this call, so the owners are never older than it.
             verdict = check_adapter(view, spec, [], self.owners_of(base_key) if spec else {})
             if verdict.accepted and view.uid in self._left_out.get(base_key, ()):
                 verdict = adapter_set_full(base_key[1], self.settings.adapter_set_max_bytes)
