@@ -27,7 +27,7 @@ import kubernetes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, machine, table, write  # noqa: E402
+from bench.report import add_results_argument, machine, table, write  # noqa: E402
 from demo.stack import LocalStack, build_artifacts  # noqa: E402
 from loraplex.sidecar.sources import Downloader, Progress  # noqa: E402
 from loraplex.sidecar.sources.s3 import S3Client  # noqa: E402
@@ -58,8 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=50)
     parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the markdown table (smoke runs in tests write elsewhere)")
+    add_results_argument(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     artifacts = build_artifacts(work / "artifacts")

@@ -30,7 +30,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, machine, table, write  # noqa: E402
+from bench.report import add_results_argument, machine, peak_rss_mb, table, write  # noqa: E402
 from tests.conftest import load_crds  # noqa: E402
 from tests.kube_emulator import EmulatorThread  # noqa: E402
 
@@ -119,7 +119,7 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
                 raise TimeoutError(f"{ready} of {total} Ready after 900 s")
             time.sleep(0.2)
         elapsed = time.perf_counter() - start
-        peak_kib = int(Path(f"/proc/{operator.pid}/status").read_text().split("VmHWM:")[1].split()[0])
+        peak_rss = peak_rss_mb(operator.pid)
         counts = emulator.call(lambda: dict(emulator.store.client_counts))
         operator_requests, writes = operator_counts()
         breakdown = {f"{verb} {resource}": round(n / total, 2)
@@ -140,7 +140,7 @@ def run(base_model_count: int, adapters_per_model: int, work: Path) -> dict[str,
                              if client == "aiohttp"}
         if count_ready() != total:
             raise AssertionError(f"only {count_ready()} of {total} adapters Ready after the operator restart")
-        return {"adapters": total, "created_s": created, "ready_s": elapsed, "peak_rss_mb": peak_kib / 1024,
+        return {"adapters": total, "created_s": created, "ready_s": elapsed, "peak_rss_mb": peak_rss,
                 "requests_per_adapter": operator_requests / total, "writes_per_adapter": writes / total,
                 "restart_s": settled - restarted, "restart_cpu_s": restart_cpu, "restart_requests": restart_requests,
                 "restart_writes": restart_writes, "restart_breakdown": restart_breakdown,
@@ -158,8 +158,7 @@ def main() -> None:
     parser.add_argument("--base-models", type=int, default=10)
     parser.add_argument("--adapters", type=int, nargs="+", default=[10, 100, 500],
                         help="adapters per base model, one run each")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
+    add_results_argument(parser)
     args = parser.parse_args()
     rows = []
     for per_model in args.adapters:

@@ -1,7 +1,9 @@
-"""What every benchmark writes: a markdown table and a PNG plot into its results folder."""
+"""What every benchmark shares: its --results argument, peak RSS of a process, and what it writes (a
+markdown table and a PNG plot into its results folder)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 from collections.abc import Callable
@@ -14,6 +16,16 @@ import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+
+
+def add_results_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident set so far (VmHWM)."""
+    return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
 
 
 def machine() -> str:

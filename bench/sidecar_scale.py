@@ -26,7 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, machine, table, write  # noqa: E402
+from bench.report import add_results_argument, machine, peak_rss_mb, table, write  # noqa: E402
 from loraplex.api.adapter_set import DesiredAdapter  # noqa: E402
 from loraplex.api.types import Runtime  # noqa: E402
 from tests.adapters import make_hf_adapter  # noqa: E402
@@ -41,15 +41,10 @@ def object_gets(moto_log: Path) -> int:
     return len(re.findall(r'"GET /adapters/[^?\s]+ HTTP', moto_log.read_text(errors="replace")))
 
 
-def peak_rss_mb(pid: int) -> float:
-    return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--adapters", type=int, default=500)
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
+    add_results_argument(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     emulator = EmulatorThread(history_limit=200_000).start()

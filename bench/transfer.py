@@ -26,7 +26,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, machine, table, write  # noqa: E402
+from bench.report import add_results_argument, machine, table, write  # noqa: E402
 from loraplex.sidecar.sources.base import Progress, RemoteFile, TransferSettings, download_file  # noqa: E402
 from loraplex.sidecar.sources.s3 import S3Client  # noqa: E402
 from tests.fakes.files import self_signed_certificate  # noqa: E402
@@ -94,8 +94,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[10, 200, 2048])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
+    add_results_argument(parser)
     args = parser.parse_args()
     nginx_binary = shutil.which("nginx") or "/usr/sbin/nginx"
     if not Path(nginx_binary).exists() or shutil.which("curl") is None:

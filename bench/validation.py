@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import RESULTS, machine, table, write  # noqa: E402
+from bench.report import add_results_argument, machine, table, write  # noqa: E402
 from loraplex.sidecar.formats import AdapterPolicy, validate  # noqa: E402
 from loraplex.sidecar.formats.rules import module_shapes  # noqa: E402
 
@@ -53,8 +53,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the table and plot (smoke runs in tests write elsewhere)")
+    add_results_argument(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as scratch:
         directory = Path(scratch)
