@@ -1,17 +1,21 @@
 """A small async Kubernetes API client shared by the operator and the sidecar.
 
 Credentials come from the usual places (in-cluster service account, then KUBECONFIG) through the
-`kubernetes` package's loaders; requests go over aiohttp so nothing blocks the event loop.
+`kubernetes` package's loaders; requests go over aiohttp so nothing blocks the event loop. Refusals
+and failures that are safe to repeat (throttling, an API server that is starting) are retried here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import json
 import logging
+import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote
 
@@ -56,14 +60,106 @@ def resource_path(api_version: str, plural: str, namespace: str | None = None, n
     return "/".join(parts)
 
 
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How patiently to repeat a request the API server refused or failed for a passing reason."""
+
+    attempts: int = 8
+    first_delay: float = 0.25
+    max_delay: float = 30.0
+
+
+# Answers the API server gives without having acted: API Priority and Fairness and max-in-flight
+# throttling, a fresh CRD's "storage is (re)initializing", an API server not ready or shutting down.
+NOT_PROCESSED = frozenset({429, 503})
+# Answers after which the request may or may not have taken effect (an etcd write that outlived the
+# request's timeout, a proxy that lost the backend): repeated only when repeating cannot do harm.
+MAYBE_PROCESSED = frozenset({500, 502, 504})
+
+
+def idempotent(method: str, content_type: str | None) -> bool:
+    """Whether sending the request twice has the effect of sending it once.
+
+    PUT carries the resourceVersion it read, so a repeat of one that went through answers 409 and the
+    caller's read-modify-write re-reads. A merge patch sets fields to values, which is the same twice.
+    A repeated DELETE may answer 404 for an object it did delete. POST (create an object, post an Event)
+    and JSON patch (list operations) are not repeated after an answer that may mean they happened.
+    """
+    method = method.upper()
+    return method in ("GET", "HEAD", "PUT", "DELETE") or (
+        method == "PATCH" and content_type == "application/merge-patch+json")
+
+
+def retryable_status(status: int, repeatable: bool) -> bool:
+    return status in NOT_PROCESSED or (repeatable and status in MAYBE_PROCESSED)
+
+
+def retryable_failure(exc: BaseException, repeatable: bool) -> bool:
+    """Whether a request that got no answer may be sent again."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return False  # a certificate that does not verify will not verify next time either
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return True  # no connection, so the server never saw the request
+    return repeatable and isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
+
+
+def retry_delay(attempt: int, retry_after: float | None, policy: RetryPolicy, jitter: float) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1 for the first).
+
+    Exponential backoff, spread by `jitter` (0 to 1) so clients refused together do not come back
+    together. The server's Retry-After is a floor, as asking sooner only earns another refusal; the
+    policy's max_delay caps both, so one call never sleeps longer than that at a time.
+    """
+    delay = min(policy.max_delay, policy.first_delay * 2 ** (attempt - 1)) * (0.5 + jitter)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, policy.max_delay)
+
+
+def retry_after_seconds(headers: Mapping[str, str], text: str) -> float | None:
+    """The server's Retry-After header, or the retryAfterSeconds in its Status details."""
+    value: Any = headers.get("Retry-After")
+    if value is None:
+        try:
+            value = (json.loads(text).get("details") or {}).get("retryAfterSeconds")
+        except (ValueError, AttributeError):
+            return None
+    try:
+        return max(0.0, float(value))
+    except (TypeError, ValueError):
+        return None  # an HTTP date: the API server never sends one; use our own backoff
+
+
+def auth_headers(configuration: kubernetes.client.Configuration) -> dict[str, str]:
+    """The Authorization header the `kubernetes` package's loaders put into `configuration`.
+
+    Where they keep it moved between releases (api_key['authorization'] before v36, ['BearerToken']
+    since), so ask the configuration's own auth_settings(), which knows, and which first runs the
+    refresh hook: the in-cluster token is re-read from disk as the kubelet rotates it, and kubeconfig
+    exec plugins and auth providers are run again when their token expired.
+    """
+    headers = {}
+    for setting in configuration.auth_settings().values():
+        value = (setting.get("value") or "").strip()
+        if setting.get("in") != "header" or not value:
+            continue
+        scheme, _, credentials = value.partition(" ")
+        if scheme.lower() == "bearer":
+            value = f"Bearer {credentials.strip()}"  # the in-cluster loader writes "bearer"
+        headers[setting["key"].title()] = value
+    return headers
+
+
 class KubeClient:
     def __init__(self, server: str, headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | bool = True,
-                 refresh_headers: Callable[[], dict[str, str]] | None = None):
+                 refresh_headers: Callable[[], dict[str, str]] | None = None,
+                 retry: RetryPolicy = RetryPolicy()):
         self.server = server.rstrip("/")
         self._headers = headers or {}
         self._refresh_headers = refresh_headers
         self._ssl = ssl_context
+        self.retry = retry
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
@@ -73,13 +169,9 @@ class KubeClient:
         try:
             kubernetes.config.load_incluster_config(client_configuration=configuration)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=configuration)
-
-        def headers() -> dict[str, str]:
-            if configuration.refresh_api_key_hook is not None:
-                configuration.refresh_api_key_hook(configuration)  # bound tokens rotate on disk
-            token = configuration.get_api_key_with_prefix("authorization")
-            return {"Authorization": token} if token else {}
+            # The package reads KUBECONFIG when it is imported; read it now, as kubectl would.
+            kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG"),
+                                               client_configuration=configuration)
 
         context: ssl.SSLContext | bool = False
         if configuration.host.startswith("https"):
@@ -89,7 +181,7 @@ class KubeClient:
             if not configuration.verify_ssl:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
-        return cls(configuration.host, ssl_context=context, refresh_headers=headers)
+        return cls(configuration.host, ssl_context=context, refresh_headers=lambda: auth_headers(configuration))
 
     async def __aenter__(self) -> KubeClient:
         return self
@@ -116,18 +208,54 @@ class KubeClient:
             headers.update(self._refresh_headers())
         return {**headers, **(extra or {})}
 
+    async def _send(self, method: str, path: str, *, deadline: float,
+                    attempt_timeout: Callable[[], aiohttp.ClientTimeout],
+                    data: str | None = None, params: dict[str, str] | None = None,
+                    content_type: str | None = None) -> aiohttp.ClientResponse:
+        """Send until the answer is not a passing refusal, within the attempts of the retry policy and
+        before `deadline` (event-loop time). The caller reads and releases the response."""
+        loop = asyncio.get_running_loop()
+        repeatable = idempotent(method, content_type)
+        extra = {"Content-Type": content_type} if data is not None and content_type else None
+        for attempt in itertools.count(1):
+            failure: BaseException
+            try:
+                response = await self._client().request(method, self.server + path, data=data, params=params,
+                                                        headers=self._request_headers(extra), timeout=attempt_timeout())
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not retryable_failure(exc, repeatable):
+                    raise
+                failure, retry_after, why = exc, None, f"failed ({type(exc).__name__}: {exc})"
+            else:
+                if not retryable_status(response.status, repeatable):
+                    return response
+                async with response:
+                    text = await response.text()
+                failure = _error(response.status, text)
+                retry_after = retry_after_seconds(response.headers, text)
+                why = f"answered {failure}"
+            delay = retry_delay(attempt, retry_after, self.retry, random.random())
+            if attempt >= self.retry.attempts or loop.time() + delay >= deadline:
+                raise failure
+            logger.warning("%s %s %s; retrying in %.1fs (attempt %d of %d)", method, path, why, delay,
+                           attempt + 1, self.retry.attempts)
+            await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
     async def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None,
                       content_type: str = "application/json", deadline_seconds: float = 30) -> Any:
-        data = None if body is None else json.dumps(body)
-        async with self._client().request(
-            method, self.server + path, data=data, params=params,
-            headers=self._request_headers({"Content-Type": content_type} if data is not None else None),
-            timeout=aiohttp.ClientTimeout(total=deadline_seconds),
-        ) as response:
+        """One API call, retried as `_send` says, all of it within `deadline_seconds`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_seconds
+        response = await self._send(
+            method, path, deadline=deadline, data=None if body is None else json.dumps(body), params=params,
+            content_type=content_type,
+            attempt_timeout=lambda: aiohttp.ClientTimeout(total=max(1.0, deadline - loop.time())))
+        async with response:
             text = await response.text()
-            if response.status >= 400:
-                raise _error(response.status, text)
-            return json.loads(text) if text else None
+        if response.status >= 400:
+            raise _error(response.status, text)
+        return json.loads(text) if text else None
 
     async def get(self, path: str) -> dict[str, Any]:
         return await self.request("GET", path)
@@ -168,7 +296,8 @@ class KubeClient:
                     ) -> AsyncIterator[dict[str, Any]]:
         """Stream watch events from `resource_version` until the server closes the stream.
 
-        An ERROR event (410 Gone and friends) is raised as ApiError so callers re-list.
+        An ERROR event (410 Gone and friends) is raised as ApiError so callers re-list. Opening the
+        stream is retried like any GET, so a throttled watch backs off instead of failing at once.
         """
         params = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(timeout_seconds)}
@@ -176,10 +305,10 @@ class KubeClient:
             params["labelSelector"] = label_selector
         if field_selector:
             params["fieldSelector"] = field_selector
-        async with self._client().get(
-            self.server + path, params=params, headers=self._request_headers(),
-            timeout=aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_read=timeout_seconds + 30),
-        ) as response:
+        response = await self._send(
+            "GET", path, params=params, deadline=asyncio.get_running_loop().time() + timeout_seconds,
+            attempt_timeout=lambda: aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_read=timeout_seconds + 30))
+        async with response:
             if response.status >= 400:
                 raise _error(response.status, await response.text())
             async for line in response.content:

@@ -20,6 +20,8 @@ API_VERSION = f"{GROUP}/{VERSION}"
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A served name is both the model name clients send and, for NIM, a folder name under the PEFT source.
 SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
+# The sidecar names files after it (plus a suffix of up to 9 characters) under a 255-byte file-name limit.
+MAX_SERVED_NAME = 128
 SOURCE_URI = r"^(s3|gs|https|hf|file)://.+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$"
 MAX_LORA_RANK = 1024
@@ -276,7 +278,7 @@ class LoraAdapterSpec(Model):
     served_name: str | None = Field(
         default=None,
         pattern=SERVED_NAME,
-        max_length=128,
+        max_length=MAX_SERVED_NAME,
         description="Model name clients request; defaults to metadata.name.",
     )
     source: str = Field(

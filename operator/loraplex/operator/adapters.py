@@ -13,6 +13,7 @@ from loraplex.api.adapter_set import AdapterLimits, DesiredAdapter
 from loraplex.api.conditions import condition
 from loraplex.api.sources import InvalidSource, parse_source
 from loraplex.api.types import (
+    MAX_SERVED_NAME,
     AdapterFormat,
     AdapterPhase,
     BaseModelDeploymentSpec,
@@ -107,6 +108,11 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
         return Verdict(False, "InvalidSpec", adapter.spec_error or "The spec could not be read.")
     spec = adapter.spec
     base_name = spec.base_model
+    if len(adapter.served_name) > MAX_SERVED_NAME:  # the schema caps spec.servedName, not its default
+        return Verdict(False, "InvalidName",
+                       f"metadata.name {adapter.name[:40] + '…'!r} is {len(adapter.name)} characters and, with "
+                       f"spec.servedName unset, would be the served name, which allows at most {MAX_SERVED_NAME}; "
+                       "set spec.servedName.")
     if base_model is None:
         return Verdict(False, "BaseModelNotFound",
                        f"BaseModelDeployment {base_name!r} does not exist in namespace {adapter.namespace!r}; "

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
+
 from loraplex.kube import KubeClient, NotFound, resource_path, retry_on_conflict
 
 logger = logging.getLogger(__name__)
@@ -15,18 +17,35 @@ PLURALS = {
 }
 
 
-def is_subset(desired: Any, live: Any) -> bool:
+def is_quantity(path: tuple[str, ...]) -> bool:
+    """Whether the field at `path` (its keys from the object's root, list positions left out) is a
+    resource.Quantity in what we render: container (or pod) resources and emptyDir size limits."""
+    return path[-1:] == ("sizeLimit",) or path[-3:-1] in (("resources", "requests"), ("resources", "limits"))
+
+
+def same_quantity(desired: Any, live: Any) -> bool:
+    """Equal amounts however written: the API server stores 1000m as 1, 1024Mi as 1Gi, 0.5 as 500m."""
+    try:
+        return bool(parse_quantity(desired) == parse_quantity(live))
+    except (ValueError, ArithmeticError):
+        return desired == live
+
+
+def is_subset(desired: Any, live: Any, path: tuple[str, ...] = ()) -> bool:
     """True when every field we render is present in `live` with the same value.
 
     The API server adds defaults (protocols, termination grace, clusterIP...), so `live` is a superset
-    of what we rendered exactly when nobody changed what we own. Lists must match item for item.
+    of what we rendered exactly when nobody changed what we own. Lists must match item for item, and
+    quantities by amount, since the server rewrites them in its canonical form.
     """
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(key in live and is_subset(value, live[key])
+        return isinstance(live, dict) and all(key in live and is_subset(value, live[key], (*path, key))
                                               for key, value in desired.items())
     if isinstance(desired, list):
         return (isinstance(live, list) and len(desired) == len(live)
-                and all(is_subset(d, v) for d, v in zip(desired, live, strict=True)))
+                and all(is_subset(d, v, path) for d, v in zip(desired, live, strict=True)))
+    if is_quantity(path):
+        return same_quantity(desired, live)
     return desired == live
 
 

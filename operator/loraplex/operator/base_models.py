@@ -10,6 +10,12 @@ from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.render import endpoint
 
+# Reasons a BaseModelDeployment cannot run at all, with what its Ready condition says then.
+UNDEPLOYABLE = {
+    "InvalidSpec": "The spec cannot be deployed.",
+    "InvalidName": "metadata.name cannot name the objects loraplex creates for it.",
+}
+
 
 def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None,
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
@@ -33,13 +39,15 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
     ready = int(deployment_status.get("readyReplicas") or 0)
     wanted = spec.replicas if spec else 0
 
+    named = problem is None or problem[0] != "InvalidName"  # else no Service can bear the name
     if problem is None:
         reconciled = condition("Reconciled", True, "Applied", "Owned objects match the spec.", generation)
     else:
         reconciled = condition("Reconciled", False, *problem, generation)
 
-    if spec is None or (problem is not None and problem[0] == "InvalidSpec" and deployment is None):
-        available = condition("Ready", False, "InvalidSpec", "The spec cannot be deployed.", generation)
+    if spec is None or (problem is not None and problem[0] in UNDEPLOYABLE and deployment is None):
+        reason = problem[0] if problem is not None and problem[0] in UNDEPLOYABLE else "InvalidSpec"
+        available = condition("Ready", False, reason, UNDEPLOYABLE[reason], generation)
     elif deployment is None:
         available = condition("Ready", False, "DeploymentMissing", "The Deployment does not exist yet.", generation)
     elif wanted == 0:
@@ -69,6 +77,6 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         "readyReplicas": ready,
         "adapters": len(live_adapters),
         "adaptersReady": len(ready_adapters),
-        "endpoint": endpoint(meta["name"], meta["namespace"], spec.port) if spec else None,
+        "endpoint": endpoint(meta["name"], meta["namespace"], spec.port) if spec and named else None,
         "conditions": [reconciled, available, adapters_ready],
     }

@@ -70,17 +70,30 @@ def deployment_index(namespace: str, meta: Any, body: Any, **_: Any) -> dict[Key
 
 # ---- lifecycle -----------------------------------------------------------------------------------------
 
-@kopf.on.startup()
+# kopf retries a failed startup handler after settings.execution.default_backoff, 60 s, by default. Our
+# client already retried what was worth retrying (throttling, an API server that is starting), so what
+# is left is a real outage, and the operator should come up soon after it ends, not a minute later.
+@kopf.on.startup(backoff=5)
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
     settings.posting.enabled = False  # we post our own, meaningful Events
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
+    # kopf retries its own list, watch and patch calls (429 honouring Retry-After, 5xx, 403, no
+    # connection) with these delays, then gives up; a watcher that gives up stops the whole operator
+    # (kopf 1.45 re-raises its error from the orchestrator) and the pod restarts cold. The default
+    # (1 … 21 s, 54 s in all) is shorter than an API server upgrade; these ride out about four minutes.
+    settings.networking.error_backoffs = (1, 2, 4, 8, 15, 30, 30, 30, 30, 30, 30, 30)
     # How long a silent peer counts as alive: the failover time after a replica dies without goodbye.
     settings.peering.lifetime = int(os.environ.get("LORAPLEX_PEERING_LIFETIME_SECONDS", "60"))
     operator_settings = OperatorSettings.from_environment()
-    memo.reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs,
-                                 namespaces=memo.get("namespaces"))
-    await memo.reconciler.load_adapters()  # complete before any handler decides (see adapter_index.py)
+    reconciler = Reconciler(KubeClient.from_environment(), operator_settings, kwargs,
+                            namespaces=memo.get("namespaces"))
+    try:
+        await reconciler.load_adapters()  # complete before any handler decides (see adapter_index.py)
+    except BaseException:
+        await reconciler.client.close()  # kopf runs this handler again, with a client of its own
+        raise
+    memo.reconciler = reconciler
     memo.metrics = OperatorMetrics(memo.reconciler.adapter_phases)
     memo.metrics_runner = await memo.metrics.serve(operator_settings.metrics_port) \
         if operator_settings.metrics_port else None

@@ -252,8 +252,10 @@ class Reconciler:
 
     async def _apply_owned_objects(self, key: Key, body: dict[str, Any]) -> None:
         spec, error = self.parse_spec(body)
-        problem = ("InvalidSpec", error) if error else None
-        if spec is not None:
+        # Checked before any write: the API server would refuse each with a 422, on every retry.
+        bad_name = render.name_problems(body["metadata"]["name"])
+        problem = ("InvalidName", "; ".join(bad_name)) if bad_name else ("InvalidSpec", error) if error else None
+        if spec is not None and not bad_name:
             try:
                 children = render.render_children(body, spec, self.settings)
             except render.RenderError as exc:
@@ -271,7 +273,7 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         spec, _ = self.parse_spec(body)
-        if spec is None or render.spec_problems(spec):
+        if spec is None or render.spec_problems(spec) or render.name_problems(body["metadata"]["name"]):
             return  # keep serving the last good set until the spec is fixed
         adapters = desired_adapters(spec, self.adapters_of(key), self.owners_of(key))
         desired = render.render_adapter_set(body, spec, adapters)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from typing import Any
 
 from loraplex.api.adapter_set import DATA_KEY, AdapterLimits, AdapterSet, DesiredAdapter
@@ -207,6 +208,27 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
     if env_from:
         container["envFrom"] = env_from
     return container
+
+
+# A label value and a Service name (a DNS-1035 label) allow 63 characters. Both carry the bare name;
+# the longest derived object name (the sidecar Role) adds 17, far inside the 253 of the other kinds,
+# and Deployments' pods get names that the API server shortens itself.
+MAX_NAME_LENGTH = 63
+DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+
+
+def name_problems(name: str) -> list[str]:
+    """What keeps a BaseModelDeployment's metadata.name from naming what loraplex derives from it, one
+    sentence each. The CRD admits any DNS subdomain name (253 characters, dots), which is looser."""
+    shown = name if len(name) <= MAX_NAME_LENGTH else f"{name[:40]}…"
+    problems = []
+    if len(name) > MAX_NAME_LENGTH:
+        problems.append(f"metadata.name {shown!r} is {len(name)} characters; loraplex derives the Service name "
+                        f"and the label {BASE_MODEL_LABEL} from it, which allow at most {MAX_NAME_LENGTH}")
+    if not DNS_1035_LABEL.fullmatch(name):
+        problems.append(f"metadata.name {shown!r} cannot name a Service, which must start with a lowercase letter "
+                        "and hold only lowercase letters, digits and '-' (no '.')")
+    return problems
 
 
 def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
