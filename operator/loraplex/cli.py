@@ -139,6 +139,43 @@ def _run_validate(args: argparse.Namespace) -> int:
     return 0 if verdict["accepted"] else 1
 
 
+def _run_local_cluster(args: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+
+    from loraplex.local.binaries import BinariesNotFound, find_binaries
+    from loraplex.local.controlplane import ControlPlane, ControlPlaneError
+    from loraplex.local.kubelet import ProcessKubelet
+
+    configure(args.log_level)
+    try:
+        binaries = find_binaries()
+    except BinariesNotFound as exc:
+        print(f"loraplex local-cluster: {exc}", file=sys.stderr)
+        return 2
+    if args.binaries_only:
+        print(binaries)
+        return 0
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-cluster-"))
+    plane = ControlPlane(workdir / "control-plane", binaries)
+    kubelet = None
+    try:
+        plane.start()
+        if args.gpus is not None:
+            kubelet = ProcessKubelet(plane.kubeconfig, workdir / "kubelet", node_name=args.node_name,
+                                     gpus=args.gpus).start()
+        print(f"Kubernetes control plane ready at {plane.url}\nexport KUBECONFIG={plane.kubeconfig}", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except (ControlPlaneError, PermissionError) as exc:
+        print(f"loraplex local-cluster: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if kubelet is not None:
+            kubelet.stop()
+        plane.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     parser.add_argument("--version", action="version", version=f"loraplex {__version__}")
@@ -172,6 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--max-cpu-loras", type=int, default=16, help="adapters resident at once")
     cpu.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     cpu.set_defaults(func=_run_cpu_runtime)
+
+    local = commands.add_parser("local-cluster", help="run a real Kubernetes control plane on this machine, with "
+                                "a process kubelet for one GPU node, until interrupted (for development)")
+    local.add_argument("--workdir", type=Path, default=None, help="where state, logs and the kubeconfig go")
+    local.add_argument("--gpus", type=int, default=8,
+                       help="nvidia.com/gpu the node offers; the kubelet needs root (default 8)")
+    local.add_argument("--no-kubelet", dest="gpus", action="store_const", const=None,
+                       help="only the control plane: pods stay Pending")
+    local.add_argument("--node-name", default="local-gpu-node")
+    local.add_argument("--binaries-only", action="store_true",
+                       help="only find, unpack or download the binaries and print their folder")
+    local.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    local.set_defaults(func=_run_local_cluster)
 
     crds = commands.add_parser("crds", help="write the CRD manifests generated from the API types")
     crds.add_argument("directory", type=Path, help="where to write them (crds/)")
