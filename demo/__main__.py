@@ -33,26 +33,28 @@ def main() -> int:
     try:
         say("Building a tiny Llama and three LoRA adapters (math, squad, pubmedqa) plus a broken one, locally")
         build_artifacts(workdir / "artifacts")
-        say("Starting a local control plane: Kubernetes API emulator, S3 (moto_server), the loraplex operator, "
-            "and a pod runner that runs the pods the operator renders")
+        say("Starting a real Kubernetes v1.36 control plane (etcd, kube-apiserver with RBAC, controller-manager, "
+            "scheduler), a process kubelet for its GPU node, S3 (moto_server), and the loraplex operator as the "
+            "chart's ServiceAccount")
         stack.start()
         say("kubectl apply -f examples/demo.yaml")
         print(stack.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")), end="")
         say("Waiting for every adapter to be Ready on both replicas (and the broken one to fail)")
         wait_for(lambda: all(stack.phase(name) == "Ready" for name in ADAPTERS)
                  and stack.phase("tiny-llama-broken") == "Failed"
-                 and stack.base_model("tiny-llama")["status"]["readyReplicas"] == 2,
-                 240, "the adapters", stack.log_tail)
+                 and stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2,
+                 300, "the adapters", stack.log_tail)
         say("kubectl get bmd,lora")
         print(stack.kubectl("get", "bmd,lora"), end="")
+        say("kubectl get nodes,replicasets,pods -o wide  (bound by kube-scheduler, run by the process kubelet)")
+        print(stack.kubectl("get", "nodes,replicasets,pods", "-o", "wide"), end="")
         say("Adapter status")
         for name in [*ADAPTERS, "tiny-llama-broken"]:
             status = stack.adapter(name)["status"]
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
             print(f"  {name:22} {status['phase']:8} {status['readyReplicas']}/{status['replicas']} replicas  "
                   f"{ready['reason']}: {ready['message']}")
-        assert stack.runner is not None
-        pod = stack.runner.pods_of("tiny-llama")[0].name
+        pod = stack.pod_names("tiny-llama")[0]
         say(f"One completion per model through pod {pod} (POST /v1/completions, prompt 'What is 7 times 6?')")
         for model in ["tiny-llama", *[name for name in ADAPTERS]]:
             print(f"  {model:22} -> {stack.completion(pod, model)!r}")

@@ -1,5 +1,6 @@
-"""A whole loraplex installation on one machine: API emulator, moto S3, the real operator, and the pod
-runner that runs the rendered pods (CPU runtime + sidecar) as local processes."""
+"""A whole loraplex installation on one machine: a real Kubernetes control plane (loraplex.local), a process
+kubelet for its GPU node, moto S3, and the real operator running as the chart's ServiceAccount. The pods the
+operator renders are scheduled by the real scheduler and run by the kubelet (CPU runtime + sidecar)."""
 
 from __future__ import annotations
 
@@ -17,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-import yaml
 
+from loraplex.local.controlplane import ControlPlane
+from loraplex.local.install import install_crds, install_operator_identity
+from loraplex.local.kubelet import ProcessKubelet
 from tests.adapters import make_hf_adapter_for, make_tiny_model
 from tests.conftest import tool
-from tests.kube_emulator import EmulatorThread
-from tests.kube_emulator.pod_runner import PodRunner
 
 ROOT = Path(__file__).resolve().parents[1]
 S3_PORT = 39077  # examples/demo.yaml names this endpoint
 GROUP, VERSION = "loraplex.io", "v1alpha1"
 ADAPTER_SEEDS = {"math": 1, "squad": 2, "pubmedqa": 3}
+MODELS_CLAIM = "demo-models"  # examples/demo.yaml mounts it as the model cache
 
 
 def build_artifacts(directory: Path) -> Path:
@@ -40,14 +42,23 @@ def build_artifacts(directory: Path) -> Path:
 
 
 class LocalStack:
-    def __init__(self, workdir: Path, artifacts: Path, s3_port: int = S3_PORT, resync_seconds: float = 5.0):
+    """Start it, then use it as a user would: kubectl, the API, and the pods' endpoints.
+
+    With `control_plane` given (the tests' session-wide one) it installs into that cluster instead of
+    starting its own; `namespace` is where the user's objects go.
+    """
+
+    def __init__(self, workdir: Path, artifacts: Path, s3_port: int = S3_PORT, resync_seconds: float = 5.0,
+                 control_plane: ControlPlane | None = None, namespace: str = "default"):
         self.workdir, self.artifacts = workdir, artifacts
-        self.s3_port, self.resync_seconds = s3_port, resync_seconds
-        self.emulator: EmulatorThread | None = None
+        self.s3_port, self.resync_seconds, self.namespace = s3_port, resync_seconds, namespace
+        self.control_plane = control_plane
+        self.owns_control_plane = control_plane is None
         self.moto: subprocess.Popen[bytes] | None = None
         self.operator: subprocess.Popen[bytes] | None = None
-        self.runner: PodRunner | None = None
-        self.kubeconfig = workdir / "kubeconfig"
+        self.kubelet: ProcessKubelet | None = None
+        self.kubeconfig = workdir / "kubeconfig"  # admin, the user's
+        self.operator_kubeconfig = workdir / "operator.kubeconfig"
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -55,36 +66,67 @@ class LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._start_moto()
         self._upload_adapters()
-        self.emulator = EmulatorThread().start()
-        self.kubeconfig.write_text(yaml.safe_dump(self.emulator.kubeconfig()))
-        models = self.workdir / "pvc" / "demo-models" / "tiny-llama"
-        shutil.copytree(self.artifacts / "model", models, dirs_exist_ok=True)
-        self.kubectl("apply", "-f", str(ROOT / "crds"))
+        if self.control_plane is None:
+            self.control_plane = ControlPlane(self.workdir / "control-plane").start()
+        plane = self.control_plane
+        plane.write_kubeconfig(self.kubeconfig, plane.admin_token, "admin", namespace=self.namespace)
+        with self.api() as client:
+            if self.owns_control_plane:
+                install_crds(client, ROOT)
+            install_operator_identity(plane, client, tool("helm"), ROOT / "charts" / "loraplex",
+                                      self.operator_kubeconfig)
+            self._ensure_namespace(client)
+            self._provide_models_claim(client)
         self.start_operator()
-        self.runner = PodRunner(self.kubeconfig, self.workdir).start()
+        self.kubelet = ProcessKubelet(self.kubeconfig, self.workdir / "kubelet",
+                                      node_name=f"gpu-node-{self.namespace}", restart_backoff_seconds=2).start()
         return self
 
     def stop(self) -> None:
-        if self.runner is not None:
-            self.runner.stop()
+        if self.kubelet is not None:
+            self.kubelet.stop()
         self.stop_operator()
         if self.moto is not None:
             self.moto.terminate()
             self.moto.wait(timeout=10)
-        if self.emulator is not None:
-            self.emulator.stop()
+        if self.control_plane is not None and self.owns_control_plane:
+            self.control_plane.stop()
 
     def start_operator(self) -> None:
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
+        env = {**os.environ, "KUBECONFIG": str(self.operator_kubeconfig),
+               "LORAPLEX_RESYNC_SECONDS": str(self.resync_seconds),
                "LORAPLEX_SIDECAR_IMAGE": "loraplex/loraplex:0.1.0", "LORAPLEX_METRICS_PORT": "0"}
         log = (self.workdir / "operator.log").open("ab")
-        self.operator = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "--namespace", "default",
-                                          "--standalone"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        self.operator = subprocess.Popen([sys.executable, "-m", "loraplex.cli", "operator", "--namespace",
+                                          self.namespace, "--standalone"], env=env, stdout=log,
+                                         stderr=subprocess.STDOUT)
 
     def stop_operator(self, kill: bool = False) -> None:
         if self.operator is not None and self.operator.poll() is None:
             self.operator.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
             self.operator.wait(timeout=15)
+
+    def _ensure_namespace(self, client: kubernetes.client.ApiClient) -> None:
+        try:
+            kubernetes.client.CoreV1Api(client).create_namespace({"metadata": {"name": self.namespace}})
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def _provide_models_claim(self, client: kubernetes.client.ApiClient) -> None:
+        """The tiny model on a hostPath PersistentVolume, bound to the claim the base model mounts."""
+        models = self.workdir / "volumes" / MODELS_CLAIM
+        shutil.copytree(self.artifacts / "model", models / "tiny-llama", dirs_exist_ok=True)
+        core = kubernetes.client.CoreV1Api(client)
+        volume_name = f"{MODELS_CLAIM}-{self.namespace}"
+        core.create_persistent_volume({
+            "metadata": {"name": volume_name},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": str(models)}}})
+        core.create_namespaced_persistent_volume_claim(self.namespace, {
+            "metadata": {"name": MODELS_CLAIM},
+            "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "", "volumeName": volume_name,
+                     "resources": {"requests": {"storage": "1Gi"}}}})
 
     def _start_moto(self) -> None:
         with socket.socket() as probe:
@@ -123,7 +165,7 @@ class LocalStack:
 
     def kubectl(self, *args: str, check: bool = True) -> str:
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "KUBECACHEDIR": str(self.workdir / "kube-cache")}
-        result = subprocess.run([tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=60)
+        result = subprocess.run([tool("kubectl"), *args], env=env, capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
@@ -133,21 +175,45 @@ class LocalStack:
         kubernetes.config.load_kube_config(str(self.kubeconfig), client_configuration=configuration)
         return kubernetes.client.ApiClient(configuration)
 
+    def _custom(self, plural: str, name: str) -> dict[str, Any]:
+        with self.api() as client:
+            return kubernetes.client.CustomObjectsApi(client).get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, plural, name)
+
     def adapter(self, name: str) -> dict[str, Any]:
-        return kubernetes.client.CustomObjectsApi(self.api()).get_namespaced_custom_object(
-            GROUP, VERSION, "default", "loraadapters", name)
+        return self._custom("loraadapters", name)
 
     def base_model(self, name: str) -> dict[str, Any]:
-        return kubernetes.client.CustomObjectsApi(self.api()).get_namespaced_custom_object(
-            GROUP, VERSION, "default", "basemodeldeployments", name)
+        return self._custom("basemodeldeployments", name)
 
     def phase(self, name: str) -> str | None:
         return (self.adapter(name).get("status") or {}).get("phase")
 
+    def pods(self, base_model: str) -> list[dict[str, Any]]:
+        """The base model's pods as the API shows them, running ones only, oldest first."""
+        with self.api() as client:
+            listed = kubernetes.client.CoreV1Api(client).list_namespaced_pod(
+                self.namespace, label_selector=f"loraplex.io/base-model={base_model}")
+            pods = [client.sanitize_for_serialization(pod) for pod in listed.items]
+        running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"
+                   and not p["metadata"].get("deletionTimestamp")]
+        return sorted(running, key=lambda p: (p["metadata"]["creationTimestamp"], p["metadata"]["name"]))
+
+    def pod_names(self, base_model: str) -> list[str]:
+        return [pod["metadata"]["name"] for pod in self.pods(base_model)]
+
+    def restarts(self, base_model: str) -> dict[str, dict[str, int]]:
+        """Container restart counts per pod, from pod status as the kubelet reports them."""
+        return {pod["metadata"]["name"]: {c["name"]: c["restartCount"] for c in pod["status"]["containerStatuses"]}
+                for pod in self.pods(base_model)}
+
+    def url(self, pod: str, port: int = 8000) -> str:
+        assert self.kubelet is not None
+        return self.kubelet.url(self.namespace, pod, port)
+
     def completion(self, pod: str, model: str, prompt: str = "What is 7 times 6?", max_tokens: int = 12) -> str:
-        assert self.runner is not None
         request = urllib.request.Request(
-            self.runner.url(pod, 8000) + "/v1/completions", method="POST",
+            self.url(pod) + "/v1/completions", method="POST",
             data=json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens}).encode(),
             headers={"Content-Type": "application/json"})
         try:
@@ -157,13 +223,15 @@ class LocalStack:
             raise RuntimeError(f"{model} on {pod}: {error.code} {error.read().decode()}") from None
 
     def served(self, pod: str) -> list[str]:
-        assert self.runner is not None
-        with urllib.request.urlopen(self.runner.url(pod, 8000) + "/v1/models", timeout=10) as response:
+        with urllib.request.urlopen(self.url(pod) + "/v1/models", timeout=10) as response:
             return [card["id"] for card in json.loads(response.read())["data"]]
 
     def log_tail(self, lines: int = 40) -> str:
         text = ""
-        for path in [self.workdir / "operator.log", *sorted((self.workdir / "pods").glob("*/*.log"))]:
+        logs = [self.workdir / "operator.log", *sorted((self.workdir / "kubelet" / "pods").glob("*/*.log"))]
+        if self.control_plane is not None and self.owns_control_plane:
+            logs += sorted((self.control_plane.workdir / "logs").glob("*.log"))
+        for path in logs:
             if path.exists():
                 text += f"\n--- {path.relative_to(self.workdir)} ---\n" + "\n".join(
                     path.read_text(errors="replace").splitlines()[-lines:])

@@ -1,7 +1,10 @@
-"""Shared fixtures: the Kubernetes API emulator on a loopback port, clients for it, and the CRDs."""
+"""Shared fixtures: one real Kubernetes control plane per test session (loraplex.local), a namespace of
+its own per test, admin clients, and the operator's identity as the chart grants it."""
 
 from __future__ import annotations
 
+import re
+import secrets
 import shutil
 import sys
 from collections.abc import Iterator
@@ -11,7 +14,8 @@ import kubernetes
 import pytest
 import yaml
 
-from tests.kube_emulator import EmulatorThread
+from loraplex.local.controlplane import ControlPlane
+from loraplex.local.install import install_crds, install_operator_identity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,32 +34,56 @@ def load_crds() -> list[dict]:
     return [yaml.safe_load(path.read_text()) for path in sorted((ROOT / "crds").glob("*.yaml"))]
 
 
-@pytest.fixture
-def emulator() -> Iterator[EmulatorThread]:
-    emu = EmulatorThread().start()
-    try:
-        yield emu
-    finally:
-        emu.stop()
-
-
-@pytest.fixture
-def api_client(emulator: EmulatorThread) -> Iterator[kubernetes.client.ApiClient]:
+def admin_client(control_plane: ControlPlane) -> kubernetes.client.ApiClient:
     configuration = kubernetes.client.Configuration()
-    configuration.host = emulator.url
-    with kubernetes.client.ApiClient(configuration) as client:
+    kubernetes.config.load_kube_config(str(control_plane.kubeconfig), client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
+    plane = ControlPlane(tmp_path_factory.mktemp("control-plane")).start()
+    try:
+        with admin_client(plane) as client:
+            install_crds(client, ROOT)
+        yield plane
+    finally:
+        plane.stop()
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The operator's own credentials: the ServiceAccount and RBAC that `helm template` renders, no admin."""
+    with admin_client(control_plane) as client:
+        return install_operator_identity(control_plane, client, tool("helm"), ROOT / "charts" / "loraplex",
+                                 tmp_path_factory.mktemp("operator-identity") / "kubeconfig")
+
+
+@pytest.fixture
+def api_client(control_plane: ControlPlane) -> Iterator[kubernetes.client.ApiClient]:
+    with admin_client(control_plane) as client:
         yield client
 
 
 @pytest.fixture
-def crds_installed(api_client: kubernetes.client.ApiClient) -> None:
-    extensions = kubernetes.client.ApiextensionsV1Api(api_client)
-    for crd in load_crds():
-        extensions.create_custom_resource_definition(crd)
+def namespace(api_client: kubernetes.client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A namespace of this test's own, so tests sharing the control plane never see each other's objects."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].strip("-")
+    name = f"{slug}-{secrets.token_hex(3)}"
+    core = kubernetes.client.CoreV1Api(api_client)
+    core.create_namespace({"metadata": {"name": name}})
+    yield name
+    # Adapters still held by their finalizer (the operator is gone) would keep the namespace Terminating.
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    for adapter in custom.list_namespaced_custom_object("loraplex.io", "v1alpha1", name, "loraadapters")["items"]:
+        if adapter["metadata"].get("finalizers"):
+            custom.patch_namespaced_custom_object("loraplex.io", "v1alpha1", name, "loraadapters",
+                                                  adapter["metadata"]["name"], {"metadata": {"finalizers": None}})
+    core.delete_namespace(name)
 
 
 @pytest.fixture
-def kubeconfig(emulator: EmulatorThread, tmp_path: Path) -> Path:
-    path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump(emulator.kubeconfig()))
-    return path
+def kubeconfig(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Path:
+    """An admin kubeconfig whose current namespace is the test's."""
+    return control_plane.write_kubeconfig(tmp_path / "kubeconfig", control_plane.admin_token, "admin",
+                                          namespace=namespace)

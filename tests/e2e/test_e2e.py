@@ -1,5 +1,7 @@
-"""End to end on one machine: API emulator, real operator, pods run by the pod runner (CPU runtime +
-sidecar), adapters from moto S3. The scenarios run in order on one stack, as a user's day would."""
+"""End to end on one machine: the real control plane (scheduler, ReplicaSets, garbage collection), the real
+operator under the chart's RBAC, pods bound to a GPU node and run by the process kubelet (CPU runtime +
+sidecar, each sidecar with its own ServiceAccount token), adapters from moto S3. The scenarios run in order
+on one stack, as a user's day would."""
 
 from __future__ import annotations
 
@@ -24,9 +26,10 @@ def artifacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, artifacts) -> Iterator[LocalStack]:
+def stack(tmp_path_factory, artifacts, control_plane) -> Iterator[LocalStack]:
     local = LocalStack(tmp_path_factory.mktemp("cluster"), artifacts, s3_port=free_port(),
-                       resync_seconds=600)  # no periodic resync: events alone must get every scenario there
+                       resync_seconds=600,  # no periodic resync: events alone must get every scenario there
+                       control_plane=control_plane, namespace="e2e")
     local.start()
     yield local
     local.stop()
@@ -79,8 +82,7 @@ def ready_everywhere(stack: LocalStack, names: list[str], replicas: int) -> bool
 
 
 def pods(stack: LocalStack) -> list[str]:
-    assert stack.runner is not None
-    return [pod.name for pod in stack.runner.pods_of("tiny-llama")]
+    return stack.pod_names("tiny-llama")
 
 
 ADAPTERS = {"math": "math", "squad": "squad", "broken": "broken"}
@@ -97,8 +99,34 @@ def test_apply_then_ready_on_every_replica_with_the_broken_one_failed(stack):
              60, "pods ready", stack.log_tail)
     table = stack.kubectl("get", "lora")
     assert "math" in table and "Ready" in table and "Failed" in table
+    stack.kubectl("wait", "--for=condition=Ready", "lora/math", "lora/squad", "--timeout=10s")
     for pod in pods(stack):
         assert sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"]
+
+
+def test_pods_are_scheduled_by_the_real_scheduler_through_a_replicaset(stack):
+    api = stack.api()
+    import kubernetes
+
+    replica_sets = kubernetes.client.AppsV1Api(api).list_namespaced_replica_set(stack.namespace).items
+    assert [rs.metadata.owner_references[0].name for rs in replica_sets] == ["tiny-llama"]
+    for pod in stack.pods("tiny-llama"):
+        assert pod["spec"]["nodeName"] == f"gpu-node-{stack.namespace}"
+        assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+        scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
+        assert scheduled["status"] == "True"
+    events = kubernetes.client.CoreV1Api(api).list_namespaced_event(stack.namespace).items
+    assert any(e.reason == "Scheduled" and e.source.component == "default-scheduler" for e in events) or any(
+        e.reason == "Scheduled" and (e.reporting_component or "") == "default-scheduler" for e in events)
+
+
+def test_each_sidecar_talks_to_the_api_as_its_own_service_account(stack):
+    for pod in stack.pods("tiny-llama"):
+        assert pod["spec"]["serviceAccountName"] == "tiny-llama-loraplex"
+        token_volume = next(v for v in pod["spec"]["volumes"] if v["name"].startswith("kube-api-access-"))
+        assert any("serviceAccountToken" in source for source in token_volume["projected"]["sources"])
+    report = stack.adapter("math")["status"]["replicaStatus"]
+    assert set(report) == set(pods(stack))  # each replica wrote its own entry, with its own token
 
 
 def test_each_adapter_serves_its_own_weights(stack, artifacts):
@@ -113,8 +141,8 @@ def test_each_adapter_serves_its_own_weights(stack, artifacts):
 
 
 def test_changing_a_source_serves_new_weights_without_restarting_pods(stack, artifacts):
-    before = {name: dict(stack.runner.pods[name].containers) for name in pods(stack)}  # type: ignore[union-attr]
-    restarts = {name: {c: v.restarts for c, v in containers.items()} for name, containers in before.items()}
+    before = pods(stack)
+    restarts = stack.restarts("tiny-llama")
     apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa"}))
     wait_for(lambda: stack.adapter("math")["status"].get("observedGeneration") == 2
                and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack.log_tail)
@@ -122,16 +150,14 @@ def test_changing_a_source_serves_new_weights_without_restarting_pods(stack, art
     for pod in pods(stack):
         assert stack.completion(pod, "math", PROMPT) == expected
     assert set(pods(stack)) == set(before)  # same pods
-    assert {name: {c: v.restarts for c, v in stack.runner.pods[name].containers.items()}  # type: ignore[union-attr]
-            for name in pods(stack)} == restarts
+    assert stack.restarts("tiny-llama") == restarts
 
 
 def test_runtime_killed_then_adapters_restored(stack):
     pod = pods(stack)[0]
-    assert stack.runner is not None
-    stack.runner.kill(pod, "inference")
-    wait_for(lambda: stack.runner.pods[pod].containers["inference"].restarts >= 1,
-             30, "runtime restarted", stack.log_tail)
+    assert stack.kubelet is not None
+    stack.kubelet.kill_container(stack.namespace, pod, "inference")
+    wait_for(lambda: stack.restarts("tiny-llama")[pod]["inference"] >= 1, 30, "runtime restarted", stack.log_tail)
     wait_for(lambda: sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"], 120,
                "adapters restored in the restarted runtime", stack.log_tail)
     wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 60, "Ready again", stack.log_tail)
@@ -146,9 +172,10 @@ def test_operator_killed_then_restart_converges_without_duplicates(stack):
     api = stack.api()
     import kubernetes
 
-    assert len(kubernetes.client.AppsV1Api(api).list_namespaced_deployment("default").items) == 1
-    config_maps = kubernetes.client.CoreV1Api(api).list_namespaced_config_map("default").items
-    assert [cm.metadata.name for cm in config_maps] == ["tiny-llama-adapters"]
+    assert len(kubernetes.client.AppsV1Api(api).list_namespaced_deployment(stack.namespace).items) == 1
+    config_maps = kubernetes.client.CoreV1Api(api).list_namespaced_config_map(stack.namespace).items
+    owned = [cm.metadata.name for cm in config_maps if cm.metadata.owner_references]
+    assert owned == ["tiny-llama-adapters"]
     assert stack.adapter("pubmedqa")["metadata"]["finalizers"] == ["loraplex.io/adapter-cleanup"]
 
 
@@ -163,13 +190,22 @@ def test_scaling_up_gives_the_new_replica_every_adapter(stack):
 
 
 def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(stack):
-    stack.kubectl("delete", "lora", "squad", "--wait=false")
-    wait_for(lambda: "squad" not in stack.kubectl("get", "lora", "-o", "name"), 60, "squad deleted", stack.log_tail)
-    assert stack.runner is not None
+    stack.kubectl("delete", "lora", "squad", "--timeout=60s")  # waits until every replica released it
+    assert "squad" not in stack.kubectl("get", "lora", "-o", "name")
+    assert stack.kubelet is not None
     for pod in pods(stack):
         assert "squad" not in stack.served(pod)
-        folder = stack.runner.pods[pod].root / "volumes" / "peft-source" / "adapters" / "squad"
-        assert not folder.exists()
+        folder = stack.kubelet.volume_path(stack.namespace, pod, "peft-source") / "adapters" / "squad"
+        assert folder.parent.is_dir() and not folder.exists()
     assert ready_everywhere(stack, ["math", "pubmedqa"], 3)
     assert "squad" not in textwrap.dedent(stack.kubectl("get", "configmap", "tiny-llama-adapters", "-o",
                                                         "jsonpath={.data}"))
+
+
+def test_deleting_the_base_model_collects_everything_it_owns(stack):
+    stack.kubectl("delete", "bmd", "tiny-llama", "--timeout=60s")
+    wait_for(lambda: not stack.pods("tiny-llama") and not stack.kubectl("get", "deployment,replicaset,service",
+                                                                         "-o", "name"),
+             60, "the garbage collector removed the Deployment, ReplicaSet, Service and pods", stack.log_tail)
+    assert stack.kubelet is not None
+    wait_for(lambda: not stack.kubelet.running_pods(stack.namespace), 30, "the pods' processes stopped")

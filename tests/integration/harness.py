@@ -1,4 +1,5 @@
-"""Run the real `loraplex operator` process against the emulator, and read the cluster back."""
+"""Run the real `loraplex operator` process against the real control plane (through an ApiProxy, which
+counts its requests and injects faults), and read the cluster back as a user's tooling would."""
 
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes
+import yaml
 from kubernetes.client.rest import ApiException
 
 GROUP, VERSION = "loraplex.io", "v1alpha1"
+BASE_MODEL_LABEL = "loraplex.io/base-model"
 T = TypeVar("T")
 
 
@@ -50,13 +53,14 @@ class LoraplexProcess:
 
 
 class OperatorProcess(LoraplexProcess):
-    """The operator as a process. Its periodic resync is off by default (600 s), so a test passes only if
-    events alone get the cluster there; tests of the resync itself ask for a short one."""
+    """The operator as a process watching one namespace. Its periodic resync is off by default (600 s), so
+    a test passes only if events alone get the cluster there; tests of the resync itself ask for a short one."""
 
-    def __init__(self, kubeconfig: Path, log_path: Path, resync_seconds: float = 600.0,
+    def __init__(self, kubeconfig: Path, namespace: str, log_path: Path, resync_seconds: float = 600.0,
                  peering: tuple[str, int] | None = None, env: dict[str, str] | None = None):
         super().__init__(log_path)
-        self.kubeconfig, self.resync_seconds, self.extra_env = kubeconfig, resync_seconds, env or {}
+        self.kubeconfig, self.namespace = kubeconfig, namespace
+        self.resync_seconds, self.extra_env = resync_seconds, env or {}
         self.peering = peering  # (name, priority), or None for --standalone
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -73,11 +77,16 @@ class OperatorProcess(LoraplexProcess):
                **self.extra_env}
         peering = ["--peering", self.peering[0], "--priority", str(self.peering[1])] if self.peering \
             else ["--standalone"]
-        self.launch(["operator", "--namespace", "default", *peering], env)
+        self.launch(["operator", "--namespace", self.namespace, *peering], env)
         return self
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "condition",
+def kubeconfig_token(kubeconfig: Path) -> str:
+    """The bearer token a kubeconfig (as loraplex.local writes them) authenticates with."""
+    return str(yaml.safe_load(kubeconfig.read_text())["users"][0]["user"]["token"])
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "condition",
              log: Callable[[], str] | None = None) -> T:
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
@@ -97,7 +106,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 20.0, what: str = "con
 class Cluster:
     """Thin readers and writers over the official client, as a user's tooling would use it."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str = "default"):
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str):
         self.namespace = namespace
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
@@ -155,10 +164,12 @@ class Cluster:
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "loraadapters", adapter,
                                                           {"status": {"replicaStatus": {pod: entry}}})
 
-    def add_pod(self, name: str, base_model: str = "llama3") -> None:
-        self.core.create_namespaced_pod(self.namespace, {
-            "metadata": {"name": name, "labels": {"loraplex.io/base-model": base_model}},
-            "spec": {"containers": [{"name": "inference", "image": "x"}]}})
+    def replicas(self, base_model: str = "llama3") -> list[str]:
+        """The names of the base model's pods that count as replicas: neither terminating nor finished.
+        The Deployment controller makes them; with no kubelet in these tests they stay Pending."""
+        pods = self.core.list_namespaced_pod(self.namespace, label_selector=f"{BASE_MODEL_LABEL}={base_model}")
+        return sorted(p.metadata.name for p in pods.items
+                      if not p.metadata.deletion_timestamp and p.status.phase not in ("Succeeded", "Failed"))
 
     def delete_pod(self, name: str) -> None:
         self.core.delete_namespaced_pod(name, self.namespace)

@@ -1,9 +1,12 @@
-"""Run the real `loraplex sidecar` process against the emulator, a real S3 server and a fake runtime."""
+"""Run the real `loraplex sidecar` process against the real control plane, a real S3 server and a fake
+runtime. The sidecar signs in as its own ServiceAccount, with the Role the operator renders for it, so a
+right the sidecar needs and the Role lacks shows up as a refusal in its log."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,10 +17,22 @@ from typing import Any
 import kubernetes
 
 from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
-from loraplex.api.types import AdapterFormat, Runtime
-from tests.integration.harness import LoraplexProcess
+from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
+from loraplex.local.controlplane import ControlPlane
+from loraplex.local.install import server_side_apply, service_account_token
+from loraplex.operator.render import (
+    ChildNames,
+    render_service_account,
+    render_sidecar_role,
+    render_sidecar_role_binding,
+)
+from tests.integration.harness import LoraplexProcess, wait_for
 
 GROUP, VERSION = "loraplex.io", "v1alpha1"
+BASE_MODEL = "llama3"
+POD = f"{BASE_MODEL}-0"
+# How the API server words a refusal, in the sidecar's log lines about its API calls.
+REFUSAL = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
 
 
 def free_port() -> int:
@@ -52,22 +67,80 @@ class MotoServer:
         self.process.wait(timeout=10)
 
 
+@dataclasses.dataclass(frozen=True)
+class SidecarIdentity:
+    """The base model `llama3` in a namespace, and the ServiceAccount its pods' sidecars run as."""
+
+    namespace: str
+    owner: dict[str, Any]
+    user: str
+    token: str
+    kubeconfig: Path
+
+    def api_client(self) -> kubernetes.client.ApiClient:
+        configuration = kubernetes.client.Configuration()
+        kubernetes.config.load_kube_config(str(self.kubeconfig), client_configuration=configuration)
+        return kubernetes.client.ApiClient(configuration)
+
+
+def install_sidecar_identity(api_client: kubernetes.client.ApiClient, control_plane: ControlPlane, namespace: str,
+                             kubeconfig: Path) -> SidecarIdentity:
+    """Create the BaseModelDeployment (so the rendered objects' ownerReferences resolve), apply the
+    ServiceAccount, Role and RoleBinding the operator renders for its sidecar, and sign in as that account."""
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    spec = {"model": "meta/llama3", "runtime": "vllm", "image": "vllm/vllm-openai:v0.11.0"}
+    owner = custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "basemodeldeployments", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "BaseModelDeployment", "metadata": {"name": BASE_MODEL},
+        "spec": spec})
+    parsed = BaseModelDeploymentSpec.model_validate(spec)
+    for manifest in (render_service_account(owner, parsed), render_sidecar_role(owner),
+                     render_sidecar_role_binding(owner)):
+        server_side_apply(api_client, manifest)
+    account = ChildNames(BASE_MODEL).service_account
+    user = f"system:serviceaccount:{namespace}:{account}"
+    token = service_account_token(api_client, namespace, account)
+    path = control_plane.write_kubeconfig(kubeconfig, token, user, namespace=namespace)
+    identity = SidecarIdentity(namespace, owner, user, token, path)
+    # The authorizer learns of a new RoleBinding from its own watch; a sidecar started before that would be
+    # refused once and retry, which the tests count as a failure.
+    adapter_set = ChildNames(BASE_MODEL).adapter_set
+    wait_for(lambda: allowed(api_client, user, namespace, "patch", "loraadapters", GROUP, "status")
+             and allowed(api_client, user, namespace, "watch", "configmaps", "", name=adapter_set),
+             what="the sidecar's RoleBinding to take effect")
+    return identity
+
+
+def allowed(api_client: kubernetes.client.ApiClient, user: str, namespace: str, verb: str, resource: str,
+            group: str, subresource: str = "", name: str = "") -> bool:
+    review = kubernetes.client.AuthorizationV1Api(api_client).create_subject_access_review({
+        "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+        "spec": {"user": user, "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}",
+                                          "system:authenticated"],
+                 "resourceAttributes": {"namespace": namespace, "verb": verb, "group": group,
+                                        "resource": resource, "subresource": subresource, "name": name}}})
+    return bool(review.status.allowed)
+
+
 class AdapterSetWriter:
     """Plays the operator's part: LoraAdapter objects and the adapter-set ConfigMap of base model 'llama3'."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, runtime: Runtime = Runtime.VLLM, max_rank: int = 64):
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str, runtime: Runtime = Runtime.VLLM,
+                 max_rank: int = 64):
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
+        self.namespace = namespace
         self.runtime, self.max_rank = runtime, max_rank
         self.adapters: dict[str, DesiredAdapter] = {}
 
     def add(self, name: str, source: str, fmt: AdapterFormat = AdapterFormat.AUTO, **extra: Any) -> None:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraAdapter", "metadata": {"name": name},
-                "spec": {"baseModel": "llama3", "source": source, "format": fmt.value}}
+                "spec": {"baseModel": BASE_MODEL, "source": source, "format": fmt.value}}
         try:
-            obj = self.custom.create_namespaced_custom_object(GROUP, VERSION, "default", "loraadapters", body)
-        except kubernetes.client.ApiException:
-            obj = self.custom.patch_namespaced_custom_object(GROUP, VERSION, "default", "loraadapters", name,
+            obj = self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters", body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            obj = self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters", name,
                                                              {"spec": {"source": source}})
         self.adapters[name] = DesiredAdapter(name=name, uid=obj["metadata"]["uid"],
                                              generation=obj["metadata"]["generation"], served_name=name,
@@ -79,34 +152,58 @@ class AdapterSetWriter:
         self.publish()
 
     def publish(self) -> None:
-        allowed = [AdapterFormat.HF] if self.runtime == Runtime.VLLM else \
+        allowed_formats = [AdapterFormat.HF] if self.runtime == Runtime.VLLM else \
             [AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM]
-        adapter_set = AdapterSet(base_model="llama3", runtime=self.runtime,
-                                 limits=AdapterLimits(max_rank=self.max_rank, allowed_formats=allowed),
+        adapter_set = AdapterSet(base_model=BASE_MODEL, runtime=self.runtime,
+                                 limits=AdapterLimits(max_rank=self.max_rank, allowed_formats=allowed_formats),
                                  adapters=list(self.adapters.values()))
-        body = {"metadata": {"name": "llama3-adapters"}, "data": adapter_set.to_configmap_data()}
+        name = ChildNames(BASE_MODEL).adapter_set
+        body = {"metadata": {"name": name}, "data": adapter_set.to_configmap_data()}
         try:
-            self.core.create_namespaced_config_map("default", body)
-        except kubernetes.client.ApiException:
-            self.core.replace_namespaced_config_map("llama3-adapters", "default", body)
+            self.core.create_namespaced_config_map(self.namespace, body)
+        except kubernetes.client.ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.replace_namespaced_config_map(name, self.namespace, body)
 
-    def replica_status(self, name: str, pod: str = "llama3-0") -> dict[str, Any] | None:
-        obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, "default", "loraadapters", name)
-        return ((obj.get("status") or {}).get("replicaStatus") or {}).get(pod)
+    def adapter(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters", name)
+
+    def replica_status(self, name: str, pod: str = POD) -> dict[str, Any] | None:
+        return replica_entry(self.adapter(name), pod)
 
     def state(self, name: str) -> str | None:
         entry = self.replica_status(name)
         return entry.get("state") if entry else None
 
 
+def replica_entry(adapter: dict[str, Any], pod: str = POD) -> dict[str, Any] | None:
+    return ((adapter.get("status") or {}).get("replicaStatus") or {}).get(pod)
+
+
+def watch_adapter(api_client: kubernetes.client.ApiClient, namespace: str, name: str, resource_version: str,
+                  seen: list[dict[str, Any]], timeout_seconds: int = 60) -> None:
+    """Append every version of LoraAdapter `name` after `resource_version` to `seen`, until it is Loaded or
+    Failed (or the watch times out). Meant for a thread of its own."""
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    stream = kubernetes.watch.Watch().stream(
+        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraadapters",
+        field_selector=f"metadata.name={name}", resource_version=resource_version, timeout_seconds=timeout_seconds)
+    for event in stream:
+        seen.append(event["object"])
+        if (replica_entry(event["object"]) or {}).get("state") in ("Loaded", "Failed"):
+            return
+
+
 class SidecarProcess(LoraplexProcess):
-    def __init__(self, kubeconfig: Path, volume: Path, runtime: Runtime, runtime_url: str, log: Path,
+    def __init__(self, kubeconfig: Path, namespace: str, volume: Path, runtime: Runtime, runtime_url: str, log: Path,
                  extra_env: dict[str, str] | None = None):
         super().__init__(log)
         self.port = free_port()
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         self.env = {
-            **os.environ, "KUBECONFIG": str(kubeconfig), "POD_NAME": "llama3-0", "POD_NAMESPACE": "default",
-            "LORAPLEX_ADAPTER_SET": "llama3-adapters", "LORAPLEX_RUNTIME": runtime.value,
+            **inherited, "KUBECONFIG": str(kubeconfig), "POD_NAME": POD, "POD_NAMESPACE": namespace,
+            "LORAPLEX_ADAPTER_SET": ChildNames(BASE_MODEL).adapter_set, "LORAPLEX_RUNTIME": runtime.value,
             "LORAPLEX_RUNTIME_URL": runtime_url, "LORAPLEX_SERVED_MODEL": "meta/llama3",
             "LORAPLEX_VOLUME_DIR": str(volume), "LORAPLEX_PEFT_DIR": str(volume / "adapters"),
             "LORAPLEX_HTTP_PORT": str(self.port), "LORAPLEX_RUNTIME_POLL_SECONDS": "0.3",
@@ -118,6 +215,10 @@ class SidecarProcess(LoraplexProcess):
     def start(self) -> SidecarProcess:
         self.launch(["sidecar"], self.env)
         return self
+
+    def refusals(self) -> list[str]:
+        """Log lines where the API server refused the sidecar something."""
+        return [line for line in self.log().splitlines() if REFUSAL.search(line)]
 
     def get(self, path: str) -> tuple[int, str]:
         import urllib.error
@@ -134,7 +235,3 @@ def upload_folder(s3: Any, folder: Path, bucket: str, prefix: str) -> None:
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=1, default=str)
