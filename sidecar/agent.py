@@ -16,7 +16,8 @@ from typing import Any
 import aiohttp
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
-from loraplex.api.types import FailureReason, ReplicaState
+from loraplex.api.runtime_capabilities import vllm_version_note
+from loraplex.api.types import FailureReason, ReplicaState, Runtime
 from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
@@ -60,6 +61,8 @@ class Agent:
     async def start(self) -> None:
         """Adopt what a previous life of this pod left on the volume: re-verify, never re-download."""
         await asyncio.to_thread(self.store.prepare)
+        if self.settings.runtime == Runtime.VLLM and (note := vllm_version_note(self.settings.runtime_version)):
+            logger.warning("%s", note)
         if self.settings.base_config is not None:
             with contextlib.suppress(OSError, ValueError):
                 self.base_config = json.loads(await asyncio.to_thread(self.settings.base_config.read_text))
@@ -162,7 +165,8 @@ class Agent:
         assert self.adapter_set is not None
         limits = self.adapter_set.limits
         return AdapterPolicy(
-            runtime=self.adapter_set.runtime, max_rank=limits.max_rank, expected_rank=adapter.expected_rank,
+            runtime=self.adapter_set.runtime, runtime_version=self.settings.runtime_version,
+            max_rank=limits.max_rank, expected_rank=adapter.expected_rank,
             expected_format=adapter.format, allowed_formats=frozenset(limits.allowed_formats),
             allowed_target_modules=frozenset(limits.allowed_target_modules) if limits.allowed_target_modules else None,
             base_config=self.base_config,

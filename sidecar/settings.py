@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+from loraplex.api.runtime_capabilities import Version, parse_version
 from loraplex.api.types import Runtime
 
 _QUANTITY_FACTORS = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6,
@@ -34,6 +35,7 @@ class SidecarSettings:
     served_model: str
     volume_dir: Path  # the PEFT volume as the sidecar mounts it
     peft_dir: str  # the same volume's adapters/ folder as the runtime sees it
+    runtime_version: Version | None = None  # None: unknown, judged as the newest loraplex knows
     store_root: Path | None = None
     max_concurrent_downloads: int = 4
     http_port: int = 9090
@@ -56,10 +58,14 @@ class SidecarSettings:
             runtime = Runtime(env["LORAPLEX_RUNTIME"])
         except ValueError:
             raise SettingsError(f"LORAPLEX_RUNTIME={env['LORAPLEX_RUNTIME']!r} is not vllm, nim or cpu") from None
+        version = env.get("LORAPLEX_RUNTIME_VERSION")
+        if version and parse_version(version) is None:
+            raise SettingsError(f"LORAPLEX_RUNTIME_VERSION={version!r} is not a version such as 0.11.0")
         limit = env.get("LORAPLEX_VOLUME_LIMIT")
         return cls(
             pod_name=env["POD_NAME"], namespace=env["POD_NAMESPACE"], adapter_set=env["LORAPLEX_ADAPTER_SET"],
             runtime=runtime, runtime_url=env["LORAPLEX_RUNTIME_URL"], served_model=env["LORAPLEX_SERVED_MODEL"],
+            runtime_version=parse_version(version) if version else None,
             volume_dir=Path(env["LORAPLEX_VOLUME_DIR"]), peft_dir=env["LORAPLEX_PEFT_DIR"],
             store_root=Path(env["LORAPLEX_ADAPTER_STORE"]) if env.get("LORAPLEX_ADAPTER_STORE") else None,
             max_concurrent_downloads=int(env.get("LORAPLEX_MAX_CONCURRENT_DOWNLOADS", "4")),

@@ -95,6 +95,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
+    from loraplex.api.runtime_capabilities import NEWEST_VLLM, parse_version, vllm_version_note
     from loraplex.api.types import AdapterFormat, Runtime
     from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
 
@@ -102,6 +103,18 @@ def _run_validate(args: argparse.Namespace) -> int:
     if not path.exists():
         print(f"loraplex validate: {path} does not exist", file=sys.stderr)
         return 2
+    version = NEWEST_VLLM if args.runtime == "vllm" else None
+    if args.runtime_version is not None:
+        if args.runtime != "vllm":
+            print("loraplex validate: --runtime-version needs --runtime vllm", file=sys.stderr)
+            return 2
+        version = parse_version(args.runtime_version)
+        if version is None:
+            print(f"loraplex validate: --runtime-version {args.runtime_version!r} is not a version such as 0.32.0",
+                  file=sys.stderr)
+            return 2
+        if note := vllm_version_note(version):
+            print(f"loraplex validate: {note}", file=sys.stderr)
     if args.max_rank is not None and args.max_rank < 1:
         print(f"loraplex validate: --max-rank must be at least 1, not {args.max_rank}", file=sys.stderr)
         return 2
@@ -113,7 +126,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             print(f"loraplex validate: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
             return 2
     policy = AdapterPolicy(
-        runtime=Runtime(args.runtime) if args.runtime else None, max_rank=args.max_rank,
+        runtime=Runtime(args.runtime) if args.runtime else None, runtime_version=version, max_rank=args.max_rank,
         expected_format=AdapterFormat(args.format), base_config=base_config,
     )
     with tempfile.TemporaryDirectory(prefix="loraplex-validate-") as scratch:
@@ -232,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "1 rejected, 2 usage error)")
     validate.add_argument("path", type=Path, help="adapter folder (or a .nemo file)")
     validate.add_argument("--runtime", choices=["vllm", "nim"], help="check what this runtime can load")
+    validate.add_argument("--runtime-version", metavar="VERSION",
+                          help="the vLLM version to check for, e.g. 0.11.0 (default: the newest loraplex knows)")
     validate.add_argument("--max-rank", type=int, help="largest rank the base model accepts")
     validate.add_argument("--format", default="auto", choices=["auto", "hf", "nemo", "trtllm"],
                           help="format the adapter must be")

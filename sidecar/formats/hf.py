@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                 "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A[.default].weight
-_LORA_KEY = re.compile(r"^(?P<stem>.+)\.lora_(?P<side>A|B)(?:\.[A-Za-z0-9_]+)?\.weight$")
+# The forms PEFT saves LoRA matrices in: base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight, and
+# base_model.model.model.embed_tokens.lora_embedding_A for an embedding.
+_LORA_KEY = re.compile(r"^(?P<stem>.+)\.(?:lora_(?P<side>A|B)\.weight|lora_embedding_(?P<embedding_side>A|B))$")
 _LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+PEFT_PREFIX = "base_model.model."
 
 
 def is_hf(directory: Path) -> bool:
@@ -102,6 +105,30 @@ def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def pattern_key(patterns: Iterable[str], module_name: str) -> str | None:
+    """The rank_pattern or alpha_pattern key that applies to a module, as PEFT picks it
+    (peft.utils.other.get_pattern_key, which vLLM 0.32 follows): the first key that, read as a regular
+    expression, matches a dot-bounded suffix of the module name ('model.layers.0.self_attn.q_proj')."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", module_name)), None)
+
+
+def _read_pattern(config: dict[str, Any], field: str, valid: Callable[[Any], bool], kind: str) -> dict[str, Any]:
+    pattern = config.get(field) or {}
+    if not isinstance(pattern, dict) or not all(valid(v) for v in pattern.values()):
+        raise Rejection(CONFIG, f"{field} must map module patterns to {kind}")
+    for key in pattern:
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error as exc:
+            raise Rejection(CONFIG, f"{field} key {key!r} is not a regular expression PEFT can match ({exc})") \
+                from None
+    return pattern
+
+
 def inspect(directory: Path) -> AdapterReport:
     config = _read_config(directory)
     peft_type = config.get("peft_type")
@@ -110,11 +137,10 @@ def inspect(directory: Path) -> AdapterReport:
     rank = config.get("r")
     if not _positive_int(rank):
         raise Rejection(CONFIG, f"r={rank!r} must be an integer of at least 1")
-    rank_pattern = config.get("rank_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not all(_positive_int(v) for v in rank_pattern.values()):
-        raise Rejection(CONFIG, "rank_pattern must map module patterns to integer ranks")
+    rank_pattern = _read_pattern(config, "rank_pattern", _positive_int, "integer ranks")
+    _read_pattern(config, "alpha_pattern", _positive_number, "positive numbers")
     alpha = config.get("lora_alpha", 8)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0:
+    if not _positive_number(alpha):
         raise Rejection(CONFIG, f"lora_alpha={alpha!r} must be a positive number")
     for flag in ("use_dora", "use_rslora"):
         if not isinstance(config.get(flag, False), bool):
@@ -124,39 +150,47 @@ def inspect(directory: Path) -> AdapterReport:
         raise Rejection(CONFIG, "modules_to_save must be a list")
 
     weights_file, shapes = _tensor_shapes(directory)
-    pairs: dict[tuple[str, int | None, str], dict[str, tuple[int, ...]]] = {}
+    pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+    unparsed = []
     for key, shape in shapes.items():
         match = _LORA_KEY.match(key)
         if not match:
+            unparsed.append(key)
             continue
         if len(shape) != 2:
             raise Rejection(weights_file, f"{key} has shape {list(shape)}; LoRA matrices are 2-D")
-        stem = match.group("stem")
-        layer_match = _LAYER.search(stem + ".")
-        layer = int(layer_match.group(1)) if layer_match else None
-        pairs.setdefault((stem.rsplit(".", 1)[-1], layer, stem), {})[match.group("side")] = shape
+        pairs.setdefault(match["stem"], {})[match["side"] or match["embedding_side"]] = shape
     if not pairs:
         raise Rejection(weights_file, "holds no lora_A/lora_B weights")
 
-    declared_max = max([rank, *rank_pattern.values()])
     weights = []
-    for (module, layer, stem), sides in sorted(pairs.items(), key=lambda item: (item[0][1] or -1, item[0][0])):
+    for stem, sides in pairs.items():
         if set(sides) != {"A", "B"}:
             (present,) = sides
             raise Rejection(weights_file, f"{stem} has lora_{present} without its pair")
+        # Embeddings keep the same layout: lora_embedding_A is [r, vocab], lora_embedding_B [hidden, r].
         (a_rank, in_features), (out_features, b_rank) = sides["A"], sides["B"]
         if a_rank != b_rank:
             raise Rejection(weights_file, f"{stem} has lora_A rank {a_rank} but lora_B rank {b_rank}")
-        expected = next((v for pattern, v in rank_pattern.items() if re.search(pattern, stem)), rank)
+        name = stem.removeprefix(PEFT_PREFIX)
+        key = pattern_key(rank_pattern, name)
+        expected = rank if key is None else rank_pattern[key]
         if a_rank != expected:
-            raise Rejection(weights_file, f"{stem} has rank {a_rank} but {CONFIG} says r={expected}")
-        weights.append(LoraWeights(module, layer, a_rank, in_features, out_features))
+            said = f"says r={expected}" if key is None else f"gives it rank {expected} (rank_pattern {key!r})"
+            raise Rejection(weights_file, f"{stem} has rank {a_rank} but {CONFIG} {said}")
+        layer_match = _LAYER.search(stem + ".")
+        layer = int(layer_match.group(1)) if layer_match else None
+        weights.append(LoraWeights(name.rsplit(".", 1)[-1], layer, a_rank, in_features, out_features, name))
+    weights.sort(key=lambda w: (w.layer if w.layer is not None else -1, w.module))
 
+    # vLLM 0.32 holds the largest rank the config names, matched by a module or not, against --max-lora-rank.
+    declared_max = max([rank, *rank_pattern.values()])
+    field = f"r={rank}" if declared_max == rank else f"rank_pattern's rank {declared_max}"
     files = [CONFIG, weights_file]
     return AdapterReport(
-        format=AdapterFormat.HF, rank=declared_max, rank_source=f"{CONFIG}: r={declared_max}",
+        format=AdapterFormat.HF, rank=declared_max, rank_source=f"{CONFIG}: {field}",
         target_modules=tuple(sorted({w.module for w in weights})), weights=tuple(weights),
         size_bytes=sum((directory / f).stat().st_size for f in files), files=tuple(files),
-        use_dora=config.get("use_dora", False), use_rslora=config.get("use_rslora", False),
-        bias=str(config.get("bias", "none")), modules_to_save=tuple(str(m) for m in modules_to_save),
+        modules_to_save=tuple(str(m) for m in modules_to_save), peft_config=config,
+        unparsed_tensors=tuple(sorted(unparsed)),
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from loraplex.api.types import AdapterFormat
 
@@ -17,13 +19,14 @@ class Rejection(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class LoraWeights:
-    """One adapted linear layer: its low-rank pair, as the format names the module."""
+    """One adapted layer: its low-rank pair, as the format names the module."""
 
-    module: str
+    module: str  # the last part of its name: q_proj, lm_head, attention_qkv...
     layer: int | None
-    rank: int
+    rank: int  # read from the tensors
     in_features: int
     out_features: int
+    name: str = ""  # HF only: the module's full name in the base model, model.layers.0.self_attn.q_proj
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,9 +38,10 @@ class AdapterReport:
     weights: tuple[LoraWeights, ...]
     size_bytes: int
     files: tuple[str, ...]
-    use_dora: bool = False
-    use_rslora: bool = False
-    bias: str = "none"
     modules_to_save: tuple[str, ...] = ()
+    # HF only: adapter_config.json as written, for the runtime's rules on PEFT options.
+    peft_config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # HF only: tensors that are not LoRA matrices in PEFT's saved form (biases, DoRA magnitudes, full copies...).
+    unparsed_tensors: tuple[str, ...] = ()
     # TensorRT-LLM only: values per row of model.lora_weights.npy (every row is padded to the widest).
     row_values: int | None = None

@@ -1,7 +1,9 @@
 """The CRDs are generated from the API types, structural, and committed up to date."""
 
+import re
 from pathlib import Path
 
+import pydantic
 import pytest
 import yaml
 
@@ -76,3 +78,21 @@ def test_crd_defaults_agree_with_the_pydantic_defaults():
     assert props["lora"]["properties"]["maxGpuLoras"]["default"] == spec.lora.max_gpu_loras
     assert props["peftSource"]["properties"]["mountPath"]["default"] == spec.peft_source.mount_path
     assert LoraAdapterSpec.model_validate({"baseModel": "b", "source": "s3://bucket/x"}).format.value == "auto"
+
+
+@pytest.mark.parametrize(("value", "valid"), [
+    ("0.11.0", True), ("v0.32.0", True), ("0.12", True), ("latest", False), ("0.11.0-cpu", False), ("11", False),
+])
+def test_runtime_version_is_an_optional_version(value, valid):
+    schema = yaml.safe_load(crd_files()["basemodeldeployments.yaml"])
+    field = schema["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "runtimeVersion"]
+    assert field["type"] == "string" and "when its tag does not say" in field["description"]
+    assert bool(re.fullmatch(field["pattern"], value)) is valid
+    base = {"model": "m", "runtime": "vllm", "image": "vllm/vllm-openai:latest"}
+    assert BaseModelDeploymentSpec.model_validate(base).runtime_version is None
+    if valid:
+        assert BaseModelDeploymentSpec.model_validate({**base, "runtimeVersion": value}).runtime_version == value
+    else:
+        with pytest.raises(pydantic.ValidationError):
+            BaseModelDeploymentSpec.model_validate({**base, "runtimeVersion": value})

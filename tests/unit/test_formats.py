@@ -89,7 +89,7 @@ def test_expected_rank_and_format_must_match(adapters):
 @pytest.mark.parametrize(("name", "runtime", "complaint"), [
     ("nemo", Runtime.VLLM, "nemo adapters cannot be loaded by vllm"),
     ("trtllm", Runtime.VLLM, "trtllm adapters cannot be loaded by vllm"),
-    ("hf-dora", Runtime.VLLM, "use_dora=true: vLLM does not serve DoRA adapters"),
+    ("hf-dora", Runtime.VLLM, "adapter_config.json: use_dora=true: vLLM refuses DoRA adapters"),
 ])
 def test_runtime_rules(adapters, name, runtime, complaint):
     assert complaint in rejection(adapters / name, AdapterPolicy(runtime=runtime))

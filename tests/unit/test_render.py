@@ -8,6 +8,7 @@ from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.types import BaseModelDeploymentSpec
 from loraplex.operator import render
 from loraplex.operator.settings import OperatorSettings
+from loraplex.sidecar.settings import SettingsError, SidecarSettings
 
 SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
 
@@ -55,6 +56,54 @@ def test_vllm_container_carries_the_documented_lora_flags():
 def test_vllm_rank_limit_rounds_up_to_a_value_vllm_accepts():
     inference = containers(render.render_deployment(owner(), spec(lora={"maxRank": 48}), SETTINGS))["inference"]
     assert inference["args"][inference["args"].index("--max-lora-rank") + 1] == "64"
+
+
+@pytest.mark.parametrize(("overrides", "flag"), [
+    ({"image": "vllm/vllm-openai:v0.12.0", "lora": {"maxRank": 1}}, "1"),
+    ({"image": "vllm/vllm-openai:latest", "lora": {"maxRank": 1}}, "1"),  # unknown: the newest vLLM known
+    ({"image": "vllm/vllm-openai:latest", "runtimeVersion": "0.11.1", "lora": {"maxRank": 1}}, "1"),
+    ({"image": "vllm/vllm-openai:v0.11.0", "lora": {"maxRank": 2}}, "8"),
+    ({"image": "vllm/vllm-openai:v0.11.0", "lora": {"maxRank": 320}}, "320"),
+])
+def test_vllm_rank_flag_is_one_the_vllm_version_accepts(overrides, flag):
+    inference = containers(render.render_deployment(owner(), spec(**overrides), SETTINGS))["inference"]
+    assert inference["args"][inference["args"].index("--max-lora-rank") + 1] == flag
+
+
+@pytest.mark.parametrize("overrides", [
+    {"image": "vllm/vllm-openai:v0.11.0"},
+    {"image": "vllm/vllm-openai:latest", "runtimeVersion": "0.11.0"},
+    {"image": "vllm/vllm-openai:v0.12.0", "runtimeVersion": "0.11.0"},  # the spec says what the tag does not
+])
+def test_max_rank_1_is_refused_on_a_vllm_without_max_lora_rank_1(overrides):
+    with pytest.raises(render.RenderError) as excinfo:
+        render.render_deployment(owner(), spec(**overrides, lora={"maxRank": 1}), SETTINGS)
+    assert str(excinfo.value) == ("lora.maxRank 1 needs --max-lora-rank 1, which vLLM 0.11.0 does not accept "
+                                  "(0.11.1 and later do); raise lora.maxRank to 8 or run a newer vLLM")
+
+
+@pytest.mark.parametrize(("overrides", "version"), [
+    ({"image": "vllm/vllm-openai:v0.11.0"}, "0.11.0"),
+    ({"image": "vllm/vllm-openai:v0.32.0-cpu"}, "0.32.0"),
+    ({"image": "vllm/vllm-openai:latest", "runtimeVersion": "0.12.0"}, "0.12.0"),
+    ({"image": "vllm/vllm-openai:v0.11.0", "runtimeVersion": "v0.31"}, "0.31.0"),
+    ({"image": "vllm/vllm-openai:latest"}, None),
+    ({"image": "vllm/vllm-openai@sha256:" + "0" * 64}, None),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3"}, None),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3", "runtimeVersion": "1.0.3"}, "1.0.3"),
+])
+def test_sidecar_learns_the_runtime_version(overrides, version):
+    sidecar = containers(render.render_deployment(owner(), spec(**overrides), SETTINGS))["loraplex-sidecar"]
+    assert env_of(sidecar).get("LORAPLEX_RUNTIME_VERSION") == version
+    settings = SidecarSettings.from_environment({e["name"]: e.get("value") or "from-the-pod" for e in sidecar["env"]})
+    assert settings.runtime_version == (tuple(map(int, version.split("."))) if version else None)
+
+
+def test_sidecar_refuses_a_runtime_version_it_cannot_read():
+    sidecar = containers(render.render_deployment(owner(), spec(), SETTINGS))["loraplex-sidecar"]
+    env = {e["name"]: e.get("value") or "from-the-pod" for e in sidecar["env"]}
+    with pytest.raises(SettingsError, match=r"LORAPLEX_RUNTIME_VERSION='latest' is not a version such as 0\.11\.0"):
+        SidecarSettings.from_environment({**env, "LORAPLEX_RUNTIME_VERSION": "latest"})
 
 
 def test_model_source_is_what_vllm_loads_and_model_is_what_it_serves():

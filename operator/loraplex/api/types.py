@@ -24,6 +24,7 @@ SERVED_NAME = r"^[A-Za-z0-9][A-Za-z0-9._:-]*$"
 MAX_SERVED_NAME = 128
 SOURCE_URI = r"^(s3|gs|https|hf|file)://.+$"
 QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E|m)?$"
+RUNTIME_VERSION = r"^v?([0-9]+)\.([0-9]+)(?:\.([0-9]+))?$"
 MAX_LORA_RANK = 1024
 
 
@@ -235,6 +236,13 @@ class BaseModelDeploymentSpec(Model):
     )
     runtime: Runtime = Field(description="Inference runtime: vllm, nim, or cpu (loraplex's CPU server).")
     image: str = Field(min_length=1, description="Inference runtime image.")
+    runtime_version: str | None = Field(
+        default=None,
+        pattern=RUNTIME_VERSION,
+        description="Which runtime version the image runs, e.g. 0.11.0, when its tag does not say (latest, a "
+        "digest); adapters are checked against what that version loads. Defaults to the version in a vLLM "
+        "image's tag, else the newest vLLM loraplex knows.",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
         default=None, description="Pull policy of the runtime image."
     )

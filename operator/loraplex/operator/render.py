@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from loraplex.api.adapter_set import DATA_KEY, AdapterLimits, AdapterSet, DesiredAdapter
+from loraplex.api.runtime_capabilities import deployed_version, format_version
 from loraplex.api.types import (
     API_VERSION,
     BASE_MODEL_DEPLOYMENT,
@@ -144,6 +145,12 @@ def _restricted_security_context() -> dict[str, Any]:
     }
 
 
+def _runtime_version_env(spec: BaseModelDeploymentSpec) -> list[dict[str, Any]]:
+    """The runtime version the sidecar judges adapters for; without one it assumes the newest it knows."""
+    version = deployed_version(spec.runtime, spec.image, spec.runtime_version)
+    return [] if version is None else [{"name": "LORAPLEX_RUNTIME_VERSION", "value": format_version(version)}]
+
+
 def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings: OperatorSettings
                              ) -> dict[str, Any]:
     names = ChildNames(name)
@@ -154,6 +161,7 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
         {"name": "LORAPLEX_BASE_MODEL", "value": name},
         {"name": "LORAPLEX_ADAPTER_SET", "value": names.adapter_set},
         {"name": "LORAPLEX_RUNTIME", "value": spec.runtime.value},
+        *_runtime_version_env(spec),
         {"name": "LORAPLEX_RUNTIME_URL", "value": f"http://127.0.0.1:{spec.port}"},
         {"name": "LORAPLEX_SERVED_MODEL", "value": spec.model},
         {"name": "LORAPLEX_PEFT_DIR", "value": spec.peft_source.mount_path},

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraplex.api.runtime_capabilities import Version, deployed_version, vllm_label, vllm_release
 from loraplex.api.types import RUNTIME_FORMATS, BaseModelDeploymentSpec, Runtime
 from loraplex.operator.runtimes.base import env_var, http_probes
 
-# --max-lora-rank accepts only these values; a limit in between is rounded up for the runtime
-# while loraplex still enforces the exact limit on every adapter.
-SUPPORTED_MAX_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+def runtime_max_rank(max_rank: int, version: Version | None = None) -> int | None:
+    """The --max-lora-rank to render: the smallest value this vLLM version accepts that holds `max_rank`
+    (loraplex still enforces the exact limit on every adapter)."""
+    return next((rank for rank in vllm_release(version).max_lora_ranks if rank >= max_rank), None)
 
 
-def runtime_max_rank(max_rank: int) -> int | None:
-    return next((rank for rank in SUPPORTED_MAX_RANKS if rank >= max_rank), None)
+def _version(spec: BaseModelDeploymentSpec) -> Version | None:
+    return deployed_version(spec.runtime, spec.image, spec.runtime_version)
 
 
 class VllmProfile:
@@ -23,9 +26,13 @@ class VllmProfile:
 
     def problems(self, spec: BaseModelDeploymentSpec) -> list[str]:
         found = []
-        if runtime_max_rank(spec.lora.max_rank) is None:
-            found.append(f"lora.maxRank {spec.lora.max_rank} exceeds vLLM's largest --max-lora-rank "
-                         f"{SUPPORTED_MAX_RANKS[-1]}")
+        version = _version(spec)
+        ranks = vllm_release(version).max_lora_ranks
+        if spec.lora.max_rank == 1 and 1 not in ranks:
+            found.append(f"lora.maxRank 1 needs --max-lora-rank 1, which {vllm_label(version)} does not accept "
+                         f"(0.11.1 and later do); raise lora.maxRank to {ranks[0]} or run a newer vLLM")
+        elif runtime_max_rank(spec.lora.max_rank, version) is None:
+            found.append(f"lora.maxRank {spec.lora.max_rank} exceeds vLLM's largest --max-lora-rank {ranks[-1]}")
         if spec.lora.max_cpu_loras < spec.lora.max_gpu_loras:
             found.append(f"lora.maxCpuLoras {spec.lora.max_cpu_loras} is below lora.maxGpuLoras "
                          f"{spec.lora.max_gpu_loras}; vLLM requires --max-cpu-loras >= --max-loras")
@@ -40,7 +47,7 @@ class VllmProfile:
             "--enable-lora",
             "--max-loras", str(spec.lora.max_gpu_loras),
             "--max-cpu-loras", str(spec.lora.max_cpu_loras),
-            "--max-lora-rank", str(runtime_max_rank(spec.lora.max_rank)),
+            "--max-lora-rank", str(runtime_max_rank(spec.lora.max_rank, _version(spec))),
         ]
         if spec.gpus.count > 1:
             args += ["--tensor-parallel-size", str(spec.gpus.count)]

