@@ -1,13 +1,34 @@
 """vLLM: adapters are loaded and unloaded through its runtime LoRA endpoints.
 
-POST /v1/load_lora_adapter {lora_name, lora_path} answers 200, or 400 "...has already been loaded."
-POST /v1/unload_lora_adapter {lora_name} answers 200, or 404 "...cannot be found."
+POST /v1/load_lora_adapter {lora_name, lora_path} answers 200, or 400 "...has already been loaded.";
+an adapter it refuses answers 400 up to vLLM 0.17 and 500 InternalServerError from 0.18 (docs/vllm-lora-
+contract.md), with the engine still serving. POST /v1/unload_lora_adapter {lora_name} answers 200, or 404
+"...cannot be found."
 """
 
 from __future__ import annotations
 
+import json
+
 from loraplex.sidecar.runtimes.base import LoadFailed, RuntimeUnavailable
 from loraplex.sidecar.runtimes.openai import OpenAiHttp, error_message
+
+
+def is_vllm_error(text: str) -> bool:
+    """True when the body is vLLM's own error object, i.e. vLLM answered rather than something in front of it."""
+    try:
+        error = json.loads(text).get("error")
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and "message" in error and "type" in error
+
+
+def load_failure(name: str, status: int, text: str, engine_healthy: bool) -> Exception:
+    """What a failed load means: vLLM refusing this adapter (its sentence), or vLLM not being able to answer."""
+    message = error_message(text)
+    if status >= 500 and not (engine_healthy and is_vllm_error(text)):
+        return RuntimeUnavailable(f"vLLM answered {status} loading {name}: {message}")
+    return LoadFailed(f"vLLM refused to load {name}: {message}")
 
 
 class VllmClient:
@@ -29,9 +50,8 @@ class VllmClient:
         if status == 400 and "already been loaded" in message:
             # Loaded under this name by an earlier sidecar life; the caller unloads first when weights changed.
             return
-        if status >= 500:
-            raise RuntimeUnavailable(f"vLLM answered {status} loading {name}: {message}")
-        raise LoadFailed(f"vLLM refused to load {name}: {message}")
+        # A refused adapter and a dying engine both answer 500 on recent vLLM: /health tells them apart.
+        raise load_failure(name, status, text, engine_healthy=status < 500 or await self.healthy())
 
     async def unload(self, name: str) -> None:
         status, text = await self.http.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})
