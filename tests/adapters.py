@@ -92,7 +92,7 @@ CORPUS = [
 ]
 
 
-def make_tiny_model(directory: Path, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, seed: int = 0, config: dict[str, Any] | None = None) -> Path:
     """A tiny random Llama with a byte-level BPE tokenizer trained here: a complete local model folder."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
@@ -101,9 +101,9 @@ def make_tiny_model(directory: Path, seed: int = 0) -> Path:
     trainer.train_from_iterator(CORPUS, vocab_size=384, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>")
-    config = {**TINY_LLAMA, "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
-              "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
-    model = tiny_llama(config, seed)
+    model_config = {**(config or TINY_LLAMA), "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    model = tiny_llama(model_config, seed)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     (directory / "loraplex-tiny.json").write_text(json.dumps({"purpose": "tests and demo; random weights"}))
