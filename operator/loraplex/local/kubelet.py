@@ -40,6 +40,8 @@ LEASE_RENEW_SECONDS = 10
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TERMINAL_PHASES = ("Succeeded", "Failed")
 HELD_RETRY_SECONDS = 2.0
+# Commands a runtime image would provide, for the programs installed on this machine (`vllm serve`).
+LAUNCHERS = Path(__file__).parent / "launchers"
 
 
 class ConfigError(Exception):
@@ -330,7 +332,7 @@ class ProcessKubelet:
             return pod.ports.get(int(port), int(port))
 
         rewrite = _PortRewriter(pod.ports)
-        env = {"PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
+        env = {"PATH": f"{Path(sys.executable).parent}:{LAUNCHERS}:/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp",
                "LANG": "C.UTF-8", "HOSTNAME": pod.name, **self._service_environment(), **self.extra_env}
         for source in container.get("envFrom", []):
             env.update(self._env_from(manifest["metadata"]["namespace"], source))
