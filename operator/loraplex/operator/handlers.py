@@ -98,6 +98,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
     memo.metrics_runner = await memo.metrics.serve(operator_settings.metrics_port) \
         if operator_settings.metrics_port else None
     memo.retries = {}
+    memo.pending = {}
     memo.resync = asyncio.create_task(_resync_forever(memo, operator_settings.resync_seconds))
 
 
@@ -127,18 +128,32 @@ async def _resync_forever(memo: kopf.Memo, interval: float) -> None:
 
 
 async def _guarded(memo: kopf.Memo, what: tuple[Any, ...], fn: Callable[[], Awaitable[None]]) -> None:
-    """Run a reconcile; on failure, log it and try again later with backoff (event handlers are not retried)."""
+    """Run a reconcile; on failure, log it and try again later with backoff (event handlers are not retried).
+
+    A retry runs the newest failed reconcile of the same thing, and none once a later one succeeded:
+    replaying an older event's body would put state the cluster has moved past back into the indices.
+    """
     try:
         await memo.metrics.timed(str(what[0]), fn)
     except Exception as exc:
         attempt = memo.retries.get(what, 0)
         delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
         memo.retries[what] = attempt + 1
-        logger.warning("reconcile of %s failed (%s); retrying in %ss", what, exc, delay)
-        loop = asyncio.get_running_loop()
-        loop.call_later(delay, lambda: loop.create_task(_guarded(memo, what, fn)))
+        logger.warning("reconcile of %s failed (%s: %s); retrying in %ss", what, type(exc).__name__, exc, delay)
+        already_scheduled = what in memo.pending
+        memo.pending[what] = fn
+        if not already_scheduled:
+            loop = asyncio.get_running_loop()
+            loop.call_later(delay, lambda: loop.create_task(_retry(memo, what)))
     else:
         memo.retries.pop(what, None)
+        memo.pending.pop(what, None)
+
+
+async def _retry(memo: kopf.Memo, what: tuple[Any, ...]) -> None:
+    fn = memo.pending.pop(what, None)
+    if fn is not None:
+        await _guarded(memo, what, fn)
 
 
 # ---- events ----------------------------------------------------------------------------------------------
