@@ -1,5 +1,5 @@
-"""What every benchmark shares: its --results argument, peak RSS of a process, and what it writes (a
-markdown table and a PNG plot into its results folder)."""
+"""What every benchmark shares: its --results argument, peak RSS and CPU time of a process, and what it
+writes (a markdown table and a PNG plot into its results folder)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def add_results_argument(parser: argparse.ArgumentParser) -> None:
 def peak_rss_mb(pid: int) -> float:
     """The process's peak resident set so far (VmHWM)."""
     return int(Path(f"/proc/{pid}/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time the process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def machine() -> str:

@@ -2,16 +2,18 @@
 
     .venv/bin/python bench/sidecar_scale.py [--adapters 500]
 
-The real `loraplex sidecar` process against the API emulator, moto S3 and a fake vLLM that honours
-the LoRA endpoints. Measures the time until every adapter is reported Loaded, the sidecar's peak RSS,
-and, after a SIGKILL and restart, the time until the restarted sidecar is ready with every adapter
-re-verified from the volume, and how many objects it fetched again (should be none).
+The real `loraplex sidecar` process against a real Kubernetes control plane (loraplex.local), signed in
+as the ServiceAccount the operator renders for a base model's pods with the sidecar's Role, moto S3 and a
+fake vLLM that honours the LoRA endpoints. Measures the time until every adapter is reported Loaded, the
+sidecar's peak RSS, and, after a SIGKILL and restart, the time until the restarted sidecar is ready with
+every adapter re-verified from the volume, and how many objects it fetched again (should be none).
 Writes bench/results/sidecar_scale.{md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import sys
@@ -21,20 +23,36 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import add_results_argument, machine, peak_rss_mb, table, write  # noqa: E402
+from bench.apiserver import (  # noqa: E402
+    MACHINE_BUSY,
+    MACHINE_TOTAL,
+    ApiserverReading,
+    LoraAdapterWatch,
+    admin_client,
+    read_apiserver,
+)
+from bench.report import add_results_argument, cpu_seconds, machine, peak_rss_mb, table, write  # noqa: E402
 from loraplex.api.adapter_set import DesiredAdapter  # noqa: E402
 from loraplex.api.types import Runtime  # noqa: E402
+from loraplex.local.controlplane import ControlPlane  # noqa: E402
+from loraplex.local.install import install_crds  # noqa: E402
 from tests.adapters import make_hf_adapter  # noqa: E402
-from tests.conftest import load_crds  # noqa: E402
 from tests.fakes.runtime import FakeRuntime  # noqa: E402
 from tests.integration.harness import wait_for  # noqa: E402
-from tests.integration.sidecar_harness import AdapterSetWriter, MotoServer, SidecarProcess  # noqa: E402
-from tests.kube_emulator import EmulatorThread  # noqa: E402
+from tests.integration.sidecar_harness import (  # noqa: E402
+    POD,
+    AdapterSetWriter,
+    MotoServer,
+    SidecarProcess,
+    install_sidecar_identity,
+    replica_entry,
+)
+
+NAMESPACE = "default"
 
 
 def object_gets(moto_log: Path) -> int:
@@ -47,11 +65,15 @@ def main() -> None:
     add_results_argument(parser)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
-    emulator = EmulatorThread(history_limit=200_000).start()
     moto = MotoServer(work / "moto.log")
     runtime = FakeRuntime("vllm", "meta/llama3").start()
+    plane = ControlPlane(work / "control-plane")
+    admin: kubernetes.client.ApiClient | None = None
     sidecars: list[SidecarProcess] = []
+    adapters: LoraAdapterWatch | None = None
     try:
+        plane.start()
+        admin = admin_client(plane)
         make_hf_adapter(work / "adapter", rank=8)
         s3 = moto.client()
         s3.create_bucket(Bucket="adapters")
@@ -60,78 +82,86 @@ def main() -> None:
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda job: s3.upload_file(str(job[1]), "adapters", f"many/{job[0]}/{job[1].name}"),
                           [(name, path) for name in names for path in files]))
-        kubeconfig = work / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump(emulator.kubeconfig()))
-        configuration = kubernetes.client.Configuration()
-        configuration.host = emulator.url
-        api = kubernetes.client.ApiClient(configuration)
-        for crd in load_crds():
-            kubernetes.client.ApiextensionsV1Api(api).create_custom_resource_definition(crd)
-        writer = AdapterSetWriter(api, Runtime.VLLM)
-        custom = kubernetes.client.CustomObjectsApi(api)
+        install_crds(admin, ROOT)
+        identity = install_sidecar_identity(admin, plane, NAMESPACE, work / "sidecar.kubeconfig")
+        writer = AdapterSetWriter(admin, NAMESPACE, Runtime.VLLM)
+        custom = kubernetes.client.CustomObjectsApi(admin)
+
+        def create(name: str) -> None:
+            obj = custom.create_namespaced_custom_object("loraplex.io", "v1alpha1", NAMESPACE, "loraadapters", {
+                "apiVersion": "loraplex.io/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": name},
+                "spec": {"baseModel": "llama3", "source": f"s3://adapters/many/{name}/"}})
+            writer.adapters[name] = DesiredAdapter(name=name, uid=obj["metadata"]["uid"], generation=1,
+                                                   served_name=name, source=f"s3://adapters/many/{name}/")
+
+        with ThreadPoolExecutor(8) as pool:  # the LoraAdapter objects exist; the adapter set comes in one write
+            list(pool.map(create, names))
+        writer.adapters = {name: writer.adapters[name] for name in names}
+        adapters = LoraAdapterWatch(admin, NAMESPACE).start()
 
         def count_loaded() -> int:
-            return emulator.call(lambda: sum(
-                1 for obj in emulator.store.objects["loraadapters.loraplex.io"].values()
-                if ((obj.get("status") or {}).get("replicaStatus") or {}).get("llama3-0", {}).get("state") == "Loaded"))
+            return adapters.count(lambda obj: (replica_entry(obj, POD) or {}).get("state") == "Loaded")
 
         env = {"AWS_ENDPOINT_URL_S3": moto.url, "LORAPLEX_REASSERT_SECONDS": "3600",
                "LORAPLEX_MAX_CONCURRENT_DOWNLOADS": "8"}
-        sidecar = SidecarProcess(kubeconfig, work / "volume", Runtime.VLLM, runtime.url, work / "sidecar.log",
-                                 env).start()
+        sidecar = SidecarProcess(identity.kubeconfig, NAMESPACE, work / "volume", Runtime.VLLM, runtime.url,
+                                 work / "sidecar.log", env).start()
         sidecars.append(sidecar)
         wait_for(lambda: sidecar.get("/healthz")[0] == 200, 60, "sidecar up", sidecar.log)
-        for name in names:  # the LoraAdapter objects exist; the adapter set is published in one write
-            custom.create_namespaced_custom_object("loraplex.io", "v1alpha1", "default", "loraadapters", {
-                "apiVersion": "loraplex.io/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": name},
-                "spec": {"baseModel": "llama3", "source": f"s3://adapters/many/{name}/"}})
-            obj = custom.get_namespaced_custom_object("loraplex.io", "v1alpha1", "default", "loraadapters", name)
-            writer.adapters[name] = DesiredAdapter(name=name, uid=obj["metadata"]["uid"], generation=1,
-                                                   served_name=name, source=f"s3://adapters/many/{name}/")
         first_progress: list[tuple[float, int]] = []
+        before = read_apiserver(plane), processes_cpu(sidecar, moto)
         start = time.perf_counter()
         writer.publish()
         wait_for(lambda: recorded(first_progress, start, count_loaded()) == args.adapters, 600,
                  "every adapter Loaded", sidecar.log)
         first_sync = time.perf_counter() - start
+        first_api = read_apiserver(plane) - before[0]
+        first_cpu = since(before[1], processes_cpu(sidecar, moto))
         first_rss = peak_rss_mb(sidecar.process.pid)  # type: ignore[union-attr]
         fetched = object_gets(work / "moto.log")
         assert len(runtime.loaded) == args.adapters
 
         sidecar.kill()
-        restarted = SidecarProcess(kubeconfig, work / "volume", Runtime.VLLM, runtime.url,
+        restarted = SidecarProcess(identity.kubeconfig, NAMESPACE, work / "volume", Runtime.VLLM, runtime.url,
                                    work / "sidecar-2.log", env)
         sidecars.append(restarted)
         time.sleep(1.1)  # status timestamps have 1 s resolution: the old life's are now strictly earlier
         restart_stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        before = read_apiserver(plane), processes_cpu(None, moto)
         start = time.perf_counter()
         restarted.start()
 
         def count_reported_again() -> int:
-            return emulator.call(lambda: sum(
-                ((obj.get("status") or {}).get("replicaStatus") or {}).get("llama3-0", {}).get("updated", "")
-                >= restart_stamp for obj in emulator.store.objects["loraadapters.loraplex.io"].values()))
+            return adapters.count(lambda obj: (replica_entry(obj, POD) or {}).get("updated", "") >= restart_stamp)
 
         restart_progress: list[tuple[float, int]] = []
         wait_for(lambda: restarted.get("/readyz")[0] == 200
                  and recorded(restart_progress, start, count_reported_again()) == args.adapters, 600,
                  "restarted sidecar ready, every adapter reported again", restarted.log)
         reverified = time.perf_counter() - start
+        restart_api = read_apiserver(plane) - before[0]
+        restart_cpu = since(before[1], processes_cpu(restarted, moto))
         refetched = object_gets(work / "moto.log") - fetched
+        refusals = [line for process in sidecars for line in process.refusals()]
     finally:
+        if adapters is not None:
+            adapters.stop()
         for process in sidecars:
             process.stop()
         runtime.stop()
         moto.stop()
-        emulator.stop()
+        if admin is not None:
+            admin.close()
+        plane.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     lines = [
         "# Sidecar scale",
         "",
-        f"`python bench/sidecar_scale.py --adapters {args.adapters}` on {machine()}: the real sidecar with the API "
-        "emulator, moto S3 and a fake vLLM in the same machine; adapters of about 10 kB (3 objects each), "
-        "8 downloads at a time.",
+        f"`python bench/sidecar_scale.py --adapters {args.adapters}` on {machine()}: the real sidecar, as its own "
+        "ServiceAccount with the Role the operator renders for it, against a real Kubernetes v1.36 control plane, "
+        "with moto S3 and a fake vLLM on the same machine; adapters of about 10 kB (3 objects each), 8 downloads "
+        "at a time.",
         "",
         *table(["", ""], [
             [f"{args.adapters} adapters published in one adapter-set write → all reported Loaded",
@@ -140,7 +170,12 @@ def main() -> None:
             [f"SIGKILL, restart with all {args.adapters} on disk → ready, all re-verified and reported",
              f"{reverified:.1f} s"],
             ["objects fetched again after the restart", str(refetched)],
+            ["API requests the apiserver refused the sidecar (its log)", str(len(refusals))],
         ]),
+        "",
+        served("First start", first_api, first_cpu),
+        "",
+        served("Restart", restart_api, restart_cpu),
     ]
 
     def draw(figure) -> None:  # type: ignore[no-untyped-def]
@@ -152,6 +187,29 @@ def main() -> None:
         axes.legend()
 
     write(args.results, "sidecar_scale", lines, draw, size=(7, 4))
+
+
+def served(phase: str, api: ApiserverReading, cpu: dict[str, float]) -> str:
+    """What kube-apiserver served in one phase, and the CPU each process used meanwhile."""
+    requests = ", ".join(f"{verb} {resource} {n} ({seconds * 1000:.1f} ms mean)"
+                         for verb, resource, n, seconds in api.requests()[:6])
+    used = {**cpu, **{name: api.cpu[name] for name in ("kube-apiserver", "etcd")}}
+    busy = api.cpu[MACHINE_BUSY] / api.cpu[MACHINE_TOTAL]
+    return (f"{phase}: kube-apiserver served {requests}; CPU used: "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in sorted(used.items(), key=lambda i: -i[1]))
+            + f"; the machine's cores were {busy:.0%} busy.")
+
+
+def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
+
+
+def processes_cpu(sidecar: SidecarProcess | None, moto: MotoServer) -> dict[str, float]:
+    """CPU seconds of the sidecar, moto, and this script (the fake vLLM runs in it)."""
+    cpu = {"moto": cpu_seconds(moto.process.pid), "this script (fake vLLM, watch)": cpu_seconds(os.getpid())}
+    if sidecar is not None and sidecar.process is not None:
+        cpu["sidecar"] = cpu_seconds(sidecar.process.pid)
+    return cpu
 
 
 def recorded(samples: list[tuple[float, int]], start: float, count: int) -> int:

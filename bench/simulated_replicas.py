@@ -1,60 +1,75 @@
-"""Stand-ins for inference pods in bench/operator_scale.py: one Pod per base model whose "sidecar" follows
-the adapter-set ConfigMap and reports every adapter in it Loaded, by merge patch, as the real sidecar does.
+"""Stand-ins for the inference pods' sidecars in bench/operator_scale.py. The pods are real: the Deployment
+controller makes them from the operator's Deployments, and with no kubelet they stay Pending, which the
+operator counts as replicas. For every pod, this follows its base model's adapter-set ConfigMap and reports
+each adapter in it Loaded on that pod, by merge patch of the LoraAdapter's status, as the real sidecar does.
 
-    python bench/simulated_replicas.py API_URL MODEL [MODEL ...]
+    python bench/simulated_replicas.py KUBECONFIG NAMESPACE MODEL [MODEL ...]
 
-A process of its own, talking asyncio + aiohttp, so that the simulation neither shares the emulator's
-interpreter lock nor spends its time in a thread pool: what the benchmark measures is the operator.
-Runs until terminated.
+A process of its own, talking asyncio + aiohttp, so that the simulation shares neither an interpreter
+lock nor a thread pool with what is measured. Runs until terminated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import sys
+from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
 
 GROUP, VERSION = "loraplex.io", "v1alpha1"
-# The emulator counts requests by client; anything but "aiohttp" in the User-Agent is not the operator's.
-HEADERS = {"User-Agent": "loraplex-bench-replicas"}
+BASE_MODEL_LABEL = "loraplex.io/base-model"
 
 
-async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, pod: str, adapter: str,
-                 generation: int) -> None:
+async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, namespace: str, pod: str, adapter: str,
+                 generation: int, reported: set[tuple[str, int]]) -> None:
     patch = {"status": {"replicaStatus": {pod: {"state": "Loaded", "observedGeneration": generation,
                                                 "format": "hf", "rank": 8}}}}
     async with limit, session.patch(
-            f"/apis/{GROUP}/{VERSION}/namespaces/default/loraadapters/{adapter}/status", data=json.dumps(patch),
-            headers={"Content-Type": "application/merge-patch+json"}) as response:
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/loraadapters/{adapter}/status",
+            data=json.dumps(patch), headers={"Content-Type": "application/merge-patch+json"}) as response:
         await response.read()
+        if response.status >= 400:
+            reported.discard((adapter, generation))  # the next round tries again
 
 
-async def main(url: str, base_models: list[str]) -> None:
-    async with aiohttp.ClientSession(url, headers=HEADERS) as session:
-        for name in base_models:
-            async with session.post("/api/v1/namespaces/default/pods", json={
-                    "metadata": {"name": f"{name}-0", "labels": {"loraplex.io/base-model": name}},
-                    "spec": {"containers": [{"name": "inference", "image": "x"}]}}) as response:
-                response.raise_for_status()
-        reported: dict[str, set[tuple[str, int]]] = {name: set() for name in base_models}
+async def main(config: dict[str, Any], namespace: str, base_models: list[str]) -> None:
+    cluster, user = config["clusters"][0]["cluster"], config["users"][0]["user"]
+    tls = ssl.create_default_context(cafile=cluster["certificate-authority"])
+    # A User-Agent of its own, so that no request counter takes these for the operator's.
+    headers = {"User-Agent": "loraplex-bench-replicas", "Authorization": f"Bearer {user['token']}"}
+    async with aiohttp.ClientSession(cluster["server"], headers=headers,
+                                     connector=aiohttp.TCPConnector(ssl=tls)) as session:
+        reported: dict[str, set[tuple[str, int]]] = {}  # per pod: (adapter, generation) reported Loaded
         limit = asyncio.Semaphore(16)
         tasks: set[asyncio.Task[None]] = set()
         while True:
+            async with session.get(f"/api/v1/namespaces/{namespace}/pods",
+                                   params={"labelSelector": BASE_MODEL_LABEL}) as response:
+                pods = (await response.json())["items"] if response.status == 200 else []
             for name in base_models:
-                async with session.get(f"/api/v1/namespaces/default/configmaps/{name}-adapters") as response:
+                async with session.get(f"/api/v1/namespaces/{namespace}/configmaps/{name}-adapters") as response:
                     if response.status != 200:
                         continue
                     data = (await response.json()).get("data") or {}
                 wanted = {(a["name"], a["generation"]) for a in json.loads(data["adapters.json"])["adapters"]}
-                for adapter, generation in sorted(wanted - reported[name]):
-                    task = asyncio.create_task(report(session, limit, f"{name}-0", adapter, generation))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                reported[name] |= wanted
+                for pod in pods:
+                    meta = pod["metadata"]
+                    if meta["labels"][BASE_MODEL_LABEL] != name or meta.get("deletionTimestamp"):
+                        continue
+                    done = reported.setdefault(meta["name"], set())
+                    for adapter, generation in sorted(wanted - done):
+                        done.add((adapter, generation))
+                        task = asyncio.create_task(report(session, limit, namespace, meta["name"], adapter,
+                                                          generation, done))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2:]))
+    asyncio.run(main(yaml.safe_load(Path(sys.argv[1]).read_text()), sys.argv[2], sys.argv[3:]))
