@@ -16,8 +16,18 @@ KUBERNETES_VERSION = "v1.36.2"
 ETCD_VERSION = "v3.6.13"
 BINARIES = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
-# Beside the project on its development machines: the same binaries, xz-compressed, with SHA256SUMS.
-DEFAULT_ARCHIVES = PROJECT_ROOT.parent / "shared" / "k8s"
+
+
+def _development_archives() -> Path:
+    """The same binaries, xz-compressed with their SHA256SUMS, in `shared/k8s` beside the project (or beside
+    a folder holding it) on the project's development machines."""
+    for folder in PROJECT_ROOT.parents:
+        if (folder / "shared" / "k8s" / "SHA256SUMS").is_file():
+            return folder / "shared" / "k8s"
+    return PROJECT_ROOT.parent / "shared" / "k8s"
+
+
+DEFAULT_ARCHIVES = _development_archives()
 
 
 class BinariesNotFound(RuntimeError):
