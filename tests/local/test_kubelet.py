@@ -170,3 +170,22 @@ def test_a_missing_secret_holds_the_container_until_it_exists(kubelet, api_clien
     api.create_namespaced_secret(namespace, {"metadata": {"name": "later"}, "stringData": {"A": "b"}})
     wait_for(lambda: pod_status(api_client, namespace, "waiting")["status"].get("phase") == "Running", 30,
              "running once the secret exists")
+
+
+def test_a_volume_over_tmp_leaves_the_software_under_it_runnable(tmp_path):
+    """Checkouts under /tmp (CI's, say) stay visible to containers that mount an emptyDir on /tmp."""
+    import json
+    import subprocess
+
+    software = tmp_path / "checkout"
+    software.mkdir()
+    (software / "program").write_text("#!/bin/sh\necho still here\n")
+    (software / "program").chmod(0o755)
+    volume = tmp_path / "empty-dir"
+    volume.mkdir()
+    spec = tmp_path / "mounts.json"
+    spec.write_text(json.dumps({"mounts": [{"source": str(volume), "target": "/tmp", "readOnly": False}],
+                                "keepVisible": [str(software)]}))
+    result = subprocess.run([sys.executable, "-m", "loraplex.local.container_init", str(spec), "--",
+                             str(software / "program")], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stdout) == (0, "still here\n"), result.stderr

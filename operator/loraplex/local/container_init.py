@@ -4,7 +4,10 @@ and then becomes the container's command.
 
     python -m loraplex.local.container_init MOUNTS.json -- COMMAND [ARG...]
 
-MOUNTS.json is a list of {"source": host path, "target": mount path, "readOnly": bool}.
+MOUNTS.json is {"mounts": [{"source": host path, "target": mount path, "readOnly": bool}], "keepVisible":
+[host paths]}. There is no image: the container runs this machine's programs, so the folders holding them
+(the project and its virtual environments, Python itself) are bound back where they were when a volume
+is mounted over a folder above them, as an emptyDir on /tmp is over a checkout under /tmp.
 """
 
 from __future__ import annotations
@@ -43,9 +46,16 @@ def _prepare_target(source_is_dir: bool, target: Path) -> None:
         target.touch(exist_ok=True)
 
 
-def enter(mounts: list[dict[str, object]]) -> None:
+def _under(path: str, folder: str) -> bool:
+    return path != folder and path.startswith(folder.rstrip("/") + "/")
+
+
+def enter(mounts: list[dict[str, object]], keep_visible: list[str] | None = None) -> None:
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _mount(None, "/", MS_REC | MS_PRIVATE)  # nothing mounted here leaks back to the host
+    targets = [str(m["target"]) for m in mounts]
+    hidden = [path for path in keep_visible or [] if any(_under(path, target) for target in targets)]
+    mounts = [*mounts, *({"source": path, "target": path, "readOnly": False} for path in hidden)]
     # Every source is opened before anything is mounted: a mount on /tmp must not hide a source under /tmp.
     opened = [(os.open(str(m["source"]), O_PATH), m) for m in mounts]
     for descriptor, mount in sorted(opened, key=lambda item: len(str(item[1]["target"]))):
@@ -61,10 +71,10 @@ def enter(mounts: list[dict[str, object]]) -> None:
 def main() -> None:
     arguments = sys.argv[1:]
     separator = arguments.index("--")
-    mounts = json.loads(Path(arguments[0]).read_text())
+    spec = json.loads(Path(arguments[0]).read_text())
     command = arguments[separator + 1:]
     try:
-        enter(mounts)
+        enter(spec["mounts"], spec.get("keepVisible", []))
     except OSError as exc:
         print(f"loraplex local kubelet: cannot give the container its volumes: {exc}", file=sys.stderr)
         sys.exit(127)

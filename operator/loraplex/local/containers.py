@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_BACKOFF_SECONDS = 300.0
+# What a container runs, in place of an image: this project (its virtual environments and tools) and Python.
+HOST_SOFTWARE = sorted({str(Path(__file__).resolve().parents[3]), sys.prefix, sys.base_prefix})
 
 
 def now() -> str:
@@ -93,7 +95,7 @@ class LocalContainer:
 
     def start(self) -> None:
         mounts_file = self.log.with_suffix(".mounts.json")
-        mounts_file.write_text(json.dumps(self.mounts))
+        mounts_file.write_text(json.dumps({"mounts": self.mounts, "keepVisible": HOST_SOFTWARE}))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "loraplex.local.container_init", str(mounts_file), "--", *self.argv],
             env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
