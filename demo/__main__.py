@@ -39,11 +39,12 @@ def main() -> int:
         stack.start()
         say("kubectl apply -f examples/demo.yaml")
         print(stack.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")), end="")
-        say("Waiting for every adapter to be Ready on both replicas (and the broken one to fail)")
+        say("Waiting for real vLLM to start in both GPU pods (a minute or two on 2 cores) and every adapter to be "
+            "Ready on both replicas (and the broken one to fail)")
         wait_for(lambda: all(stack.phase(name) == "Ready" for name in ADAPTERS)
                  and stack.phase("tiny-llama-broken") == "Failed"
                  and stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2,
-                 300, "the adapters", stack.log_tail)
+                 600, "the adapters", stack.log_tail)
         say("kubectl get bmd,lora")
         print(stack.kubectl("get", "bmd,lora"), end="")
         say("kubectl get nodes,replicasets,pods -o wide  (bound by kube-scheduler, run by the process kubelet)")
@@ -55,7 +56,8 @@ def main() -> int:
             print(f"  {name:22} {status['phase']:8} {status['readyReplicas']}/{status['replicas']} replicas  "
                   f"{ready['reason']}: {ready['message']}")
         pod = stack.pod_names("tiny-llama")[0]
-        say(f"One completion per model through pod {pod} (POST /v1/completions, prompt 'What is 7 times 6?')")
+        say(f"One completion per model from real vLLM in pod {pod} (POST /v1/completions, prompt "
+            "'What is 7 times 6?')")
         for model in ["tiny-llama", *[name for name in ADAPTERS]]:
             print(f"  {model:22} -> {stack.completion(pod, model)!r}")
         print("  (random tiny weights: the text is noise, but each adapter's differs from the base model's)")

@@ -1,6 +1,6 @@
 """A whole loraplex installation on one machine: a real Kubernetes control plane (loraplex.local), a process
 kubelet for its GPU node, moto S3, and the real operator running as the chart's ServiceAccount. The pods the
-operator renders are scheduled by the real scheduler and run by the kubelet (CPU runtime + sidecar)."""
+operator renders are scheduled by the real scheduler and run by the kubelet (the runtime + sidecar)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import kubernetes
 from loraplex.local.controlplane import ControlPlane
 from loraplex.local.install import install_crds, install_operator_identity
 from loraplex.local.kubelet import ProcessKubelet
-from tests.adapters import make_hf_adapter_for, make_tiny_model
+from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter_for, make_tiny_model
 from tests.conftest import tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ MODELS_CLAIM = "demo-models"  # examples/demo.yaml mounts it as the model cache
 
 def build_artifacts(directory: Path) -> Path:
     """The tiny base model and the demo's adapters, made here with transformers + peft."""
-    make_tiny_model(directory / "model")
+    make_tiny_model(directory / "model", config=VLLM_TINY_LLAMA)
     for name, seed in ADAPTER_SEEDS.items():
         make_hf_adapter_for(directory / "model", directory / "adapters" / name, rank=8, seed=seed)
     make_hf_adapter_for(directory / "model", directory / "adapters" / "broken", rank=32, seed=9)

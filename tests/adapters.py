@@ -18,6 +18,12 @@ TINY_LLAMA = {
     "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
 }
 
+# vLLM's CPU attention needs a head size it has kernels for (64 here: hidden 128 over 2 heads).
+VLLM_TINY_LLAMA = {
+    **TINY_LLAMA, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 2, "num_key_value_heads": 1,
+    "vocab_size": 384,
+}
+
 
 def tiny_llama(config: dict[str, Any] | None = None, seed: int = 0) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM

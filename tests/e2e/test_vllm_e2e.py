@@ -12,9 +12,9 @@ import yaml
 
 from demo.stack import LocalStack
 from loraplex.local.controlplane import free_port
-from tests.adapters import make_hf_adapter_for, make_tiny_model
+from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter_for, make_tiny_model
 from tests.integration.harness import wait_for
-from tests.integration.test_vllm_agreement import VLLM_PYTHON, VLLM_TINY_LLAMA
+from tests.integration.test_vllm_agreement import VLLM_PYTHON
 
 pytestmark = pytest.mark.integration
 PROMPT = "What is 7 times 6?"

@@ -21,19 +21,13 @@ from typing import Any
 import pytest
 
 from loraplex.local.controlplane import free_port
-from tests.adapters import make_hf_adapter, make_tiny_model
+from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter, make_tiny_model
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.integration
 
 VLLM_PYTHON = ROOT / ".tools" / "vllm" / "bin" / "python"
 MAX_RANK = 16
-# vLLM's CPU attention needs a head size it has kernels for (64 here: hidden 128 over 2 heads).
-VLLM_TINY_LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
-    "num_attention_heads": 2, "num_key_value_heads": 1, "num_hidden_layers": 2, "vocab_size": 384,
-    "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "tie_word_embeddings": False,
-}
 
 
 @dataclass
