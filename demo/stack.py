@@ -229,8 +229,6 @@ class LocalStack:
     def log_tail(self, lines: int = 40) -> str:
         text = ""
         logs = [self.workdir / "operator.log", *sorted((self.workdir / "kubelet" / "pods").glob("*/*.log"))]
-        if self.control_plane is not None and self.owns_control_plane:
-            logs += sorted((self.control_plane.workdir / "logs").glob("*.log"))
         for path in logs:
             if path.exists():
                 text += f"\n--- {path.relative_to(self.workdir)} ---\n" + "\n".join(

@@ -16,7 +16,8 @@ from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter_for, make_tiny_model
 from tests.integration.harness import wait_for
 from tests.integration.test_vllm_agreement import VLLM_PYTHON
 
-pytestmark = pytest.mark.integration
+# vLLM takes a minute or more to start on 2 cores, inside the first test's fixtures.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 PROMPT = "What is 7 times 6?"
 
 

@@ -24,7 +24,8 @@ from loraplex.local.controlplane import free_port
 from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter, make_tiny_model
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.integration
+# vLLM takes a minute or more to start on 2 cores, inside the first test's fixtures.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 VLLM_PYTHON = ROOT / ".tools" / "vllm" / "bin" / "python"
 MAX_RANK = 16
