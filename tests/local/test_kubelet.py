@@ -189,3 +189,19 @@ def test_a_volume_over_tmp_leaves_the_software_under_it_runnable(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loraplex.local.container_init", str(spec), "--",
                              str(software / "program")], capture_output=True, text=True, timeout=30)
     assert (result.returncode, result.stdout) == (0, "still here\n"), result.stderr
+
+
+def test_liveness_waits_for_the_startup_probe(kubelet, api_client, namespace):
+    """A server that takes seconds to start (as vLLM takes minutes) is not killed by its liveness probe."""
+    slow_server = ("import http.server, os, socketserver, time\ntime.sleep(4)\nprint('serving', flush=True)\n"
+                   "port = int(os.environ['PORT'])\n"
+                   "socketserver.TCPServer(('127.0.0.1', port), http.server.SimpleHTTPRequestHandler).serve_forever()")
+    probe = {"tcpSocket": {"port": 8000}, "periodSeconds": 1}
+    core(api_client).create_namespaced_pod(namespace, {"metadata": {"name": "slow"}, "spec": {"containers": [
+        python_container("main", slow_server, ports=[{"containerPort": 8000}], env=[{"name": "PORT", "value": "8000"}],
+                         startupProbe={**probe, "failureThreshold": 30},
+                         livenessProbe={**probe, "failureThreshold": 1}, readinessProbe=probe)]}})
+    wait_for(lambda: condition(pod_status(api_client, namespace, "slow")["status"], "Ready") == "True", 60,
+             "the slow server Ready")
+    container = pod_status(api_client, namespace, "slow")["status"]["containerStatuses"][0]
+    assert container["restartCount"] == 0 and container["started"] is True

@@ -81,6 +81,8 @@ class LocalContainer:
     log: Path
     readiness: Probe | None = None
     liveness: Probe | None = None
+    startup: Probe | None = None
+    started_ok: bool = False
     initial_backoff: float = 10.0
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -101,7 +103,10 @@ class LocalContainer:
             env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
         self.started_at, self.started_monotonic = now(), time.monotonic()
         self.ready, self.waiting_reason, self.waiting_message = self.readiness is None, None, None
-        for probe in (self.readiness, self.liveness):
+        self.started_ok = self.startup is None
+        if self.startup is not None:
+            self.ready = False
+        for probe in (self.readiness, self.liveness, self.startup):
             if probe is not None:
                 probe.failures, probe.last_run = 0, 0.0
 
@@ -123,6 +128,16 @@ class LocalContainer:
                 return True
             return False
         changed = False
+        if not self.started_ok:
+            # Until the startup probe passes, neither liveness nor readiness run (a model may load for minutes).
+            assert self.startup is not None
+            if self.startup.due(self.started_monotonic):
+                if self.startup.run():
+                    self.started_ok, self.ready = True, self.readiness is None
+                    return True
+                if self.startup.failures >= self.startup.failure_threshold:
+                    self.signal(signal.SIGKILL)
+            return False
         if self.liveness is not None and self.liveness.due(self.started_monotonic):
             self.liveness.run()
             if self.liveness.failures >= self.liveness.failure_threshold:
@@ -175,5 +190,6 @@ class LocalContainer:
                                  **({"message": self.waiting_message} if self.waiting_message else {})}}
         return {"name": self.name, "image": self.image, "imageID": f"local://{self.image}",
                 "containerID": f"local://{self.process.pid}" if self.process else "",
-                "ready": self.ready and self.running(), "started": self.running(), "restartCount": self.restarts,
+                "ready": self.ready and self.running(), "started": self.running() and self.started_ok,
+                "restartCount": self.restarts,
                 "state": state, "lastState": self.last_termination or {}}

@@ -356,6 +356,7 @@ class ProcessKubelet:
             pod.root / f"{container['name']}.log",
             readiness=Probe.from_spec(container.get("readinessProbe"), port_of),
             liveness=Probe.from_spec(container.get("livenessProbe"), port_of),
+            startup=Probe.from_spec(container.get("startupProbe"), port_of),
             initial_backoff=self.restart_backoff_seconds)
 
     def _service_environment(self) -> dict[str, str]:
