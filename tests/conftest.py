@@ -14,6 +14,7 @@ import kubernetes
 import pytest
 import yaml
 
+from loraplex.local.apiproxy import ApiProxy
 from loraplex.local.controlplane import ControlPlane
 from loraplex.local.install import install_crds, install_operator_identity
 
@@ -87,3 +88,10 @@ def kubeconfig(control_plane: ControlPlane, namespace: str, tmp_path: Path) -> P
     """An admin kubeconfig whose current namespace is the test's."""
     return control_plane.write_kubeconfig(tmp_path / "kubeconfig", control_plane.admin_token, "admin",
                                           namespace=namespace)
+
+
+@pytest.fixture
+def proxy(control_plane: ControlPlane) -> Iterator[ApiProxy]:
+    """The fault-injecting, request-counting proxy in front of the session's apiserver."""
+    with ApiProxy(control_plane.url, control_plane.ca_file) as running:
+        yield running

@@ -18,7 +18,7 @@ import kubernetes
 
 from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
 from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
-from loraplex.local.controlplane import ControlPlane
+from loraplex.local.controlplane import ControlPlane, free_port
 from loraplex.local.install import server_side_apply, service_account_token
 from loraplex.operator.render import (
     ChildNames,
@@ -33,12 +33,6 @@ BASE_MODEL = "llama3"
 POD = f"{BASE_MODEL}-0"
 # How the API server words a refusal, in the sidecar's log lines about its API calls.
 REFUSAL = re.compile(r"\b403\b|forbidden", re.IGNORECASE)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class MotoServer:

@@ -15,7 +15,6 @@ import pytest
 
 from loraplex.api.adapter_set import AdapterSet
 from loraplex.local.apiproxy import ApiProxy
-from loraplex.local.controlplane import ControlPlane
 from loraplex.local.install import chart_rbac, install_operator_identity
 from tests.conftest import ROOT, tool
 from tests.integration.harness import Cluster, OperatorProcess, kubeconfig_token, wait_for
@@ -28,12 +27,6 @@ OPERATOR_CLIENTS = ("kopf", "aiohttp")  # kopf's watches, and loraplex.kube.Kube
 @pytest.fixture
 def cluster(api_client, namespace) -> Cluster:
     return Cluster(api_client, namespace)
-
-
-@pytest.fixture
-def proxy(control_plane: ControlPlane) -> Iterator[ApiProxy]:
-    with ApiProxy(control_plane.url, control_plane.ca_file) as running:
-        yield running
 
 
 @pytest.fixture

@@ -67,12 +67,6 @@ def test_clients_are_named_by_their_product_token(user_agent, client):
 # ---- through the proxy to the real apiserver ----------------------------------------------------------
 
 @pytest.fixture
-def proxy(control_plane: ControlPlane) -> Iterator[ApiProxy]:
-    with ApiProxy(control_plane.url, control_plane.ca_file) as running:
-        yield running
-
-
-@pytest.fixture
 def proxy_kubeconfig(proxy: ApiProxy, control_plane: ControlPlane, namespace: str, tmp_path: Path) -> Path:
     return proxy.write_kubeconfig(tmp_path / "proxy.kubeconfig", control_plane.admin_token, namespace)
 

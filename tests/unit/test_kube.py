@@ -7,7 +7,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import socket
 import ssl
 import sys
 import types
@@ -28,6 +27,7 @@ from loraplex.kube import (
     retry_delay,
     retryable_status,
 )
+from loraplex.local.controlplane import free_port
 from tests.fakes.files import self_signed_certificate
 
 FAST = RetryPolicy(attempts=5, first_delay=0.05, max_delay=2.0)
@@ -284,12 +284,6 @@ async def test_retries_end_at_the_calls_deadline(serve):
         with pytest.raises(ApiError):
             await client.request("GET", "/api/v1/namespaces", deadline_seconds=2)
     assert len(api.seen) == 1  # waiting 5 s would overrun the 2 s the caller allowed
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_an_api_server_that_is_not_listening_yet_is_waited_for(serve):

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
@@ -32,6 +31,7 @@ import urllib3
 from kubernetes.client.rest import ApiException
 
 from loraplex.local.containers import LocalContainer, Probe, now
+from loraplex.local.controlplane import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +115,16 @@ class ProcessKubelet:
                 pass
         self.client.close()
 
+    def _running(self, namespace: str, pod_name: str) -> LocalPod:
+        for pod in self.pods.values():
+            if (pod.namespace, pod.name) == (namespace, pod_name):
+                return pod
+        raise KeyError(f"pod {namespace}/{pod_name} is not running on {self.node_name}")
+
     def port_of(self, namespace: str, pod_name: str, container_port: int) -> int:
         """The host port where `container_port` of a running pod listens."""
         with self._lock:
-            for pod in self.pods.values():
-                if (pod.namespace, pod.name) == (namespace, pod_name):
-                    return pod.ports[container_port]
-        raise KeyError(f"pod {namespace}/{pod_name} is not running on {self.node_name}")
+            return self._running(namespace, pod_name).ports[container_port]
 
     def url(self, namespace: str, pod_name: str, container_port: int) -> str:
         return f"http://127.0.0.1:{self.port_of(namespace, pod_name, container_port)}"
@@ -129,18 +132,12 @@ class ProcessKubelet:
     def volume_path(self, namespace: str, pod_name: str, volume: str) -> Path:
         """Where a running pod's volume lives on this machine."""
         with self._lock:
-            for pod in self.pods.values():
-                if (pod.namespace, pod.name) == (namespace, pod_name):
-                    return pod.volumes[volume]
-        raise KeyError(f"pod {namespace}/{pod_name} is not running on {self.node_name}")
+            return self._running(namespace, pod_name).volumes[volume]
 
     def logs(self, namespace: str, pod_name: str, container: str) -> str:
         """What `kubectl logs` would show (this kubelet serves no API of its own)."""
         with self._lock:
-            for pod in self.pods.values():
-                if (pod.namespace, pod.name) == (namespace, pod_name):
-                    return pod.containers[container].log.read_text(errors="replace")
-        raise KeyError(f"pod {namespace}/{pod_name} is not running on {self.node_name}")
+            return self._running(namespace, pod_name).containers[container].log.read_text(errors="replace")
 
     def running_pods(self, namespace: str | None = None) -> list[str]:
         with self._lock:
@@ -149,8 +146,7 @@ class ProcessKubelet:
     def kill_container(self, namespace: str, pod_name: str, container: str) -> None:
         """SIGKILL one container, as an OOM kill would; it restarts as restartPolicy Always says."""
         with self._lock:
-            pod = next(p for p in self.pods.values() if (p.namespace, p.name) == (namespace, pod_name))
-            pod.containers[container].signal(signal.SIGKILL)
+            self._running(namespace, pod_name).containers[container].signal(signal.SIGKILL)
 
     # ---- the Node and its Lease -----------------------------------------------------------------------------
 
@@ -306,7 +302,7 @@ class ProcessKubelet:
         meta, spec = manifest["metadata"], manifest["spec"]
         root = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
         root.mkdir(parents=True, exist_ok=True)
-        ports = {p["containerPort"]: _free_port() for c in spec["containers"] for p in c.get("ports", [])}
+        ports = {p["containerPort"]: free_port() for c in spec["containers"] for p in c.get("ports", [])}
         pod = LocalPod(meta["namespace"], meta["name"], meta["uid"], root, ports, {},
                        float(spec.get("terminationGracePeriodSeconds", 30)), now())
         self.pods[pod.uid] = pod
@@ -555,12 +551,6 @@ def _write_items(path: Path, data: dict[str, str], items: list[dict[str, Any]] |
             target = path / relative
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(data[key])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class _PortRewriter:
