@@ -5,86 +5,23 @@ made for another base model, which vLLM serves silently with wrong output and lo
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from loraplex.local.controlplane import free_port
-from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter, make_tiny_model
-from tests.conftest import ROOT
+from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter
+from tests.vllm_server import MAX_LORA_RANK as MAX_RANK
+from tests.vllm_server import VllmServer
 
-# vLLM takes a minute or more to start on 2 cores, inside the first test's fixtures.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-VLLM_PYTHON = ROOT / ".tools" / "vllm" / "bin" / "python"
-MAX_RANK = 16
-
-
-@dataclass
-class VllmServer:
-    url: str
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=120) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read().decode()
-
-    def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=5) as response:
-                return response.status == 200
-        except OSError:
-            return False
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("vllm-model"), config=VLLM_TINY_LLAMA)
-
-
-@pytest.fixture(scope="module")
-def vllm(model_dir: Path, tmp_path_factory) -> Iterator[VllmServer]:
-    if not VLLM_PYTHON.exists():
-        raise AssertionError("real vLLM is not installed: run `make vllm` (make test does it for you)")
-    port, log = free_port(), tmp_path_factory.mktemp("vllm-log") / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(
-        [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-         "--max-model-len", "128", "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "4",
-         "--max-lora-rank", str(MAX_RANK)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    server = VllmServer(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 600
-    while not server.healthy():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("vLLM did not become healthy:\n" + log.read_text(errors="replace")[-4000:])
-        time.sleep(1)
-    yield server
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
+# The session's vLLM (tests/integration/conftest.py) takes a minute or more to start on 2 cores, inside the
+# fixtures of the first test that asks for it.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 # ---- the corpus: each builder writes one adapter folder ----------------------------------------------------
@@ -205,12 +142,12 @@ def vllm_verdict(server: VllmServer, name: str, directory: Path) -> tuple[bool, 
 
 
 @pytest.mark.parametrize("case", list(CORPUS))
-def test_validator_and_real_vllm_agree(case: str, vllm: VllmServer, model_dir: Path, tmp_path: Path):
+def test_validator_and_real_vllm_agree(case: str, real_vllm: VllmServer, vllm_model_dir: Path, tmp_path: Path):
     builder, silent_wrong_output_reason = CORPUS[case]
     directory = builder(tmp_path / case)
-    verdict = loraplex_verdict(directory, model_dir / "config.json")
-    served, words = vllm_verdict(vllm, case, directory)
-    assert vllm.healthy(), "the vLLM engine died:\n" + vllm.log.read_text(errors="replace")[-3000:]
+    verdict = loraplex_verdict(directory, vllm_model_dir / "config.json")
+    served, words = vllm_verdict(real_vllm, case, directory)
+    assert real_vllm.healthy(), "the vLLM engine died:\n" + real_vllm.log_tail(3000)
     if silent_wrong_output_reason is not None:
         assert served, f"vLLM was expected to serve {case} silently, but: {words}"
         assert not verdict["accepted"], f"loraplex accepted {case}, which vLLM serves with wrong output"

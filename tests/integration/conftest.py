@@ -1,0 +1,35 @@
+"""One real vLLM server for the whole session: it takes a minute or more to start on 2 cores, so every
+integration test that needs vLLM shares it, and each test leaves it with no adapter loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.adapters import VLLM_TINY_LLAMA, make_tiny_model
+from tests.vllm_server import VllmServer
+
+
+@pytest.fixture(scope="session")
+def vllm_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("vllm-model"), config=VLLM_TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(vllm_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServer]:
+    server = VllmServer(vllm_model_dir, tmp_path_factory.mktemp("vllm-log") / "vllm.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def real_vllm(vllm_server: VllmServer) -> Iterator[VllmServer]:
+    """The session's vLLM, healthy and without adapters before and after the test."""
+    if not vllm_server.healthy():  # an earlier test killed it and failed before starting it again
+        vllm_server.restart()
+    vllm_server.unload_all()
+    yield vllm_server
+    if vllm_server.healthy():
+        vllm_server.unload_all()
