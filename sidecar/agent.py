@@ -1,7 +1,9 @@
 """The sidecar's loop: make this replica hold and serve exactly the adapters of its adapter set.
 
 One worker task per served name moves an adapter through download → validate → install → load (or
-unload → delete), reporting each step. A newer desired entry cancels the worker of an older one.
+unload → delete), reporting each step. A newer desired entry cancels the worker of an older one. On vLLM
+an update installs the new generation beside the old one, switches the name to it, and deletes the old
+files only then (store.py says why).
 """
 
 from __future__ import annotations
@@ -16,7 +18,14 @@ from typing import Any
 import aiohttp
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
-from loraplex.api.runtime_capabilities import vllm_version_note
+from loraplex.api.runtime_capabilities import (
+    AdapterLayout,
+    PrefixCacheKey,
+    adapter_layout,
+    format_version,
+    vllm_release,
+    vllm_version_note,
+)
 from loraplex.api.types import FailureReason, ReplicaState, Runtime
 from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
 from loraplex.sidecar.metrics import SidecarMetrics
@@ -39,10 +48,11 @@ class Agent:
         self.runtime = runtime
         self.downloader = downloader
         self.metrics = metrics or SidecarMetrics()
-        self.store = VolumeStore(settings.volume_dir)
+        self.layout = adapter_layout(settings.runtime)
+        self.store = VolumeStore(settings.volume_dir, self.layout)
         self.adapter_set: AdapterSet | None = None
         self.installed: dict[str, InstalledAdapter] = {}
-        self.loaded: set[str] = set()  # served names the runtime serves with the installed files
+        self.loaded: dict[str, str | None] = {}  # served name -> the path the runtime serves it from
         self.states: dict[str, str] = {}  # served name -> ReplicaState, for metrics and readiness
         self.workers: dict[str, tuple[Any, asyncio.Task[None]]] = {}  # served name -> (target, task)
         self.retry_at: dict[str, float] = {}
@@ -74,9 +84,18 @@ class Agent:
                 await asyncio.to_thread(self.store.remove, name)
         self.local_fingerprints = await asyncio.to_thread(self._fingerprints, {
             record.source for record in self.installed.values() if record.fingerprint is not None})
-        if self.installed:
-            with contextlib.suppress(RuntimeUnavailable):
-                self.loaded = await self.runtime.served_adapters() & set(self.installed)
+        try:
+            served = await self.runtime.served_adapters()
+        except RuntimeUnavailable:
+            return  # what the runtime reads is unknown: leftovers go once each name is loaded again
+        self.loaded = {name: path for name, path in served.items() if name in self.installed}
+        # Leftovers of a crash: generations never recorded, or replaced and not yet deleted, and served names
+        # no record names. A folder the runtime still reads stays until the name is loaded from its record's.
+        keep: dict[str, set[str]] = {name: {record.folder} for name, record in self.installed.items()}
+        for name, path in served.items():
+            if (folder := self._folder_of(path)) is not None:
+                keep.setdefault(name, set()).add(folder)
+        await asyncio.to_thread(self.store.prune_all, keep)
 
     def on_adapter_set(self, adapter_set: AdapterSet) -> None:
         self.adapter_set = adapter_set
@@ -130,7 +149,23 @@ class Agent:
         failed = self.failed_generation.get(adapter.served_name)
         if failed is not None and failed[:2] == (adapter.uid, adapter.generation):
             return failed[2] in (FailureReason.VALIDATION_FAILED, FailureReason.CHECKSUM_MISMATCH)
-        return self._current_install(adapter) is not None and adapter.served_name in self.loaded
+        record = self._current_install(adapter)
+        return record is not None and self._serves(record)
+
+    def _runtime_path(self, record: InstalledAdapter) -> str:
+        return f"{self.settings.peft_dir.rstrip('/')}/{record.folder}"
+
+    def _folder_of(self, runtime_path: str | None) -> str | None:
+        """The folder under adapters/ of a path the runtime reads, if it is on this volume."""
+        prefix = self.settings.peft_dir.rstrip("/") + "/"
+        return runtime_path[len(prefix):] if runtime_path and runtime_path.startswith(prefix) else None
+
+    def _serves(self, record: InstalledAdapter) -> bool:
+        """The runtime serves this record's files under its served name."""
+        if record.served_name not in self.loaded:
+            return False
+        return self.layout == AdapterLayout.FOLDER_PER_NAME or \
+            self.loaded[record.served_name] == self._runtime_path(record)
 
     def _current_install(self, adapter: DesiredAdapter) -> InstalledAdapter | None:
         """The adapter's files on the volume, if they are this generation from this source."""
@@ -180,10 +215,12 @@ class Agent:
             if record is not None:
                 await self._ensure_loaded(adapter, record)
             else:
+                previous = self.installed.get(name)
+                served_previous = previous if previous is not None and self._serves(previous) else None
                 record = await self._fetch_and_install(adapter)
                 if record is None:
                     return
-                await self._ensure_loaded(adapter, record, replaced=True)
+                await self._ensure_loaded(adapter, record, replaced=True, previous=served_previous)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must fail this adapter, never the sidecar
@@ -229,10 +266,11 @@ class Agent:
                     target_modules=list(report.target_modules), size_bytes=fetched.size_bytes,
                     files=await asyncio.to_thread(files_of, staging), fingerprint=fetched.fingerprint,
                 )
-                if name in self.loaded:  # the runtime must drop the old weights before they change on disk
+                if self.layout == AdapterLayout.FOLDER_PER_NAME and name in self.loaded:
+                    # The folder is about to be replaced: the runtime must drop the old weights first.
                     await self.runtime.unload(name)
-                    self.loaded.discard(name)
-                await asyncio.to_thread(self.store.install, staging, record)
+                    self.loaded.pop(name, None)
+                record = await asyncio.to_thread(self.store.install, staging, record)
                 self.installed[name] = record
                 if fetched.fingerprint is not None:
                     self.local_fingerprints[adapter.source] = fetched.fingerprint
@@ -245,28 +283,60 @@ class Agent:
             return None
         return self.settings.volume_limit_bytes - await asyncio.to_thread(self.store.used_bytes)
 
-    async def _ensure_loaded(self, adapter: DesiredAdapter, record: InstalledAdapter, replaced: bool = False) -> None:
+    async def _ensure_loaded(self, adapter: DesiredAdapter, record: InstalledAdapter, replaced: bool = False,
+                             previous: InstalledAdapter | None = None) -> None:
+        """Have the runtime serve `record`; `previous` is the generation it served until this update."""
         name = adapter.served_name
         detected = self._detected(record)
-        if name not in self.loaded or replaced:
+        if not self._serves(record) or replaced:
             while not await self.runtime.healthy():
                 self._report(adapter, ReplicaState.PENDING, message="Waiting for the runtime to become healthy.",
                              **detected)
                 await asyncio.sleep(self.settings.runtime_poll_seconds)
             started = time.monotonic()
+            path = self._runtime_path(record)
             try:
-                await self.runtime.load(name, f"{self.settings.peft_dir.rstrip('/')}/{name}")
+                await self.runtime.load(name, path)
             except LoadFailed as exc:
+                if previous is not None and self.layout == AdapterLayout.FOLDER_PER_GENERATION:
+                    await self._roll_back(record, previous)
                 self._fail(adapter, FailureReason.LOAD_FAILED, str(exc), retry=True, **detected)
                 return
             except RuntimeUnavailable as exc:
+                self.loaded.pop(name, None)  # the runtime may have dropped it: load again once it answers
                 self._fail(adapter, FailureReason.RUNTIME_UNAVAILABLE, str(exc), retry=True, **detected)
                 return
             self.metrics.load_seconds.observe(time.monotonic() - started)
-            self.loaded.add(name)
+            self.loaded[name] = path
+            if previous is not None and self._prefix_cache_keyed_by_name():
+                logger.warning("vLLM %s keys its prefix cache by adapter name only: requests to %s may reuse "
+                               "blocks computed with generation %d's weights until they are evicted", self._version(),
+                               name, previous.generation)
+        await asyncio.to_thread(self.store.prune, name, {record.folder})
         self.failed_generation.pop(name, None)
         self.retry_at.pop(name, None)
         self._report(adapter, ReplicaState.LOADED, **detected)
+
+    async def _roll_back(self, refused: InstalledAdapter, previous: InstalledAdapter) -> None:
+        """The runtime refused a new generation: serve the previous one again, whose files are still there."""
+        name = previous.served_name
+        self.loaded.pop(name, None)
+        await asyncio.to_thread(self.store.record, previous)
+        self.installed[name] = previous
+        try:
+            await self.runtime.load(name, self._runtime_path(previous))
+            self.loaded[name] = self._runtime_path(previous)
+        except (LoadFailed, RuntimeUnavailable) as exc:
+            logger.warning("could not serve generation %d of %s again: %s", previous.generation, name, exc)
+        await asyncio.to_thread(self.store.discard_generation, refused)
+
+    def _prefix_cache_keyed_by_name(self) -> bool:
+        return self.settings.runtime == Runtime.VLLM and \
+            vllm_release(self.settings.runtime_version).prefix_cache_key == PrefixCacheKey.NAME
+
+    def _version(self) -> str:
+        version = self.settings.runtime_version
+        return format_version(version) if version is not None else "(version unknown)"
 
     @staticmethod
     def _detected(record: InstalledAdapter) -> dict[str, Any]:
@@ -307,7 +377,7 @@ class Agent:
             except (RuntimeUnavailable, LoadFailed) as exc:
                 logger.warning("unloading %s failed (%s); retrying", name, exc)
                 await asyncio.sleep(self.settings.runtime_poll_seconds)
-        self.loaded.discard(name)
+        self.loaded.pop(name, None)
         await asyncio.to_thread(self.store.remove, name)
         self.installed.pop(name, None)
         with contextlib.suppress(RuntimeUnavailable, LoadFailed):
@@ -327,16 +397,17 @@ class Agent:
             await asyncio.sleep(self.settings.runtime_poll_seconds)
             try:
                 healthy = await self.runtime.healthy()
-                served = await self.runtime.served_adapters() if healthy else set()
+                served = await self.runtime.served_adapters() if healthy else {}
             except RuntimeUnavailable:
-                healthy, served = False, set()
+                healthy, served = False, {}
             lost = {name for name in self.loaded if name not in served} if healthy else set()
             if not healthy and was_healthy:
                 logger.warning("runtime is not healthy; adapters will be restored when it is back")
             if lost or (healthy and not was_healthy):
                 if lost:
                     logger.warning("runtime no longer serves %s; loading again", ", ".join(sorted(lost)))
-                self.loaded -= lost
+                for name in lost:
+                    del self.loaded[name]
                 self.wake.set()
             was_healthy = healthy
 

@@ -18,12 +18,14 @@ class RuntimeClient(Protocol):
         """True when the runtime serves requests."""
         ...
 
-    async def served_adapters(self) -> set[str]:
-        """Adapter names the runtime lists in /v1/models right now."""
+    async def served_adapters(self) -> dict[str, str | None]:
+        """Adapter names the runtime lists in /v1/models right now -> the path each was loaded from, when the
+        runtime says."""
         ...
 
     async def load(self, name: str, path: str) -> None:
-        """Make the runtime serve the adapter at `path` (the runtime's view) under `name`."""
+        """Make the runtime serve the adapter at `path` (the runtime's view) under `name`, in place of whatever it
+        served under that name before."""
         ...
 
     async def unload(self, name: str) -> None:

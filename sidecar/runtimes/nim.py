@@ -21,7 +21,7 @@ class NimClient:
     async def healthy(self) -> bool:
         return await self.http.status_ok("/v1/health/ready")
 
-    async def served_adapters(self) -> set[str]:
+    async def served_adapters(self) -> dict[str, str | None]:
         return await self.http.models(exclude=self.served_model)
 
     async def _wait_until(self, name: str, present: bool) -> None:

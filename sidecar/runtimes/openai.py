@@ -35,11 +35,12 @@ class OpenAiHttp:
             return False
         return status == 200
 
-    async def models(self, exclude: str) -> set[str]:
+    async def models(self, exclude: str) -> dict[str, str | None]:
+        """Model id -> its card's root (for an adapter, where the runtime loaded it from), but `exclude`."""
         status, text = await self.request("GET", "/v1/models")
         if status != 200:
             raise RuntimeUnavailable(f"GET /v1/models answered {status}")
-        return {card["id"] for card in json.loads(text).get("data", []) if card.get("id") != exclude}
+        return {card["id"]: card.get("root") for card in json.loads(text).get("data", []) if card.get("id") != exclude}
 
     async def close(self) -> None:
         if self._session is not None:

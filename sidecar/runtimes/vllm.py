@@ -3,15 +3,19 @@
 POST /v1/load_lora_adapter {lora_name, lora_path} answers 200, or 400 "...has already been loaded.";
 an adapter it refuses answers 400 up to vLLM 0.17 and 500 InternalServerError from 0.18 (docs/vllm-lora-
 contract.md), with the engine still serving. POST /v1/unload_lora_adapter {lora_name} answers 200, or 404
-"...cannot be found."
+"...cannot be found." /v1/models lists each adapter with root = the lora_path it was loaded from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 from loraplex.sidecar.runtimes.base import LoadFailed, RuntimeUnavailable
 from loraplex.sidecar.runtimes.openai import OpenAiHttp, error_message
+
+logger = logging.getLogger(__name__)
 
 
 def is_vllm_error(text: str) -> bool:
@@ -39,19 +43,29 @@ class VllmClient:
     async def healthy(self) -> bool:
         return await self.http.status_ok("/health")
 
-    async def served_adapters(self) -> set[str]:
+    async def served_adapters(self) -> dict[str, str | None]:
         return await self.http.models(exclude=self.served_model)
 
     async def load(self, name: str, path: str) -> None:
-        status, text = await self.http.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
+        status, text = await self._request_load(name, path)
+        if status == 400 and "already been loaded" in error_message(text):
+            if (await self.served_adapters()).get(name) == path:
+                return  # loaded from this very path by an earlier life of the sidecar
+            # vLLM serves one path per name. load_inplace would swap without a gap, but vLLM up to 0.32 at least
+            # then re-reads the adapter from disk at every engine step (docs/vllm-lora-contract.md §4.3): the name
+            # is unserved instead for the time of one load.
+            await self.unload(name)
+            unserved = time.monotonic()
+            status, text = await self._request_load(name, path)
+            logger.info("vLLM did not serve %s for %.0f ms while it switched to %s", name,
+                        (time.monotonic() - unserved) * 1000, path)
         if status == 200:
-            return
-        message = error_message(text)
-        if status == 400 and "already been loaded" in message:
-            # Loaded under this name by an earlier sidecar life; the caller unloads first when weights changed.
             return
         # A refused adapter and a dying engine both answer 500 on recent vLLM: /health tells them apart.
         raise load_failure(name, status, text, engine_healthy=status < 500 or await self.healthy())
+
+    async def _request_load(self, name: str, path: str) -> tuple[int, str]:
+        return await self.http.request("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
 
     async def unload(self, name: str) -> None:
         status, text = await self.http.request("POST", "/v1/unload_lora_adapter", {"lora_name": name})

@@ -1,6 +1,6 @@
-"""Run the real `loraplex sidecar` process against the real control plane, a real S3 server and a fake
-runtime. The sidecar signs in as its own ServiceAccount, with the Role the operator renders for it, so a
-right the sidecar needs and the Role lacks shows up as a refusal in its log."""
+"""Run the real `loraplex sidecar` process against the real control plane, a real S3 server and a runtime
+(real vLLM, or a NIM double). The sidecar signs in as its own ServiceAccount, with the Role the operator
+renders for it, so a right the sidecar needs and the Role lacks shows up as a refusal in its log."""
 
 from __future__ import annotations
 
@@ -203,7 +203,9 @@ class SidecarProcess(LoraplexProcess):
             "LORAPLEX_HTTP_PORT": str(self.port), "LORAPLEX_RUNTIME_POLL_SECONDS": "0.3",
             "LORAPLEX_NIM_REFRESH_SECONDS": "0.3",
             "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
-            "LORAPLEX_S3_FORCE_PATH_STYLE": "true", **(extra_env or {}),
+            "LORAPLEX_S3_FORCE_PATH_STYLE": "true",
+            **({"LORAPLEX_RUNTIME_VERSION": "0.32.0"} if runtime == Runtime.VLLM else {}),  # make vllm's
+            **(extra_env or {}),
         }
 
     def start(self) -> SidecarProcess:
@@ -212,7 +214,8 @@ class SidecarProcess(LoraplexProcess):
 
     def refusals(self) -> list[str]:
         """Log lines where the API server refused the sidecar something."""
-        return [line for line in self.log().splitlines() if REFUSAL.search(line)]
+        # After the date and time: a timestamp's milliseconds may read 403.
+        return [line for line in self.log().splitlines() if REFUSAL.search(line.split(" ", 2)[-1])]
 
     def get(self, path: str) -> tuple[int, str]:
         import urllib.error

@@ -1,5 +1,6 @@
-"""The real sidecar process: S3 (moto_server), an https file server, a fake vLLM / NIM, and the real
-control plane, where the sidecar acts as its own ServiceAccount with the Role the operator renders."""
+"""The real sidecar process: S3 (moto_server), an https file server, real vLLM (the CPU build, one server for
+the session) or a NIM double, and the real control plane, where the sidecar acts as its own ServiceAccount
+with the Role the operator renders."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ import pytest
 
 from loraplex.api.types import AdapterFormat, Runtime
 from loraplex.local.apiproxy import ApiProxy
-from tests.adapters import make_hf_adapter, make_nemo_adapter
+from tests.adapters import make_hf_adapter_for, make_nemo_adapter
 from tests.fakes.files import FileServer, self_signed_certificate
-from tests.fakes.runtime import FakeRuntime
+from tests.fakes.runtime import FakeNim
 from tests.integration.harness import wait_for
 from tests.integration.sidecar_harness import (
     GROUP,
@@ -31,17 +32,23 @@ from tests.integration.sidecar_harness import (
     upload_folder,
     watch_adapter,
 )
+from tests.vllm_server import BLOCK_SIZE, MAX_LORA_RANK, VllmServer, prompt_tokens, reference_tokens
 
-pytestmark = pytest.mark.integration
+# Real vLLM starts in a minute or more on 2 cores, inside the fixtures of the first test that needs it.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+MANY = [f"many-{index}" for index in range(5)]  # more than the server's --max-cpu-loras
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> Path:
+def built(tmp_path_factory, vllm_model_dir) -> Path:
+    """Adapters of the session vLLM's model, each with weights of its own."""
     root = tmp_path_factory.mktemp("built")
-    make_hf_adapter(root / "math", rank=8, seed=1)
-    make_hf_adapter(root / "squad", rank=8, target_modules=("q_proj", "k_proj", "v_proj"), seed=2)
-    make_hf_adapter(root / "math-v2", rank=8, seed=3)
-    make_hf_adapter(root / "too-big-rank", rank=32, seed=4)
+    make_hf_adapter_for(vllm_model_dir, root / "math", seed=1)
+    make_hf_adapter_for(vllm_model_dir, root / "squad", target_modules=("q_proj", "k_proj", "v_proj"), seed=2)
+    make_hf_adapter_for(vllm_model_dir, root / "math-v2", seed=3)
+    make_hf_adapter_for(vllm_model_dir, root / "too-big-rank", rank=2 * MAX_LORA_RANK, seed=4)
+    for seed, name in enumerate(MANY, start=10):
+        make_hf_adapter_for(vllm_model_dir, root / name, seed=seed)
     make_nemo_adapter(root / "nemo-math", rank=8)
     with tarfile.open(root / "squad.tar.gz", "w:gz") as archive:
         archive.add(root / "squad", arcname="squad")
@@ -56,17 +63,15 @@ def moto(tmp_path_factory, built) -> Iterator[MotoServer]:
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     s3 = server.client()
     s3.create_bucket(Bucket="adapters")
-    for name in ("math", "squad", "math-v2", "too-big-rank", "big"):
+    for name in ("math", "squad", "math-v2", "too-big-rank", "big", *MANY):
         upload_folder(s3, built / name, "adapters", f"llama3/{name}")
     yield server
     server.stop()
 
 
 @pytest.fixture
-def vllm() -> Iterator[FakeRuntime]:
-    runtime = FakeRuntime("vllm", "meta/llama3").start()
-    yield runtime
-    runtime.stop()
+def vllm(real_vllm) -> VllmServer:
+    return real_vllm
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def sidecar_factory(identity, volume, tmp_path, moto) -> Iterator:
     their logs fails the test: the Role the operator renders lacks a right the sidecar uses."""
     started: list[SidecarProcess] = []
 
-    def start(runtime: FakeRuntime, mode: Runtime = Runtime.VLLM, kubeconfig: Path | None = None,
+    def start(runtime: VllmServer | FakeNim, mode: Runtime = Runtime.VLLM, kubeconfig: Path | None = None,
               **env: str) -> SidecarProcess:
         process = SidecarProcess(kubeconfig or identity.kubeconfig, identity.namespace, volume, mode, runtime.url,
                                  tmp_path / f"sidecar-{len(started)}.log",
@@ -113,8 +118,13 @@ def served_tar(folder: Path, root: Path) -> Path:
     return root
 
 
-def until(sidecar: SidecarProcess, predicate, what: str, timeout: float = 30.0):
+def until(sidecar: SidecarProcess, predicate, what: str, timeout: float = 60.0):
     return wait_for(predicate, timeout=timeout, what=what, log=sidecar.log)
+
+
+def served_folder(vllm: VllmServer, name: str) -> Path:
+    """The folder vLLM reads `name` from: where the sidecar told it the adapter is."""
+    return Path(vllm.adapters()[name])
 
 
 def test_syncs_validates_and_loads_adapters_from_s3(writer, vllm, volume, sidecar_factory):
@@ -125,8 +135,10 @@ def test_syncs_validates_and_loads_adapters_from_s3(writer, vllm, volume, sideca
     entry = writer.replica_status("squad")
     assert (entry["format"], entry["rank"], entry["targetModules"]) == ("hf", 8, ["k_proj", "q_proj", "v_proj"])
     assert entry["observedGeneration"] == 1 and entry["sizeBytes"] > 0
-    assert vllm.loaded == {"math": str(volume / "adapters" / "math"), "squad": str(volume / "adapters" / "squad")}
-    assert sorted(p.name for p in (volume / "adapters" / "math").iterdir()) == \
+    assert set(vllm.adapters()) == {"math", "squad"}
+    for name in ("math", "squad"):  # each generation in a folder of its own under the served name's
+        assert served_folder(vllm, name).parent == volume / "adapters" / name
+    assert sorted(p.name for p in served_folder(vllm, "math").iterdir()) == \
         ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert list((volume / "staging").iterdir()) == []
     assert sidecar.get("/readyz")[0] == 200
@@ -145,41 +157,90 @@ def test_rejected_adapter_fails_with_the_rule_and_disturbs_nothing(writer, vllm,
     assert entry["reason"] == "ValidationFailed"
     assert entry["message"] == "adapter_config.json: r=32 exceeds this base model's maxLoraRank 16."
     until(sidecar, lambda: writer.state("math") == "Loaded", "the other adapter Loaded")
-    assert "wide" not in vllm.load_calls
+    assert set(vllm.adapters()) == {"math"}
     assert not (volume / "adapters" / "wide").exists()
 
 
-def test_update_and_removal(writer, vllm, volume, sidecar_factory):
+def test_update_in_place_serves_the_new_weights_not_cached_old_ones(writer, vllm, volume, sidecar_factory, built,
+                                                                    vllm_model_dir):
+    # The prompt fills whole KV blocks, so vLLM's prefix cache holds blocks computed with the old weights when
+    # the update arrives: a request after it reuses them unless the new generation has a cache key of its own.
+    assert prompt_tokens(vllm_model_dir) >= 2 * BLOCK_SIZE
+    old_answer, new_answer = (reference_tokens(vllm_model_dir, built / name) for name in ("math", "math-v2"))
+    assert old_answer != new_answer, "the two generations' weights must answer differently"
     sidecar = sidecar_factory(vllm)
     writer.add("math", "s3://adapters/llama3/math")
     until(sidecar, lambda: writer.state("math") == "Loaded", "Loaded")
-    before = (volume / "adapters" / "math" / "adapter_model.safetensors").read_bytes()
+    first = served_folder(vllm, "math")
+    assert vllm.greedy_tokens("math") == old_answer
+    assert vllm.greedy_tokens("math") == old_answer  # answered again, from the prefix cache
 
-    writer.add("math", "s3://adapters/llama3/math-v2")  # generation 2
+    writer.add("math", "s3://adapters/llama3/math-v2")  # generation 2, same served name
     until(sidecar, lambda: (writer.replica_status("math") or {}).get("observedGeneration") == 2
           and writer.state("math") == "Loaded", "generation 2 Loaded")
-    after = (volume / "adapters" / "math" / "adapter_model.safetensors").read_bytes()
-    assert after != before
-    assert vllm.unload_calls == ["math"] and vllm.load_calls == ["math", "math"]  # old weights dropped first
+    assert vllm.greedy_tokens("math") == new_answer
+    second = served_folder(vllm, "math")
+    assert second != first and second.parent == first.parent
+    assert not first.exists(), "the old generation's files are deleted once vLLM no longer serves them"
+    assert [p.name for p in (volume / "adapters" / "math").iterdir()] == [second.name]
 
     writer.remove("math")
     until(sidecar, lambda: writer.replica_status("math") is None, "replicaStatus entry removed")
-    assert "math" not in vllm.loaded
+    assert "math" not in vllm.adapters()
     assert not (volume / "adapters" / "math").exists()
     assert not (volume / "state" / "math.json").exists()
 
 
-def test_runtime_restart_restores_every_adapter(writer, vllm, sidecar_factory):
+def test_an_adapter_vllm_refuses_is_load_failed_with_its_words(writer, vllm, volume, sidecar_factory):
+    """loraplex lets a rank-32 adapter through (this base model's maxRank is 64), but the server was started
+    with --max-lora-rank 16: vLLM refuses it with a 500, and its engine keeps serving."""
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math")
+    writer.add("wide", "s3://adapters/llama3/too-big-rank")
+    until(sidecar, lambda: writer.state("wide") == "Failed", "the adapter vLLM refuses Failed")
+    entry = writer.replica_status("wide")
+    assert entry["reason"] == "LoadFailed", entry
+    assert f"LoRA rank {2 * MAX_LORA_RANK} is greater than max_lora_rank {MAX_LORA_RANK}" in entry["message"]
+    assert "Retrying in" in entry["message"]
+    until(sidecar, lambda: writer.state("math") == "Loaded", "the other adapter Loaded")
+    assert set(vllm.adapters()) == {"math"} and vllm.healthy()
+
+
+def test_more_adapters_than_max_cpu_loras_all_load_and_answer_with_their_own_weights(writer, vllm,
+                                                                                    sidecar_factory, built,
+                                                                                    vllm_model_dir):
+    expected = {name: reference_tokens(vllm_model_dir, built / name) for name in MANY}
+    assert len(set(map(tuple, expected.values()))) == len(MANY)
+    sidecar = sidecar_factory(vllm)
+    for name in MANY:
+        writer.add(name, f"s3://adapters/llama3/{name}")
+    until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in MANY), "every adapter Loaded")
+    assert set(vllm.adapters()) == set(MANY)
+    # Twice round: with two CPU slots, each request finds its adapter evicted and vLLM reads it from disk again.
+    for _ in range(2):
+        assert {name: vllm.greedy_tokens(name) for name in MANY} == expected
+
+
+def test_runtime_restart_restores_every_adapter(writer, vllm, sidecar_factory, built, vllm_model_dir):
     sidecar = sidecar_factory(vllm)
     writer.add("math", "s3://adapters/llama3/math")
     writer.add("squad", "s3://adapters/llama3/squad")
-    until(sidecar, lambda: set(vllm.loaded) == {"math", "squad"}, "both loaded")
-    vllm.down = True
-    vllm.restart()
+    until(sidecar, lambda: writer.state("math") == "Loaded" and writer.state("squad") == "Loaded", "both Loaded")
+    paths = vllm.adapters()
+    vllm.kill()
     until(sidecar, lambda: "runtime is not healthy" in sidecar.log(), "the sidecar to see the runtime down")
-    vllm.down = False
-    until(sidecar, lambda: set(vllm.loaded) == {"math", "squad"}, "restored after the runtime restart")
-    assert writer.state("math") == "Loaded"
+    writer.add("late", "s3://adapters/llama3/math-v2")
+    until(sidecar, lambda: (writer.replica_status("late") or {}).get("message")
+          == "Waiting for the runtime to become healthy.", "the new adapter waiting for the runtime")
+    assert writer.state("late") == "Pending"
+
+    vllm.start()  # the same port, no adapters
+    until(sidecar, lambda: set(vllm.adapters()) == {"math", "squad", "late"}, "restored after the restart")
+    until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in ("math", "squad", "late")), "Loaded")
+    restored = vllm.adapters()
+    assert {name: restored[name] for name in paths} == paths  # each at the path of its installed generation
+    assert vllm.greedy_tokens("math") == reference_tokens(vllm_model_dir, built / "math")
+    assert vllm.greedy_tokens("late") == reference_tokens(vllm_model_dir, built / "math-v2")
 
 
 def test_sidecar_restart_reverifies_without_downloading(writer, vllm, volume, sidecar_factory, tmp_path, built):
@@ -189,15 +250,22 @@ def test_sidecar_restart_reverifies_without_downloading(writer, vllm, volume, si
         sidecar = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
         writer.add("squad", f"{files.url}/squad.tar.gz")
         until(sidecar, lambda: writer.state("squad") == "Loaded", "Loaded from https")
-        assert sorted(p.name for p in (volume / "adapters" / "squad").iterdir()) == \
+        installed = served_folder(vllm, "squad")
+        assert sorted(p.name for p in installed.iterdir()) == \
             ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # unpacked, top folder flattened
         downloads = files.requests["squad.tar.gz"]
         sidecar.kill()
-        vllm.restart()  # and the runtime lost it too: the restarted sidecar must reload from disk
+        vllm.unload_all()  # and the runtime lost it too: the restarted sidecar must reload from disk
+        # What a crash can leave behind: a generation never recorded, a served name with no record at all.
+        (installed.parent / "g9-0123abcd").mkdir()
+        (volume / "adapters" / "ghost" / "g1-0123abcd").mkdir(parents=True)
         restarted = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
-        until(restarted, lambda: "squad" in vllm.loaded, "reloaded from the volume")
+        until(restarted, lambda: "squad" in vllm.adapters(), "reloaded from the volume")
         until(restarted, lambda: restarted.get("/readyz")[0] == 200, "ready")
         assert files.requests["squad.tar.gz"] == downloads
+        assert served_folder(vllm, "squad") == installed  # the installed generation, adopted
+        assert sorted(p.name for p in (volume / "adapters").iterdir()) == ["squad"]
+        assert [p.name for p in installed.parent.iterdir()] == [installed.name]
     finally:
         files.stop()
 
@@ -214,7 +282,7 @@ def test_source_outage_mid_download_is_retried_and_never_visible(writer, vllm, v
         until(sidecar, lambda: writer.state("big") == "Loaded", "Loaded after the outage")
         # The 2 MiB first range was cut and retried alone; the rest came as one more range.
         assert files.requests["big.tar"] == 3
-        assert (volume / "adapters" / "big" / "padding.bin").stat().st_size == 3 * 1024 * 1024
+        assert (served_folder(vllm, "big") / "padding.bin").stat().st_size == 3 * 1024 * 1024
         assert "retry" in sidecar.log().lower() or "attempt" in sidecar.log().lower()
         assert list((volume / "staging").iterdir()) == []
     finally:
@@ -258,12 +326,12 @@ def test_volume_limit_fails_the_adapter_that_does_not_fit(writer, vllm, volume, 
     until(sidecar, lambda: writer.state("big") == "Failed", "big adapter Failed")
     entry = writer.replica_status("big")
     assert entry["reason"] == "DiskFull" and "size limit" in entry["message"]
-    assert writer.state("math") == "Loaded" and "math" in vllm.loaded
+    assert writer.state("math") == "Loaded" and "math" in vllm.adapters()
     assert not (volume / "adapters" / "big").exists()
 
 
 def test_nim_serves_nemo_adapters_from_the_peft_folder(writer, volume, sidecar_factory, tmp_path, built, moto):
-    nim = FakeRuntime("nim", "meta/llama3", peft_dir=volume / "adapters").start()
+    nim = FakeNim("meta/llama3", volume / "adapters").start()
     try:
         writer.runtime = Runtime.NIM
         moto.client().upload_file(str(built / "nemo-math" / "adapter.nemo"), "adapters", "llama3/nemo-math.nemo")
@@ -271,10 +339,10 @@ def test_nim_serves_nemo_adapters_from_the_peft_folder(writer, volume, sidecar_f
         writer.add("nemo-math", "s3://adapters/llama3/nemo-math.nemo", AdapterFormat.NEMO)
         until(sidecar, lambda: writer.state("nemo-math") == "Loaded", "NeMo adapter Loaded on NIM")
         assert (volume / "adapters" / "nemo-math" / "nemo-math.nemo").is_file()
-        assert "nemo-math" in nim.loaded
+        assert "nemo-math" in nim.listed
         writer.remove("nemo-math")
         until(sidecar, lambda: writer.replica_status("nemo-math") is None, "removed")
-        until(sidecar, lambda: "nemo-math" not in nim.loaded, "NIM forgot it")
+        until(sidecar, lambda: "nemo-math" not in nim.listed, "NIM forgot it")
     finally:
         nim.stop()
 
@@ -292,7 +360,7 @@ def test_files_dropped_into_or_fixed_in_the_adapter_store_are_noticed(writer, vl
     shutil.copytree(built / "math", staged)
     staged.rename(store / "math")  # appears in one step, as a finished upload does
     until(sidecar, lambda: writer.state("local-math") == "Loaded", "Loaded after the drop")
-    assert "local-math" in vllm.loaded
+    assert "local-math" in vllm.adapters()
 
     config = store / "math" / "adapter_config.json"
     good = config.read_text()
@@ -330,10 +398,10 @@ def test_hugging_face_and_cloud_storage_sources(writer, vllm, volume, sidecar_fa
         writer.add("gcs-squad", "gs://bucket/llama3/squad")
         until(sidecar, lambda: writer.state("hf-math") == "Loaded" and writer.state("gcs-squad") == "Loaded",
               "both Loaded")
-        assert sorted(p.name for p in (volume / "adapters" / "hf-math").iterdir()) == \
+        assert sorted(p.name for p in served_folder(vllm, "hf-math").iterdir()) == \
             ["adapter_config.json", "adapter_model.safetensors"]  # only the adapter's files from the Hub
         assert hubs.requests["hf:README.md"] == 0 and hubs.requests["hf:math/adapter_config.json"] == 1
-        assert (volume / "adapters" / "gcs-squad" / "adapter_model.safetensors").is_file()
+        assert (served_folder(vllm, "gcs-squad") / "adapter_model.safetensors").is_file()
     finally:
         hubs.stop()
 

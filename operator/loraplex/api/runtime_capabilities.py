@@ -41,6 +41,20 @@ RUNTIME_MODULES: dict[Runtime, dict[AdapterFormat, frozenset[str]]] = {
 }
 
 
+class AdapterLayout(enum.StrEnum):
+    """Where the sidecar puts an adapter's files in the folder the runtime reads."""
+
+    # adapters/<served name>/, replaced on update: the runtime finds adapters by their folder's name (NIM).
+    FOLDER_PER_NAME = "per-name"
+    # adapters/<served name>/<generation id>/, never changed while served: the runtime is told the path, reads
+    # it again after evicting the adapter, and may key cached results by it (vLLM).
+    FOLDER_PER_GENERATION = "per-generation"
+
+
+def adapter_layout(runtime: Runtime) -> AdapterLayout:
+    return AdapterLayout.FOLDER_PER_NAME if runtime == Runtime.NIM else AdapterLayout.FOLDER_PER_GENERATION
+
+
 class PrefixCacheKey(enum.StrEnum):
     """What vLLM mixes into the prefix-cache hash of a LoRA request. Blocks computed with an adapter's old
     weights are reused by any later request with the same key, so only a key that changes on reload is safe."""
