@@ -3,10 +3,12 @@
     .venv/bin/python bench/sidecar_scale.py [--adapters 500]
 
 The real `loraplex sidecar` process against a real Kubernetes control plane (loraplex.local), signed in
-as the ServiceAccount the operator renders for a base model's pods with the sidecar's Role, moto S3 and a
-fake vLLM that honours the LoRA endpoints. Measures the time until every adapter is reported Loaded, the
-sidecar's peak RSS, and, after a SIGKILL and restart, the time until the restarted sidecar is ready with
-every adapter re-verified from the volume, and how many objects it fetched again (should be none).
+as the ServiceAccount the operator renders for a base model's pods with the sidecar's Role, moto S3 and real
+vLLM (the CPU build from `make vllm`, on a tiny model, with 2 CPU LoRA slots: it keeps every adapter listed
+and reads evicted ones from the volume again). Measures the time until every adapter is loaded by vLLM and
+reported Loaded, the sidecar's peak RSS, and, after a SIGKILL and restart, the time until the restarted
+sidecar is ready with every adapter re-verified from the volume and found still served by vLLM, and how
+many objects it fetched again (should be none).
 Writes bench/results/sidecar_scale.{md,png}.
 """
 
@@ -19,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
@@ -40,8 +42,7 @@ from loraplex.api.adapter_set import DesiredAdapter  # noqa: E402
 from loraplex.api.types import Runtime  # noqa: E402
 from loraplex.local.controlplane import ControlPlane  # noqa: E402
 from loraplex.local.install import install_crds  # noqa: E402
-from tests.adapters import make_hf_adapter  # noqa: E402
-from tests.fakes.runtime import FakeRuntime  # noqa: E402
+from tests.adapters import VLLM_TINY_LLAMA, make_hf_adapter_for, make_tiny_model  # noqa: E402
 from tests.integration.harness import wait_for  # noqa: E402
 from tests.integration.sidecar_harness import (  # noqa: E402
     POD,
@@ -51,6 +52,7 @@ from tests.integration.sidecar_harness import (  # noqa: E402
     install_sidecar_identity,
     replica_entry,
 )
+from tests.vllm_server import VllmServer  # noqa: E402
 
 NAMESPACE = "default"
 
@@ -66,15 +68,17 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     moto = MotoServer(work / "moto.log")
-    runtime = FakeRuntime("vllm", "meta/llama3").start()
+    runtime = VllmServer(make_tiny_model(work / "model", config=VLLM_TINY_LLAMA), work / "vllm.log")
     plane = ControlPlane(work / "control-plane")
     admin: kubernetes.client.ApiClient | None = None
     sidecars: list[SidecarProcess] = []
     adapters: LoraAdapterWatch | None = None
+    starting = ThreadPoolExecutor(1)
     try:
+        vllm_started: Future[VllmServer] = starting.submit(runtime.start)  # a minute or more: meanwhile, the rest
         plane.start()
         admin = admin_client(plane)
-        make_hf_adapter(work / "adapter", rank=8)
+        make_hf_adapter_for(work / "model", work / "adapter")
         s3 = moto.client()
         s3.create_bucket(Bucket="adapters")
         names = [f"a{index:04d}" for index in range(args.adapters)]
@@ -104,22 +108,24 @@ def main() -> None:
 
         env = {"AWS_ENDPOINT_URL_S3": moto.url, "LORAPLEX_REASSERT_SECONDS": "3600",
                "LORAPLEX_MAX_CONCURRENT_DOWNLOADS": "8"}
+        vllm_started.result()
         sidecar = SidecarProcess(identity.kubeconfig, NAMESPACE, work / "volume", Runtime.VLLM, runtime.url,
                                  work / "sidecar.log", env).start()
         sidecars.append(sidecar)
         wait_for(lambda: sidecar.get("/healthz")[0] == 200, 60, "sidecar up", sidecar.log)
         first_progress: list[tuple[float, int]] = []
-        before = read_apiserver(plane), processes_cpu(sidecar, moto)
+        before = read_apiserver(plane), processes_cpu(sidecar, moto, runtime)
         start = time.perf_counter()
         writer.publish()
         wait_for(lambda: recorded(first_progress, start, count_loaded()) == args.adapters, 600,
                  "every adapter Loaded", sidecar.log)
         first_sync = time.perf_counter() - start
         first_api = read_apiserver(plane) - before[0]
-        first_cpu = since(before[1], processes_cpu(sidecar, moto))
+        first_cpu = since(before[1], processes_cpu(sidecar, moto, runtime))
         first_rss = peak_rss_mb(sidecar.process.pid)  # type: ignore[union-attr]
         fetched = object_gets(work / "moto.log")
-        assert len(runtime.loaded) == args.adapters
+        listed = runtime.adapters()
+        assert len(listed) == args.adapters, f"vLLM lists {len(listed)} adapters"
 
         sidecar.kill()
         restarted = SidecarProcess(identity.kubeconfig, NAMESPACE, work / "volume", Runtime.VLLM, runtime.url,
@@ -127,7 +133,7 @@ def main() -> None:
         sidecars.append(restarted)
         time.sleep(1.1)  # status timestamps have 1 s resolution: the old life's are now strictly earlier
         restart_stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        before = read_apiserver(plane), processes_cpu(None, moto)
+        before = read_apiserver(plane), processes_cpu(None, moto, runtime)
         start = time.perf_counter()
         restarted.start()
 
@@ -140,8 +146,9 @@ def main() -> None:
                  "restarted sidecar ready, every adapter reported again", restarted.log)
         reverified = time.perf_counter() - start
         restart_api = read_apiserver(plane) - before[0]
-        restart_cpu = since(before[1], processes_cpu(restarted, moto))
+        restart_cpu = since(before[1], processes_cpu(restarted, moto, runtime))
         refetched = object_gets(work / "moto.log") - fetched
+        assert runtime.adapters() == listed, "the restarted sidecar left vLLM serving what it served"
         refusals = [line for process in sidecars for line in process.refusals()]
     finally:
         if adapters is not None:
@@ -149,6 +156,7 @@ def main() -> None:
         for process in sidecars:
             process.stop()
         runtime.stop()
+        starting.shutdown()
         moto.stop()
         if admin is not None:
             admin.close()
@@ -160,8 +168,8 @@ def main() -> None:
         "",
         f"`python bench/sidecar_scale.py --adapters {args.adapters}` on {machine()}: the real sidecar, as its own "
         "ServiceAccount with the Role the operator renders for it, against a real Kubernetes v1.36 control plane, "
-        "with moto S3 and a fake vLLM on the same machine; adapters of about 10 kB (3 objects each), 8 downloads "
-        "at a time.",
+        "with moto S3 and real vLLM 0.32 (CPU build, tiny model, `--max-loras 2 --max-cpu-loras 2`) on the same "
+        "machine; adapters of about 30 kB (3 objects each), 8 downloads at a time; Loaded means vLLM loaded it.",
         "",
         *table(["", ""], [
             [f"{args.adapters} adapters published in one adapter-set write → all reported Loaded",
@@ -204,12 +212,24 @@ def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]
     return {name: seconds - before.get(name, 0.0) for name, seconds in after.items()}
 
 
-def processes_cpu(sidecar: SidecarProcess | None, moto: MotoServer) -> dict[str, float]:
-    """CPU seconds of the sidecar, moto, and this script (the fake vLLM runs in it)."""
-    cpu = {"moto": cpu_seconds(moto.process.pid), "this script (fake vLLM, watch)": cpu_seconds(os.getpid())}
+def processes_cpu(sidecar: SidecarProcess | None, moto: MotoServer, vllm: VllmServer) -> dict[str, float]:
+    """CPU seconds of the sidecar, moto, vLLM (API server and engine) and this script (the status watch)."""
+    cpu = {"moto": cpu_seconds(moto.process.pid), "this script (watch)": cpu_seconds(os.getpid()),
+           "vLLM": sum(cpu_seconds(pid) for pid in process_group(vllm.process.pid))}  # type: ignore[union-attr]
     if sidecar is not None and sidecar.process is not None:
         cpu["sidecar"] = cpu_seconds(sidecar.process.pid)
     return cpu
+
+
+def process_group(group: int) -> list[int]:
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[2]) == group:
+                members.append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    return members
 
 
 def recorded(samples: list[tuple[float, int]], start: float, count: int) -> int:
