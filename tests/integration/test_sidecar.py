@@ -206,6 +206,22 @@ def test_an_adapter_vllm_refuses_is_load_failed_with_its_words(writer, vllm, vol
     assert set(vllm.adapters()) == {"math"} and vllm.healthy()
 
 
+def test_an_update_vllm_refuses_leaves_the_old_generation_served(writer, vllm, sidecar_factory, built,
+                                                                 vllm_model_dir):
+    old_answer = reference_tokens(vllm_model_dir, built / "math")
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math")
+    until(sidecar, lambda: writer.state("math") == "Loaded", "Loaded")
+    served = served_folder(vllm, "math")
+    writer.add("math", "s3://adapters/llama3/too-big-rank")  # generation 2, which vLLM refuses
+    until(sidecar, lambda: (writer.replica_status("math") or {}).get("observedGeneration") == 2
+          and writer.state("math") == "Failed", "generation 2 Failed")
+    entry = writer.replica_status("math")
+    assert entry["reason"] == "LoadFailed" and "Still serving generation 1." in entry["message"], entry
+    assert served_folder(vllm, "math") == served and served.exists()
+    assert vllm.greedy_tokens("math") == old_answer
+
+
 def test_more_adapters_than_max_cpu_loras_all_load_and_answer_with_their_own_weights(writer, vllm,
                                                                                     sidecar_factory, built,
                                                                                     vllm_model_dir):
