@@ -1,10 +1,12 @@
-"""Build real adapters locally, in every format, for tests: tiny random weights, real file layouts."""
+"""Build real adapters locally, in every format, for tests: tiny random weights, real file layouts, and
+adapters trained here for a few seconds to answer given prompts (the demo's)."""
 
 from __future__ import annotations
 
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +100,15 @@ CORPUS = [
 ]
 
 
-def make_tiny_model(directory: Path, seed: int = 0, config: dict[str, Any] | None = None) -> Path:
-    """A tiny random Llama with a byte-level BPE tokenizer trained here: a complete local model folder."""
+def make_tiny_model(directory: Path, seed: int = 0, config: dict[str, Any] | None = None,
+                    corpus: Sequence[str] = CORPUS) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained here on `corpus`: a complete local model
+    folder. Text the model will be trained on belongs in the corpus, so that it gets few, whole-word tokens."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     trainer = ByteLevelBPETokenizer()
-    trainer.train_from_iterator(CORPUS, vocab_size=384, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
+    trainer.train_from_iterator(list(corpus), vocab_size=384, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer, bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>")
     model_config = {**(config or TINY_LLAMA), "vocab_size": len(tokenizer), "bos_token_id": tokenizer.bos_token_id,
@@ -127,4 +131,79 @@ def make_hf_adapter_for(model_dir: Path, directory: Path, rank: int = 8, seed: i
     peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=4 * rank, target_modules=list(target_modules),
                                                   init_lora_weights=False))
     peft_model.save_pretrained(directory)
+    return directory
+
+
+# Every linear layer of a Llama block. Not lm_head: vLLM 0.32's CPU build adds the lm_head LoRA of the adapter
+# that ran last to requests for the base model (its torch kernels index the slot of "no adapter", -1, as the last).
+LLAMA_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class AdapterNotLearnt(Exception):
+    """Training ended before the adapter completed every example as asked."""
+
+
+def train_hf_adapter(model_dir: Path, directory: Path, examples: Sequence[tuple[str, str]], rank: int = 8,
+                     steps: int = 100, seed: int = 0, learning_rate: float = 3e-3,
+                     target_modules: Sequence[str] = LLAMA_LINEAR_MODULES) -> Path:
+    """A LoRA adapter for the model saved in `model_dir`, trained until each prompt is completed by its answer.
+
+    `examples` are (prompt, completion) pairs; the completion is learnt token by token as a server generates it
+    (the prompt tokenized on its own, then the completion's tokens and end-of-sequence), so greedy decoding of
+    the prompt yields exactly the completion; it checks that it does, with transformers + peft, before saving.
+    The loss counts completion tokens only. Deterministic: a seeded initialisation, full-batch AdamW, float32
+    on one CPU thread.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not examples:
+        raise ValueError("train_hf_adapter: no examples to learn from")
+    for prompt, completion in examples:
+        if not prompt or not completion:
+            raise ValueError(f"train_hf_adapter: example {(prompt, completion)!r} needs a prompt and a completion")
+    if rank < 1 or steps < 1:
+        raise ValueError(f"train_hf_adapter: rank ({rank}) and steps ({steps}) must be at least 1")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+        raise ValueError(f"{model_dir}: the tokenizer needs an end-of-sequence and a padding token")
+    sequences = []
+    for prompt, completion in examples:
+        prompt_ids = tokenizer(prompt).input_ids
+        completion_ids = [*tokenizer(completion, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
+        sequences.append((prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_ids))
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.tensor([ids + [tokenizer.pad_token_id] * (width - len(ids)) for ids, _ in sequences])
+    labels = torch.tensor([targets + [-100] * (width - len(targets)) for _, targets in sequences])
+    attention_mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in sequences])
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model gains nothing from threads, and one thread sums in one order
+    try:
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                                      target_modules=list(target_modules)))
+        trained = [parameter for parameter in peft_model.parameters() if parameter.requires_grad]
+        optimizer = torch.optim.AdamW(trained, lr=learning_rate, weight_decay=0.0)
+        peft_model.train()
+        for _ in range(steps):
+            loss = peft_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        peft_model.eval()
+        with torch.no_grad():
+            for (prompt, completion), (ids, targets) in zip(examples, sequences, strict=True):
+                prompt_length = targets.count(-100)
+                generated = peft_model.generate(input_ids=torch.tensor([ids[:prompt_length]]), do_sample=False,
+                                                max_new_tokens=len(ids) - prompt_length,
+                                                pad_token_id=tokenizer.pad_token_id)[0, prompt_length:].tolist()
+                if generated != ids[prompt_length:]:
+                    raise AdapterNotLearnt(
+                        f"after {steps} steps at rank {rank}, {prompt!r} completes as "
+                        f"{tokenizer.decode(generated)!r}, not {completion!r}: give it more steps or a higher rank")
+        peft_model.save_pretrained(directory)
+    finally:
+        torch.set_num_threads(threads)
     return directory
