@@ -1,4 +1,5 @@
-"""`make demo`: build a tiny model and adapters, run loraplex end to end on this machine, show the result.
+"""`make demo`: build a tiny model and train adapters, run loraplex end to end on this machine with real vLLM,
+and ask each adapter its question through the base model's Service, next to the base model's answer.
 
     .venv/bin/python -m demo [--keep]
 """
@@ -14,9 +15,12 @@ import time
 from pathlib import Path
 
 from demo.stack import ROOT, LocalStack, build_artifacts
+from demo.tasks import DEMO_TASKS
 from tests.integration.harness import wait_for
 
-ADAPTERS = ["tiny-llama-math", "tiny-llama-squad", "tiny-llama-pubmedqa"]
+ADAPTERS = list(DEMO_TASKS)
+BASE_MODEL = "tiny-llama"  # the BaseModelDeployment, its Service and its served name in examples/demo.yaml
+PORT = 8000
 
 
 def say(text: str) -> None:
@@ -31,11 +35,14 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="loraplex-demo-"))
     stack = LocalStack(workdir / "cluster", workdir / "artifacts")
     try:
-        say("Building a tiny Llama and three LoRA adapters (math, squad, pubmedqa) plus a broken one, locally")
+        say("Building a tiny Llama (random weights) and training three LoRA adapters on it with peft, a few "
+            "examples each (math, squad, pubmedqa), plus an untrained rank-32 one that must fail, locally")
+        building = time.monotonic()
         build_artifacts(workdir / "artifacts")
+        print(f"  built and trained in {time.monotonic() - building:.0f}s")
         say("Starting a real Kubernetes v1.36 control plane (etcd, kube-apiserver with RBAC, controller-manager, "
-            "scheduler), a process kubelet for its GPU node, S3 (moto_server), and the loraplex operator as the "
-            "chart's ServiceAccount")
+            "scheduler), a process kubelet for its GPU node, a kube-proxy stand-in for Services, S3 (moto_server), "
+            "and the loraplex operator as the chart's ServiceAccount")
         stack.start()
         say("kubectl apply -f examples/demo.yaml")
         print(stack.kubectl("apply", "-f", str(ROOT / "examples" / "demo.yaml")), end="")
@@ -47,20 +54,35 @@ def main() -> int:
                  600, "the adapters", stack.log_tail)
         say("kubectl get bmd,lora")
         print(stack.kubectl("get", "bmd,lora"), end="")
-        say("kubectl get nodes,replicasets,pods -o wide  (bound by kube-scheduler, run by the process kubelet)")
-        print(stack.kubectl("get", "nodes,replicasets,pods", "-o", "wide"), end="")
+        say("kubectl get nodes,replicasets,pods,services -o wide  (pods bound by kube-scheduler, run by the process "
+            "kubelet; the Service rendered by the operator)")
+        print(stack.kubectl("get", "nodes,replicasets,pods,services", "-o", "wide"), end="")
         say("Adapter status")
         for name in [*ADAPTERS, "tiny-llama-broken"]:
             status = stack.adapter(name)["status"]
             ready = next(c for c in status["conditions"] if c["type"] == "Ready")
             print(f"  {name:22} {status['phase']:8} {status['readyReplicas']}/{status['replicas']} replicas  "
                   f"{ready['reason']}: {ready['message']}")
-        pod = stack.pod_names("tiny-llama")[0]
-        say(f"One completion per model from real vLLM in pod {pod} (POST /v1/completions, prompt "
-            "'What is 7 times 6?')")
-        for model in ["tiny-llama", *[name for name in ADAPTERS]]:
-            print(f"  {model:22} -> {stack.completion(pod, model)!r}")
-        print("  (random tiny weights: the text is noise, but each adapter's differs from the base model's)")
+        wait_for(lambda: len(stack.service_backends(BASE_MODEL, PORT)) == 2, 60,
+                 "both replicas behind the Service", stack.log_tail)
+        endpoint = stack.service_url(BASE_MODEL, PORT)
+        version = stack.runtime_version(endpoint)
+        say(f"Asking through the Service {BASE_MODEL}:{PORT} (here {endpoint}, round-robin over pods "
+            f"{', '.join(stack.service_backends(BASE_MODEL, PORT))}): real vLLM {version}, its CPU build, "
+            "greedy decoding (POST /v1/completions, temperature 0)")
+        wrong = []
+        for adapter, (question, answer) in DEMO_TASKS.items():
+            base_says = stack.complete(endpoint, BASE_MODEL, question, max_tokens=8)
+            adapter_says = stack.complete(endpoint, adapter, question, max_tokens=8)
+            verdict = "right" if adapter_says == answer else f"WRONG, expected {answer!r}"
+            if adapter_says != answer:
+                wrong.append(adapter)
+            print(f"\n  {question}\n    {BASE_MODEL + ':':22} {base_says!r:28} {adapter + ':':22} {adapter_says!r}"
+                  f"  ({verdict})")
+        print("\n  The base model's weights are random, so it babbles; each adapter was trained here for a few "
+              "seconds on a handful of examples, and vLLM applies it per request on the same pods.")
+        if wrong:
+            raise RuntimeError(f"{', '.join(wrong)} did not give their trained answers")
         say(f"Done in {time.monotonic() - started:.0f}s. On a real cluster:")
         print(textwrap.dedent("""\
               helm install loraplex charts/loraplex -n loraplex-system --create-namespace \\

@@ -1,6 +1,7 @@
 """A whole loraplex installation on one machine: a real Kubernetes control plane (loraplex.local), a process
-kubelet for its GPU node, moto S3, and the real operator running as the chart's ServiceAccount. The pods the
-operator renders are scheduled by the real scheduler and run by the kubelet (the runtime + sidecar)."""
+kubelet for its GPU node, a kube-proxy stand-in for its Services, moto S3, and the real operator running as the
+chart's ServiceAccount. The pods the operator renders are scheduled by the real scheduler and run by the
+kubelet (the runtime + sidecar); clients reach them through the operator's Service, as on a cluster."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from demo.tasks import TASKS, training_text
 from loraplex.local.controlplane import ControlPlane
 from loraplex.local.install import install_crds, install_operator_identity
 from loraplex.local.kubelet import ProcessKubelet
+from loraplex.local.serviceproxy import ServiceProxy
 from tests.adapters import CORPUS, VLLM_TINY_LLAMA, make_hf_adapter_for, make_tiny_model, train_hf_adapter
 from tests.conftest import tool
 
@@ -65,6 +67,7 @@ class LocalStack:
         self.moto: subprocess.Popen[bytes] | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.kubelet: ProcessKubelet | None = None
+        self.service_proxy: ServiceProxy | None = None
         self.kubeconfig = workdir / "kubeconfig"  # admin, the user's
         self.operator_kubeconfig = workdir / "operator.kubeconfig"
 
@@ -88,9 +91,12 @@ class LocalStack:
         self.start_operator()
         self.kubelet = ProcessKubelet(self.kubeconfig, self.workdir / "kubelet",
                                       node_name=f"gpu-node-{self.namespace}", restart_backoff_seconds=2).start()
+        self.service_proxy = ServiceProxy(self.kubeconfig, [self.kubelet], namespace=self.namespace).start()
         return self
 
     def stop(self) -> None:
+        if self.service_proxy is not None:
+            self.service_proxy.stop()
         if self.kubelet is not None:
             self.kubelet.stop()
         self.stop_operator()
@@ -219,16 +225,37 @@ class LocalStack:
         assert self.kubelet is not None
         return self.kubelet.url(self.namespace, pod, port)
 
+    def service_url(self, service: str, port: int = 8000) -> str:
+        """Where the Service's port is reached on this machine (the stand-in for its ClusterIP)."""
+        assert self.service_proxy is not None
+        return self.service_proxy.url(service, port)
+
+    def service_backends(self, service: str, port: int = 8000) -> list[str]:
+        """The ready pods the Service sends connections to, round-robin."""
+        assert self.service_proxy is not None
+        return self.service_proxy.backends(service, port)
+
     def completion(self, pod: str, model: str, prompt: str = "What is 7 times 6?", max_tokens: int = 12) -> str:
+        """Greedy completion from one pod's runtime."""
+        return self.complete(self.url(pod), model, prompt, max_tokens, where=pod)
+
+    def complete(self, base_url: str, model: str, prompt: str, max_tokens: int = 12, where: str = "") -> str:
+        """Greedy completion (temperature 0) from the OpenAI-compatible server at `base_url`."""
         request = urllib.request.Request(
-            self.url(pod) + "/v1/completions", method="POST",
-            data=json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens}).encode(),
+            base_url + "/v1/completions", method="POST",
+            data=json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                             "temperature": 0}).encode(),
             headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return json.loads(response.read())["choices"][0]["text"]
         except urllib.error.HTTPError as error:
-            raise RuntimeError(f"{model} on {pod}: {error.code} {error.read().decode()}") from None
+            raise RuntimeError(f"{model} at {where or base_url}: {error.code} {error.read().decode()}") from None
+
+    def runtime_version(self, base_url: str) -> str:
+        """The version vLLM's server reports (GET /version)."""
+        with urllib.request.urlopen(base_url + "/version", timeout=10) as response:
+            return str(json.loads(response.read())["version"])
 
     def served(self, pod: str) -> list[str]:
         with urllib.request.urlopen(self.url(pod) + "/v1/models", timeout=10) as response:
