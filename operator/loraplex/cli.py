@@ -159,6 +159,7 @@ def _run_local_cluster(args: argparse.Namespace) -> int:
     from loraplex.local.binaries import BinariesNotFound, find_binaries
     from loraplex.local.controlplane import ControlPlane, ControlPlaneError
     from loraplex.local.kubelet import ProcessKubelet
+    from loraplex.local.serviceproxy import ServiceProxy
 
     configure(args.log_level)
     try:
@@ -171,18 +172,22 @@ def _run_local_cluster(args: argparse.Namespace) -> int:
         return 0
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="loraplex-cluster-"))
     plane = ControlPlane(workdir / "control-plane", binaries)
-    kubelet = None
+    kubelet = service_proxy = None
     try:
         plane.start()
         if args.gpus is not None:
             kubelet = ProcessKubelet(plane.kubeconfig, workdir / "kubelet", node_name=args.node_name,
                                      gpus=args.gpus).start()
+            # Logs the host port of each Service it routes to the kubelet's pods.
+            service_proxy = ServiceProxy(plane.kubeconfig, [kubelet]).start()
         print(f"Kubernetes control plane ready at {plane.url}\nexport KUBECONFIG={plane.kubeconfig}", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except (ControlPlaneError, PermissionError) as exc:
         print(f"loraplex local-cluster: {exc}", file=sys.stderr)
         return 1
     finally:
+        if service_proxy is not None:
+            service_proxy.stop()
         if kubelet is not None:
             kubelet.stop()
         plane.stop()
