@@ -62,18 +62,6 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_cpu_runtime(args: argparse.Namespace) -> int:
-    from loraplex.cpu_runtime.server import serve
-
-    configure(args.log_level)
-    if not Path(args.model).is_dir():
-        print(f"loraplex cpu-runtime: --model {args.model} is not a local model folder (no hub downloads)",
-              file=sys.stderr)
-        return 2
-    serve(args.model, args.served_model_name or args.model, args.host, args.port, args.max_cpu_loras)
-    return 0
-
-
 def _run_crds(args: argparse.Namespace) -> int:
     from loraplex.api.crds import crd_files, write_crds
 
@@ -217,16 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     sidecar.add_argument("--log-level", default=os.environ.get("LORAPLEX_LOG_LEVEL", "info"),
                          choices=["debug", "info", "warning", "error"])
     sidecar.set_defaults(func=_run_sidecar)
-
-    cpu = commands.add_parser("cpu-runtime", help="a small OpenAI-compatible multi-LoRA server for CPUs "
-                              "(speaks vLLM's LoRA API; for demos, CI and CPU-only dev clusters)")
-    cpu.add_argument("model", help="local folder of a transformers causal LM (config, weights, tokenizer)")
-    cpu.add_argument("--served-model-name", default=None, help="name clients use for the base model")
-    cpu.add_argument("--host", default="0.0.0.0")
-    cpu.add_argument("--port", type=int, default=8000)
-    cpu.add_argument("--max-cpu-loras", type=int, default=16, help="adapters resident at once")
-    cpu.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    cpu.set_defaults(func=_run_cpu_runtime)
 
     local = commands.add_parser("local-cluster", help="run a real Kubernetes control plane on this machine, with "
                                 "a process kubelet for one GPU node, until interrupted (for development)")

@@ -11,4 +11,4 @@ __all__ = ["LoadFailed", "NimClient", "RuntimeClient", "RuntimeUnavailable", "Vl
 def client_for(runtime: Runtime, base_url: str, served_model: str, refresh_interval: float = 10.0) -> RuntimeClient:
     if runtime == Runtime.NIM:
         return NimClient(base_url, served_model, refresh_interval)
-    return VllmClient(base_url, served_model)  # vllm, and the cpu runtime that speaks vLLM's LoRA API
+    return VllmClient(base_url, served_model)

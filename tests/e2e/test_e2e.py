@@ -1,11 +1,14 @@
-"""End to end on one machine: the real control plane (scheduler, ReplicaSets, garbage collection), the real
-operator under the chart's RBAC, pods bound to a GPU node and run by the process kubelet (CPU runtime +
-sidecar, each sidecar with its own ServiceAccount token), adapters from moto S3. The scenarios run in order
-on one stack, as a user's day would."""
+"""End to end on one machine, on real vLLM: the real control plane (scheduler, ReplicaSets, garbage collection),
+the real operator under the chart's RBAC, pods bound to a GPU node for their nvidia.com/gpu request and run by the
+process kubelet (`vllm serve` of vLLM's CPU build + the sidecar, each sidecar with its own ServiceAccount token),
+adapters from moto S3, loaded by vLLM itself and answering as transformers + peft compute them. The scenarios run
+in order on one stack, as a user's day would."""
 
 from __future__ import annotations
 
+import json
 import textwrap
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +16,17 @@ import pytest
 import yaml
 
 from demo.stack import LocalStack, build_artifacts
+from demo.tasks import TASKS
+from loraplex.local.controlplane import free_port
 from tests.integration.harness import wait_for
-from tests.integration.sidecar_harness import free_port
+from tests.vllm_server import BLOCK_SIZE, LONG_PROMPT, VLLM_PYTHON
 
-pytestmark = pytest.mark.integration
+# vLLM takes most of a minute to start on 2 cores, and the scenarios start it four times.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 PROMPT = "What is 7 times 6?"
+# Small KV blocks, so LONG_PROMPT fills some and vLLM's prefix cache holds blocks computed with an adapter's
+# weights: an update served from those cached blocks would answer with the old weights.
+RUNTIME_ARGS = ["--dtype", "float32", "--max-model-len", "128", "--block-size", str(BLOCK_SIZE)]
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +36,8 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, artifacts, control_plane) -> Iterator[LocalStack]:
+    if not VLLM_PYTHON.exists():
+        raise AssertionError("real vLLM is not installed: run `make vllm` (make test does it for you)")
     local = LocalStack(tmp_path_factory.mktemp("cluster"), artifacts, s3_port=free_port(),
                        resync_seconds=600,  # no periodic resync: events alone must get every scenario there
                        control_plane=control_plane, namespace="e2e")
@@ -40,10 +51,13 @@ def manifest(stack: LocalStack, replicas: int = 2, adapters: dict[str, str] | No
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
          "stringData": {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret"}},
         {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment", "metadata": {"name": "tiny-llama"},
-         "spec": {"model": "tiny-llama", "modelSource": "/var/cache/loraplex-cpu/tiny-llama", "runtime": "cpu",
-                  "image": "loraplex/loraplex:0.1.0", "replicas": replicas, "gpus": {"count": 0},
+         "spec": {"model": "tiny-llama", "modelSource": "/root/.cache/huggingface/tiny-llama", "runtime": "vllm",
+                  "image": "vllm/vllm-openai:v0.32.0", "replicas": replicas, "gpus": {"count": 1},
                   "cache": {"persistentVolumeClaim": {"claimName": "demo-models"}},
-                  "lora": {"maxRank": 16, "maxCpuLoras": 8, "maxGpuLoras": 4},
+                  "env": [{"name": "VLLM_CPU_KVCACHE_SPACE", "value": "1"},
+                          {"name": "VLLM_ENABLE_V1_MULTIPROCESSING", "value": "0"}],
+                  "runtimeArgs": RUNTIME_ARGS,
+                  "lora": {"maxRank": 16, "maxCpuLoras": 4, "maxGpuLoras": 2},
                   "storage": {"credentialsSecret": "s3", "s3": {"endpoint": f"http://127.0.0.1:{stack.s3_port}",
                                                                  "region": "us-east-1", "forcePathStyle": True}}}},
     ]
@@ -60,7 +74,9 @@ def apply(stack: LocalStack, text: str) -> None:
     stack.kubectl("apply", "-f", str(path))
 
 
-def direct(artifacts: Path, adapter: str | None, max_tokens: int = 12) -> str:
+def direct(artifacts: Path, adapter: str | None, prompt: str = PROMPT, max_tokens: int = 8) -> list[int]:
+    """Greedy token ids from transformers (+ peft): what vLLM must reproduce. Like vLLM's ignore_eos, the end of
+    sequence ends nothing but is not suppressed either (min_new_tokens would pick the next best token instead)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -68,9 +84,19 @@ def direct(artifacts: Path, adapter: str | None, max_tokens: int = 12) -> str:
     model = AutoModelForCausalLM.from_pretrained(artifacts / "model")
     if adapter:
         model = PeftModel.from_pretrained(model, artifacts / "adapters" / adapter)
-    ids = tokenizer(PROMPT, return_tensors="pt")
+    ids = tokenizer(prompt, return_tensors="pt")
+    model.generation_config.eos_token_id = None
     output = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(output[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    return output[0, ids["input_ids"].shape[1]:].tolist()
+
+
+def vllm_tokens(stack: LocalStack, pod: str, model: str, prompt: str = PROMPT, max_tokens: int = 8) -> list[int]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "return_token_ids": True,
+            "ignore_eos": True}
+    request = urllib.request.Request(stack.url(pod) + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return [int(token) for token in json.loads(response.read())["choices"][0]["token_ids"]]
 
 
 def ready_everywhere(stack: LocalStack, names: list[str], replicas: int) -> bool:
@@ -90,7 +116,8 @@ ADAPTERS = {"math": "math", "squad": "squad", "broken": "broken"}
 
 def test_apply_then_ready_on_every_replica_with_the_broken_one_failed(stack):
     apply(stack, manifest(stack, adapters=ADAPTERS))
-    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 240, "math and squad Ready on 2", stack.log_tail)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 600, "math and squad Ready on 2 real vLLMs",
+             stack.log_tail)
     wait_for(lambda: stack.phase("broken") == "Failed", 60, "the broken adapter Failed", stack.log_tail)
     ready = next(c for c in stack.adapter("broken")["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "ValidationFailed"
@@ -113,6 +140,8 @@ def test_pods_are_scheduled_by_the_real_scheduler_through_a_replicaset(stack):
     for pod in stack.pods("tiny-llama"):
         assert pod["spec"]["nodeName"] == f"gpu-node-{stack.namespace}"
         assert pod["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+        inference = pod["spec"]["containers"][0]
+        assert inference["resources"]["limits"]["nvidia.com/gpu"] == "1"
         scheduled = next(c for c in pod["status"]["conditions"] if c["type"] == "PodScheduled")
         assert scheduled["status"] == "True"
     events = kubernetes.client.CoreV1Api(api).list_namespaced_event(stack.namespace).items
@@ -130,37 +159,51 @@ def test_each_sidecar_talks_to_the_api_as_its_own_service_account(stack):
 
 
 def test_each_adapter_serves_its_own_weights(stack, artifacts):
-    pod = pods(stack)[0]
-    base, math, squad = (stack.completion(pod, model, PROMPT) for model in ("tiny-llama", "math", "squad"))
-    assert base == direct(artifacts, None)
-    assert math == direct(artifacts, "math")
-    assert squad == direct(artifacts, "squad")
-    assert len({base, math, squad}) == 3
-    other = pods(stack)[1]
-    assert stack.completion(other, "math", PROMPT) == math
+    first, second = pods(stack)
+    outputs = {model: vllm_tokens(stack, first, model) for model in ("tiny-llama", "math", "squad")}
+    assert outputs["tiny-llama"] == direct(artifacts, None)
+    assert outputs["math"] == direct(artifacts, "math")
+    assert outputs["squad"] == direct(artifacts, "squad")
+    assert len({tuple(tokens) for tokens in outputs.values()}) == 3
+    assert vllm_tokens(stack, second, "math") == outputs["math"]
 
 
-def test_changing_a_source_serves_new_weights_without_restarting_pods(stack, artifacts):
+def test_trained_adapters_answer_their_questions_through_the_service_and_the_base_model_does_not(stack):
+    url = stack.service_url("tiny-llama")
+    for name in ("math", "squad"):
+        question, answer = TASKS[name].question, TASKS[name].answer
+        assert stack.complete(url, name, question) == answer
+        assert stack.complete(url, "tiny-llama", question) != answer
+
+
+def test_updating_an_adapter_serves_the_new_weights_not_cached_old_ones(stack, artifacts):
     before = pods(stack)
     restarts = stack.restarts("tiny-llama")
+    old = direct(artifacts, "math", LONG_PROMPT)
+    for pod in before:  # fills vLLM's prefix cache with blocks computed by the old weights
+        assert vllm_tokens(stack, pod, "math", LONG_PROMPT) == old
     apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa"}))
     wait_for(lambda: stack.adapter("math")["status"].get("observedGeneration") == 2
-               and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack.log_tail)
-    expected = direct(artifacts, "pubmedqa")
+             and ready_everywhere(stack, ["math"], 2), 120, "math generation 2 Ready", stack.log_tail)
+    new = direct(artifacts, "pubmedqa", LONG_PROMPT)
+    assert new != old
     for pod in pods(stack):
-        assert stack.completion(pod, "math", PROMPT) == expected
-    assert set(pods(stack)) == set(before)  # same pods
+        assert vllm_tokens(stack, pod, "math", LONG_PROMPT) == new
+        assert vllm_tokens(stack, pod, "math") == direct(artifacts, "pubmedqa")
+    assert set(pods(stack)) == set(before)  # same pods, same vLLM processes
     assert stack.restarts("tiny-llama") == restarts
 
 
-def test_runtime_killed_then_adapters_restored(stack):
+def test_runtime_killed_then_adapters_restored(stack, artifacts):
     pod = pods(stack)[0]
     assert stack.kubelet is not None
     stack.kubelet.kill_container(stack.namespace, pod, "inference")
-    wait_for(lambda: stack.restarts("tiny-llama")[pod]["inference"] >= 1, 30, "runtime restarted", stack.log_tail)
-    wait_for(lambda: sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"], 120,
-               "adapters restored in the restarted runtime", stack.log_tail)
-    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2), 60, "Ready again", stack.log_tail)
+    wait_for(lambda: stack.restarts("tiny-llama")[pod]["inference"] >= 1, 30, "vLLM restarted", stack.log_tail)
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2)
+             and stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2, 300,
+             "Ready again on the restarted vLLM", stack.log_tail)
+    assert sorted(stack.served(pod)) == ["math", "squad", "tiny-llama"]
+    assert vllm_tokens(stack, pod, "math") == direct(artifacts, "pubmedqa")
 
 
 def test_operator_killed_then_restart_converges_without_duplicates(stack):
@@ -168,7 +211,7 @@ def test_operator_killed_then_restart_converges_without_duplicates(stack):
     apply(stack, manifest(stack, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
     stack.start_operator()
     wait_for(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 2), 120, "converged after restart",
-               stack.log_tail)
+             stack.log_tail)
     api = stack.api()
     import kubernetes
 
@@ -179,14 +222,14 @@ def test_operator_killed_then_restart_converges_without_duplicates(stack):
     assert stack.adapter("pubmedqa")["metadata"]["finalizers"] == ["loraplex.io/adapter-cleanup"]
 
 
-def test_scaling_up_gives_the_new_replica_every_adapter(stack):
+def test_scaling_up_gives_the_new_replica_every_adapter(stack, artifacts):
     apply(stack, manifest(stack, replicas=3, adapters={**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa"}))
     wait_for(lambda: len(pods(stack)) == 3, 30, "a third pod", stack.log_tail)
     wait_for(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 3),
-             180, "Ready on 3 replicas", stack.log_tail)
-    newest = pods(stack)
-    for pod in newest:
+             300, "Ready on 3 replicas", stack.log_tail)
+    for pod in pods(stack):
         assert sorted(stack.served(pod)) == ["math", "pubmedqa", "squad", "tiny-llama"]
+    assert vllm_tokens(stack, pods(stack)[-1], "squad") == direct(artifacts, "squad")
 
 
 def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(stack):
@@ -195,8 +238,8 @@ def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(st
     assert stack.kubelet is not None
     for pod in pods(stack):
         assert "squad" not in stack.served(pod)
-        folder = stack.kubelet.volume_path(stack.namespace, pod, "peft-source") / "adapters" / "squad"
-        assert folder.parent.is_dir() and not folder.exists()
+        adapters = stack.kubelet.volume_path(stack.namespace, pod, "peft-source") / "adapters"
+        assert adapters.is_dir() and not [path for path in adapters.iterdir() if path.name.startswith("squad")]
     assert ready_everywhere(stack, ["math", "pubmedqa"], 3)
     assert "squad" not in textwrap.dedent(stack.kubectl("get", "configmap", "tiny-llama-adapters", "-o",
                                                         "jsonpath={.data}"))

@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.integration
+# apply_to_ready and sidecar_scale start real vLLM (most of a minute on 2 cores).
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("arguments", [

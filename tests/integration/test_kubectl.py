@@ -157,7 +157,7 @@ def test_schema_rejects_bad_specs_with_the_field_named(kubectl, mode):
     """)
     result = kubectl("apply", *mode, "-f", "-", stdin=bad, check=False)
     assert result.returncode != 0
-    assert 'spec.runtime: Unsupported value: "tgi": supported values: "vllm", "nim", "cpu"' in result.stderr
+    assert 'spec.runtime: Unsupported value: "tgi": supported values: "vllm", "nim"' in result.stderr
     assert "spec.lora.maxRank" in result.stderr
     assert 'unknown field "spec.typo"' in result.stderr
     assert 'spec.source: Invalid value: "ftp://x/y"' in result.stderr

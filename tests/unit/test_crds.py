@@ -57,7 +57,7 @@ def test_crd_publishes_names_status_and_printer_columns():
 
 def test_schema_encodes_enums_ranges_patterns_and_defaults():
     bmd_spec = render_crd(RESOURCES[0])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    assert bmd_spec["properties"]["runtime"]["enum"] == ["vllm", "nim", "cpu"]
+    assert bmd_spec["properties"]["runtime"]["enum"] == ["vllm", "nim"]
     assert set(bmd_spec["required"]) == {"image", "model", "runtime"}
     lora = bmd_spec["properties"]["lora"]
     assert lora["default"] == {}

@@ -285,14 +285,3 @@ def test_base_model_config_reaches_the_sidecar_for_shape_checks():
         in sidecar["volumeMounts"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["base-model-config"]["configMap"]["name"] == "llama3-config"
-
-
-def test_cpu_runtime_renders_loraplex_cpu_server():
-    inference = containers(render.render_deployment(owner(), spec(
-        runtime="cpu", image="loraplex/loraplex:0.1.0", modelSource="/models/tiny", gpus={"count": 0}),
-        SETTINGS))["inference"]
-    assert inference["command"] == ["loraplex", "cpu-runtime"]
-    assert inference["args"][:3] == ["/models/tiny", "--served-model-name", "meta/llama3-8b-instruct"]
-    assert "resources" not in inference  # no GPU requested
-    with pytest.raises(render.RenderError, match="the cpu runtime uses no GPU"):
-        render.render_deployment(owner(), spec(runtime="cpu", gpus={"count": 1}), SETTINGS)

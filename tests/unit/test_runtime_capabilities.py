@@ -52,7 +52,6 @@ def test_declared_versions(text, version):
     (Runtime.VLLM, "vllm/vllm-openai:latest", "0.12.0", (0, 12, 0)),
     (Runtime.VLLM, "vllm/vllm-openai:latest", None, None),
     (Runtime.NIM, "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3", None, None),  # NIM's tag is not a vLLM version
-    (Runtime.CPU, "loraplex/loraplex:0.1.0", None, None),
 ])
 def test_deployed_version(runtime, image, declared, version):
     assert deployed_version(runtime, image, declared) == version

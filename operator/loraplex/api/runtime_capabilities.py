@@ -2,7 +2,7 @@
 (the flags it renders) and by the sidecar and `loraplex validate` (the adapters they let through).
 
 The vLLM rows are vLLM's own behaviour, read from its releases and bisected (docs/vllm-lora-contract.md).
-NIM and the cpu runtime have one row each.
+NIM has one row.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ VLLM_FUSED_MODULES: dict[str, tuple[str, ...]] = {
 # on the BaseModelDeployment narrows this further).
 RUNTIME_MODULES: dict[Runtime, dict[AdapterFormat, frozenset[str]]] = {
     Runtime.VLLM: {AdapterFormat.HF: LLAMA_PROJECTIONS | LLAMA_EMBEDDINGS},
-    Runtime.CPU: {AdapterFormat.HF: LLAMA_PROJECTIONS},  # peft adapts any linear layer; these are Llama's
     Runtime.NIM: {
         AdapterFormat.HF: LLAMA_PROJECTIONS,
         AdapterFormat.NEMO: frozenset({"attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"}),

@@ -45,8 +45,6 @@ def nested(model: type[Model], description: str) -> Any:
 class Runtime(enum.StrEnum):
     VLLM = "vllm"
     NIM = "nim"
-    # loraplex's own CPU server (`loraplex cpu-runtime`): speaks vLLM's LoRA API; demos, CI, dev clusters.
-    CPU = "cpu"
 
 
 class AdapterFormat(enum.StrEnum):
@@ -61,7 +59,6 @@ class AdapterFormat(enum.StrEnum):
 RUNTIME_FORMATS: dict[Runtime, frozenset[AdapterFormat]] = {
     Runtime.VLLM: frozenset({AdapterFormat.HF}),
     Runtime.NIM: frozenset({AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM}),
-    Runtime.CPU: frozenset({AdapterFormat.HF}),
 }
 
 
@@ -231,10 +228,9 @@ class BaseModelDeploymentSpec(Model):
     model: str = Field(min_length=1, description="Model name the runtime serves (also clients' base model).")
     model_source: str | None = Field(
         default=None,
-        description="What vLLM (path or Hugging Face id) or the cpu runtime (a local folder) loads; defaults to "
-        "`model`. Ignored by NIM.",
+        description="What vLLM loads (a path or a Hugging Face id); defaults to `model`. Ignored by NIM.",
     )
-    runtime: Runtime = Field(description="Inference runtime: vllm, nim, or cpu (loraplex's CPU server).")
+    runtime: Runtime = Field(description="Inference runtime: vllm or nim.")
     image: str = Field(min_length=1, description="Inference runtime image.")
     runtime_version: str | None = Field(
         default=None,

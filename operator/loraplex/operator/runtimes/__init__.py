@@ -2,14 +2,12 @@
 
 from loraplex.api.types import Runtime
 from loraplex.operator.runtimes.base import RuntimeProfile
-from loraplex.operator.runtimes.cpu import CpuProfile
 from loraplex.operator.runtimes.nim import NimProfile
 from loraplex.operator.runtimes.vllm import VllmProfile
 
 PROFILES: dict[Runtime, RuntimeProfile] = {
     Runtime.VLLM: VllmProfile(),
     Runtime.NIM: NimProfile(),
-    Runtime.CPU: CpuProfile(),
 }
 
 
