@@ -160,6 +160,24 @@ def test_killed_containers_restart_and_deleted_pods_stop(kubelet, api_client, na
     assert "worker" not in kubelet.running_pods(namespace)
 
 
+def test_a_crashing_container_backs_off_with_its_log_tail_as_termination_message(kubelet, api_client, namespace):
+    crash = "print('loading', flush=True); raise SystemExit('ValueError: max_model_len 256 exceeds 128')"
+    core(api_client).create_namespaced_pod(namespace, {"metadata": {"name": "crashing"}, "spec": {"containers": [
+        python_container("told", crash, terminationMessagePolicy="FallbackToLogsOnError"),
+        python_container("silent", crash)]}})
+
+    def statuses() -> dict[str, dict[str, Any]]:
+        status = pod_status(api_client, namespace, "crashing")["status"]
+        return {c["name"]: c for c in status.get("containerStatuses") or []}
+
+    wait_for(lambda: all(c["restartCount"] >= 2 and c["state"].get("waiting", {}).get("reason") == "CrashLoopBackOff"
+                         for c in statuses().values()) and len(statuses()) == 2, 60, "both in CrashLoopBackOff")
+    told, silent = statuses()["told"]["lastState"]["terminated"], statuses()["silent"]["lastState"]["terminated"]
+    assert told["exitCode"] == silent["exitCode"] == 1
+    assert told["message"].splitlines()[-2:] == ["loading", "ValueError: max_model_len 256 exceeds 128"]
+    assert "message" not in silent  # the File policy, and nothing written to the termination-log file
+
+
 def test_a_missing_secret_holds_the_container_until_it_exists(kubelet, api_client, namespace):
     api = core(api_client)
     api.create_namespaced_pod(namespace, {"metadata": {"name": "waiting"}, "spec": {"containers": [

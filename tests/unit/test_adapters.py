@@ -10,7 +10,7 @@ from loraplex.operator.adapters import (
     cleanup_done,
     desired_adapters,
 )
-from loraplex.operator.base_models import base_model_status
+from loraplex.operator.base_models import base_model_status, replica_problem
 
 
 def base(**overrides):
@@ -191,6 +191,36 @@ def test_base_model_status_counts_replicas_and_adapters():
     assert by_type["Ready"]["reason"] == "ReplicasNotReady"
     assert by_type["AdaptersReady"]["message"].endswith("not ready: b.")
     assert all(c["observedGeneration"] == 3 for c in status["conditions"])
+
+
+def test_base_model_status_quotes_why_a_replica_cannot_run():
+    body = {"metadata": {"name": "llama3", "namespace": "ns", "generation": 1}}
+    deployment = {"status": {"replicas": 2, "readyReplicas": 0}}
+    crashing = {"containerStatuses": [
+        {"name": "loraplex-sidecar", "state": {"running": {}}, "lastState": {}},
+        {"name": "inference", "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 20s"}},
+         "lastState": {"terminated": {"exitCode": 1, "message": "Traceback ...\nValueError: max_model_len too big\n"}}},
+    ]}
+    pulling = {"containerStatuses": [{"name": "inference", "state": {"waiting": {
+        "reason": "ImagePullBackOff", "message": "Back-off pulling image vllm/vllm-openai:v9"}}}]}
+    starting = {"containerStatuses": [{"name": "inference", "state": {"waiting": {"reason": "ContainerCreating"}}}]}
+    assert replica_problem(crashing) == ("container inference is in CrashLoopBackOff, last exit code 1: "
+                                         "ValueError: max_model_len too big")
+    assert replica_problem(pulling) == ("container inference is in ImagePullBackOff: Back-off pulling image "
+                                        "vllm/vllm-openai:v9")
+    assert replica_problem(starting) is None
+    assert replica_problem({}) is None
+
+    problems = {"llama3-b": replica_problem(pulling) or "", "llama3-a": replica_problem(crashing) or ""}
+    ready = {c["type"]: c for c in base_model_status(body, base(replicas=2), None, deployment, [],
+                                                     replica_problems=problems)["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "ReplicasFailing")
+    assert ready["message"] == ("0 of 2 replica(s) are ready; pod llama3-a: container inference is in "
+                                "CrashLoopBackOff, last exit code 1: ValueError: max_model_len too big "
+                                "(1 more pod(s) failing).")
+    healthy = base_model_status(body, base(replicas=2), None, {"status": {"replicas": 2, "readyReplicas": 2}}, [],
+                                replica_problems={})
+    assert {c["type"]: c for c in healthy["conditions"]}["Ready"]["reason"] == "ReplicasReady"
 
 
 def test_base_model_status_counts_the_phases_the_operator_decided_before_its_watch_shows_them():

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 MAX_BACKOFF_SECONDS = 300.0
+# The kubelet's limits on a termination message taken from the container's log (FallbackToLogsOnError).
+TERMINATION_LOG_LINES, TERMINATION_LOG_BYTES = 80, 2048
 # What a container runs, in place of an image: this project (its virtual environments and tools) and Python.
 HOST_SOFTWARE = sorted({str(Path(__file__).resolve().parents[3]), sys.prefix, sys.base_prefix})
 
@@ -84,6 +86,7 @@ class LocalContainer:
     startup: Probe | None = None
     started_ok: bool = False
     initial_backoff: float = 10.0
+    termination_message_policy: str = "File"
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: str | None = None
@@ -157,12 +160,24 @@ class LocalContainer:
         # The first restart is immediate, as the kubelet's; back-off grows from the second.
         delay = 0.0 if self.restarts == 0 and ran_for > 1 else self.backoff
         self.next_start = time.monotonic() + delay
+        exit_code = code if code is not None and code >= 0 else 137
         self.last_termination = {"terminated": {
-            "exitCode": code if code is not None and code >= 0 else 137,
-            "reason": "Completed" if code == 0 else "Error", "startedAt": self.started_at, "finishedAt": now()}}
+            "exitCode": exit_code, "reason": "Completed" if code == 0 else "Error", "startedAt": self.started_at,
+            "finishedAt": now()}}
+        if exit_code != 0 and self.termination_message_policy == "FallbackToLogsOnError":
+            self.last_termination["terminated"]["message"] = self._log_tail()
         self.ready = False
         self.waiting_reason = "CrashLoopBackOff" if delay else "ContainerCreating"
         self.waiting_message = f"back-off {delay:.0f}s restarting failed container={self.name}" if delay else None
+
+    def _log_tail(self) -> str:
+        try:
+            with self.log.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - 64 * 1024))
+                lines = log.read().splitlines()[-TERMINATION_LOG_LINES:]
+        except OSError:
+            return ""
+        return b"\n".join(lines)[-TERMINATION_LOG_BYTES:].decode(errors="replace")
 
     def signal(self, signum: int) -> None:
         if self.running():

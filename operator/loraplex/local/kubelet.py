@@ -353,7 +353,8 @@ class ProcessKubelet:
             readiness=Probe.from_spec(container.get("readinessProbe"), port_of),
             liveness=Probe.from_spec(container.get("livenessProbe"), port_of),
             startup=Probe.from_spec(container.get("startupProbe"), port_of),
-            initial_backoff=self.restart_backoff_seconds)
+            initial_backoff=self.restart_backoff_seconds,
+            termination_message_policy=container.get("terminationMessagePolicy", "File"))
 
     def _service_environment(self) -> dict[str, str]:
         """What in-cluster clients look for: the `kubernetes` Service, here the apiserver on loopback."""

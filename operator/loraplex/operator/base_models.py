@@ -10,6 +10,10 @@ from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.render import endpoint
 
+# Container waiting reasons that mean the container cannot run as it is, rather than that it is starting.
+FAILING_WAIT_REASONS = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                                  "CreateContainerConfigError", "CreateContainerError", "RunContainerError"})
+
 # Reasons a BaseModelDeployment cannot run at all, with what its Ready condition says then.
 UNDEPLOYABLE = {
     "InvalidSpec": "The spec cannot be deployed.",
@@ -17,13 +21,37 @@ UNDEPLOYABLE = {
 }
 
 
+def replica_problem(pod_status: Mapping[str, Any]) -> str | None:
+    """Why a replica pod cannot serve, from its containers' statuses: a container the kubelet cannot start or
+    keeps restarting, with how it last ended (the log lines its termination message carries). None when every
+    container is running or still starting."""
+    for container in pod_status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        if reason not in FAILING_WAIT_REASONS:
+            continue
+        text = f"container {container.get('name')} is in {reason}"
+        ended = (container.get("lastState") or {}).get("terminated")
+        if ended:
+            text += f", last exit code {ended.get('exitCode')}"
+            lines = [line.strip() for line in str(ended.get("message") or "").splitlines() if line.strip()]
+            if lines:
+                text += f": {lines[-1][:300]}"
+        elif waiting.get("message"):
+            text += f": {waiting['message'][:300]}"
+        return text
+    return None
+
+
 def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None,
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
-                      adapters: list[AdapterView], phases: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      adapters: list[AdapterView], phases: Mapping[str, str] | None = None,
+                      replica_problems: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Every operator-owned status field; conditions carry no transition times yet.
 
     `problem` is the (reason, message) of why the spec could not be applied, or None. `phases` are the
     adapters' phases by name as the operator last decided them, which its watch may not show yet.
+    `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem).
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
@@ -54,6 +82,11 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         available = condition("Ready", False, "ScaledToZero", "spec.replicas is 0.", generation)
     elif ready >= wanted:
         available = condition("Ready", True, "ReplicasReady", f"All {wanted} replica(s) are ready.", generation)
+    elif replica_problems:
+        first = min(replica_problems)
+        others = f" ({len(replica_problems) - 1} more pod(s) failing)" if len(replica_problems) > 1 else ""
+        available = condition("Ready", False, "ReplicasFailing", f"{ready} of {wanted} replica(s) are ready; "
+                              f"pod {first}: {replica_problems[first]}{others}.", generation)
     else:
         available = condition("Ready", False, "ReplicasNotReady", f"{ready} of {wanted} replica(s) are ready.",
                               generation)

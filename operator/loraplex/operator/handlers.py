@@ -16,6 +16,7 @@ import kopf
 
 from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
 from loraplex.kube import KubeClient
+from loraplex.operator.base_models import replica_problem
 from loraplex.operator.metrics import OperatorMetrics
 from loraplex.operator.reconciler import Key, Reconciler
 from loraplex.operator.render import BASE_MODEL_LABEL
@@ -57,10 +58,10 @@ def base_model_index(namespace: str, name: str, body: Any, **_: Any) -> dict[Key
 
 @kopf.index("", "v1", "pods", labels={BASE_MODEL_LABEL: kopf.PRESENT})
 def replica_index(namespace: str, name: str, labels: Any, meta: Any, status: Any, **_: Any
-                  ) -> dict[Key, str] | None:
+                  ) -> dict[Key, tuple[str, str | None]] | None:
     if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
         return None
-    return {(namespace, labels[BASE_MODEL_LABEL]): name}
+    return {(namespace, labels[BASE_MODEL_LABEL]): (name, replica_problem(_plain(status)))}
 
 
 @kopf.index("apps", "v1", "deployments", when=_owned)

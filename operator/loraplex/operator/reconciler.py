@@ -187,7 +187,10 @@ class Reconciler:
         return dict(counts)
 
     def live_replicas(self, key: Key) -> list[str]:
-        return sorted(self.replicas.get(key, ()))
+        return sorted(name for name, _ in self.replicas.get(key, ()))
+
+    def replica_problems(self, key: Key) -> dict[str, str]:
+        return {name: problem for name, problem in self.replicas.get(key, ()) if problem is not None}
 
     @staticmethod
     def parse_spec(body: dict[str, Any]) -> tuple[BaseModelDeploymentSpec | None, str | None]:
@@ -310,7 +313,7 @@ class Reconciler:
         adapters = self.adapters_of(key)
         # Our own status writes reach the index later than we know their outcome: count what we decided.
         phases = {a.name: facts.phase for a in adapters if (facts := self._adapter_facts.get((key[0], a.name)))}
-        desired = base_model_status(body, spec, problem, deployment, adapters, phases)
+        desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key))
         before = find(self._known_status(BASE_MODEL_DEPLOYMENT.plural, body).get("conditions"), "Reconciled")
         await self._write_status(BASE_MODEL_DEPLOYMENT.plural, body, desired)
         after = desired["conditions"][0]

@@ -203,6 +203,7 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
         "image": sidecar.image or settings.sidecar_image,
         "imagePullPolicy": sidecar.image_pull_policy or settings.sidecar_image_pull_policy,
         "command": ["loraplex", "sidecar"],
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "env": env,
         "ports": [{"name": "sidecar-http", "containerPort": SIDECAR_PORT, "protocol": "TCP"}],
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "sidecar-http"}, "periodSeconds": 5},
@@ -273,6 +274,9 @@ def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, sett
     resources = _resources(spec.resources, gpus)
     if resources:
         inference["resources"] = resources
+    # A runtime that dies at start-up (a bad flag, a model it cannot load) says why in its log's last lines;
+    # the pod status then carries them, and the base model's Ready condition quotes them.
+    inference["terminationMessagePolicy"] = "FallbackToLogsOnError"
     inference["volumeMounts"] = [
         {"name": PEFT_VOLUME, "mountPath": spec.peft_source.mount_path, "subPath": ADAPTERS_SUBPATH,
          "readOnly": True},
