@@ -70,7 +70,10 @@ def test_node_is_ready_with_gpus_and_its_lease_renewed(kubelet, api_client):
     assert node.status.allocatable["nvidia.com/gpu"] == "2"
     assert node.metadata.labels["gpu.example/product"] == "tiny"
     assert next(c for c in node.status.conditions if c.type == "Ready").status == "True"
-    lease = kubernetes.client.CoordinationV1Api(api_client).read_namespaced_lease("kubelet-test", "kube-node-lease")
+    leases = kubernetes.client.CoordinationV1Api(api_client)
+    wait_for(lambda: "kubelet-test" in [lease.metadata.name for lease in leases.list_namespaced_lease(
+        "kube-node-lease").items], 30, "the node's Lease")
+    lease = leases.read_namespaced_lease("kubelet-test", "kube-node-lease")
     assert lease.spec.holder_identity == "kubelet-test"
     # The node-lifecycle controller lifts the not-ready taint admission put on the new Node.
     wait_for(lambda: not any(t.key == "node.kubernetes.io/not-ready"

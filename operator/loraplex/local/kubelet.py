@@ -97,6 +97,10 @@ class ProcessKubelet:
                                   "mount namespace, which needs root")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._register_node()
+        try:  # a started kubelet holds its Lease already; the heartbeat renews it
+            self._renew_lease()
+        except ApiException as exc:
+            logger.warning("node lease not written yet: %s", exc.reason)
         for thread in self._threads:
             thread.start()
         return self
