@@ -402,7 +402,11 @@ class Agent:
                 healthy, served = False, {}
             lost = {name for name in self.loaded if name not in served} if healthy else set()
             if not healthy and was_healthy:
+                # Whatever it served may be gone when it answers again: nothing is reported Loaded until then
+                # (loading a name it still serves from the same path is a no-op).
                 logger.warning("runtime is not healthy; adapters will be restored when it is back")
+                self.loaded.clear()
+                self.wake.set()
             if lost or (healthy and not was_healthy):
                 if lost:
                     logger.warning("runtime no longer serves %s; loading again", ", ".join(sorted(lost)))

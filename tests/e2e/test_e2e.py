@@ -199,6 +199,8 @@ def test_runtime_killed_then_adapters_restored(stack, artifacts):
     assert stack.kubelet is not None
     stack.kubelet.kill_container(stack.namespace, pod, "inference")
     wait_for(lambda: stack.restarts("tiny-llama")[pod]["inference"] >= 1, 30, "vLLM restarted", stack.log_tail)
+    wait_for(lambda: not ready_everywhere(stack, ["math", "squad"], 2), 30,
+             "the killed replica's adapters no longer reported Ready", stack.log_tail)
     wait_for(lambda: ready_everywhere(stack, ["math", "squad"], 2)
              and stack.base_model("tiny-llama")["status"].get("readyReplicas") == 2, 300,
              "Ready again on the restarted vLLM", stack.log_tail)

@@ -249,6 +249,9 @@ def test_runtime_restart_restores_every_adapter(writer, vllm, sidecar_factory, b
     until(sidecar, lambda: (writer.replica_status("late") or {}).get("message")
           == "Waiting for the runtime to become healthy.", "the new adapter waiting for the runtime")
     assert writer.state("late") == "Pending"
+    # What the dead runtime served is not claimed as Loaded while it is down.
+    until(sidecar, lambda: writer.state("math") == writer.state("squad") == "Pending", "math and squad Pending")
+    assert writer.replica_status("math")["message"] == "Waiting for the runtime to become healthy."
 
     vllm.start()  # the same port, no adapters
     until(sidecar, lambda: set(vllm.adapters()) == {"math", "squad", "late"}, "restored after the restart")
