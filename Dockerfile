@@ -4,8 +4,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/loraplex
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY operator ./operator
-COPY sidecar ./sidecar
+COPY src ./src
 RUN /opt/loraplex/bin/pip install .
 
 FROM python:3.11.14-slim-bookworm

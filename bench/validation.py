@@ -3,7 +3,7 @@
     .venv/bin/python bench/validation.py [--rank 64] [--layers 32]
 
 Builds a Llama-3-8B-shaped LoRA (all seven projections, every layer) as adapter_model.safetensors
-with random bf16 weights, then times `loraplex.sidecar.formats.validate` against
+with random bf16 weights, then times `loraplex.formats.validate` against
 `safetensors.torch.load_file` (what a runtime does). Writes bench/results/validation.{md,png}.
 """
 
@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import add_results_argument, machine, table, write  # noqa: E402
-from loraplex.sidecar.formats import AdapterPolicy, validate  # noqa: E402
-from loraplex.sidecar.formats.rules import module_shapes  # noqa: E402
+from loraplex.formats import AdapterPolicy, validate  # noqa: E402
+from loraplex.formats.rules import module_shapes  # noqa: E402
 
 LLAMA3_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
              "num_hidden_layers": 32}

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from loraplex.api.types import AdapterFormat, Runtime
-from loraplex.sidecar.formats import AdapterPolicy, Rejection, inspect, validate
-from loraplex.sidecar.formats.nemo import inspect as inspect_nemo
+from loraplex.formats import AdapterPolicy, Rejection, inspect, validate
+from loraplex.formats.nemo import inspect as inspect_nemo
 from tests.adapters import TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter, nemo_state_dict
 
 

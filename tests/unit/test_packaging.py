@@ -1,22 +1,15 @@
-"""Every Python package under the source roots is listed in pyproject.toml, and none shadows the stdlib."""
+"""setuptools finds packages under src/ by their __init__.py: a folder of modules without one would be left out
+of a non-editable install (the image) while an editable install still imports it."""
 
-import importlib
-import tomllib
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+import setuptools
+
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-def test_every_package_is_listed_for_non_editable_installs():
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    listed = set(config["packages"])
-    found = {".".join(init.parent.relative_to(ROOT / "operator").parts)
-             for init in (ROOT / "operator").rglob("__init__.py")}
-    found |= {"loraplex.sidecar" + "".join(f".{p}" for p in init.parent.relative_to(ROOT / "sidecar").parts)
-              for init in (ROOT / "sidecar").rglob("__init__.py")}
-    assert found == listed
-
-
-def test_operator_folder_does_not_shadow_the_standard_library():
-    assert not (ROOT / "operator" / "__init__.py").exists()
-    assert importlib.import_module("operator").__file__.endswith("operator.py")
+def test_every_folder_of_modules_is_a_package_setuptools_finds():
+    folders = {path.parent for path in (SRC / "loraplex").rglob("*.py") if "__pycache__" not in path.parts}
+    found = set(setuptools.find_packages(str(SRC)))
+    assert {".".join(folder.relative_to(SRC).parts) for folder in folders} <= found
+    assert "loraplex.sidecar" in found and "loraplex.formats" in found

@@ -17,7 +17,7 @@ from loraplex.api.runtime_capabilities import (
     vllm_version_note,
 )
 from loraplex.api.types import AdapterFormat, Runtime
-from loraplex.sidecar.formats.hf import pattern_key
+from loraplex.formats.hf import pattern_key
 
 
 @pytest.mark.parametrize(("image", "version"), [

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from loraplex.api.types import Runtime
-from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
+from loraplex.formats import AdapterPolicy, Rejection, validate
 from tests.adapters import TINY_LLAMA, make_hf_adapter
 
 V0110, V0120, V0310, V0320 = (0, 11, 0), (0, 12, 0), (0, 31, 0), (0, 32, 0)

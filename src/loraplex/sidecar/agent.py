@@ -27,13 +27,13 @@ from loraplex.api.runtime_capabilities import (
     vllm_version_note,
 )
 from loraplex.api.types import FailureReason, ReplicaState, Runtime
-from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
+from loraplex.formats import AdapterPolicy, Rejection, validate
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
 from loraplex.sidecar.runtimes import LoadFailed, RuntimeClient, RuntimeUnavailable
 from loraplex.sidecar.settings import SidecarSettings
-from loraplex.sidecar.sources import Downloader, Progress, SourceError
 from loraplex.sidecar.store import InstalledAdapter, VolumeStore, files_of
+from loraplex.sources import Downloader, Progress, SourceError
 
 logger = logging.getLogger(__name__)
 RETRY_DELAYS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0)

@@ -18,7 +18,7 @@ from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
 from loraplex.sidecar.runtimes import client_for
 from loraplex.sidecar.settings import SidecarSettings
-from loraplex.sidecar.sources import Downloader
+from loraplex.sources import Downloader
 
 logger = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
     from loraplex.api.runtime_capabilities import NEWEST_VLLM, parse_version, vllm_version_note
     from loraplex.api.types import AdapterFormat, Runtime
-    from loraplex.sidecar.formats import AdapterPolicy, Rejection, validate
+    from loraplex.formats import AdapterPolicy, Rejection, validate
 
     path: Path = args.path
     if not path.exists():

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraplex.api.types import AdapterFormat
-from loraplex.sidecar.formats import hf, nemo, trtllm
-from loraplex.sidecar.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.sidecar.formats.rules import AdapterPolicy, check
+from loraplex.formats import hf, nemo, trtllm
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
+from loraplex.formats.rules import AdapterPolicy, check
 
 __all__ = ["AdapterPolicy", "AdapterReport", "LoraWeights", "Rejection", "detect_format", "inspect", "validate"]
 

@@ -23,8 +23,8 @@ from loraplex.api.runtime_capabilities import (
     vllm_release,
 )
 from loraplex.api.types import AdapterFormat, Runtime
-from loraplex.sidecar.formats.hf import pattern_key
-from loraplex.sidecar.formats.report import AdapterReport, Rejection
+from loraplex.formats.hf import pattern_key
+from loraplex.formats.report import AdapterReport, Rejection
 
 # What PEFT saved a tensor for, by the end of its name, when it is not a LoRA matrix.
 _TENSOR_KINDS = (

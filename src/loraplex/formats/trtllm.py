@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from loraplex.api.types import AdapterFormat
-from loraplex.sidecar.formats.report import AdapterReport, LoraWeights, Rejection
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
 
 CONFIG = "model.lora_config.npy"
 WEIGHTS = "model.lora_weights.npy"

@@ -18,10 +18,10 @@ import aiohttp
 
 from loraplex.api.sources import InvalidSource, parse_source
 from loraplex.api.types import FailureReason
-from loraplex.sidecar.formats.nemo import check_members
-from loraplex.sidecar.formats.report import Rejection
-from loraplex.sidecar.sources import hf, http, local
-from loraplex.sidecar.sources.base import (
+from loraplex.formats.nemo import check_members
+from loraplex.formats.report import Rejection
+from loraplex.sources import hf, http, local
+from loraplex.sources.base import (
     Progress,
     RemoteFile,
     SignFn,
@@ -30,8 +30,8 @@ from loraplex.sidecar.sources.base import (
     download_file,
     no_signing,
 )
-from loraplex.sidecar.sources.gcs import GcsClient
-from loraplex.sidecar.sources.s3 import S3Client
+from loraplex.sources.gcs import GcsClient
+from loraplex.sources.s3 import S3Client
 
 __all__ = ["Downloader", "FetchResult", "Progress", "SourceError", "TransferSettings"]
 

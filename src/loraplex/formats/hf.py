@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
-from loraplex.sidecar.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.sidecar.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
+from loraplex.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from loraplex.api.types import AdapterFormat
-from loraplex.sidecar.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.sidecar.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
+from loraplex.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
