@@ -1,49 +1,36 @@
-"""A small async Kubernetes API client shared by the operator and the sidecar.
-
-Credentials come from the usual places (in-cluster service account, then KUBECONFIG) through the
-`kubernetes` package's loaders; requests go over aiohttp so nothing blocks the event loop. Refusals
-and failures that are safe to repeat (throttling, an API server that is starting) are retried here.
+"""The client itself: credentials from the usual places (in-cluster service account, then KUBECONFIG)
+through the `kubernetes` package's loaders, requests over aiohttp so nothing blocks the event loop, and
+refusals and failures that are safe to repeat (throttling, an API server that is starting) retried here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import json
 import logging
 import os
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import kubernetes
 
+from loraplex.kube.errors import NotFound, api_error
+from loraplex.kube.retry import (
+    RetryPolicy,
+    idempotent,
+    retry_after_seconds,
+    retry_delay,
+    retryable_failure,
+    retryable_status,
+)
+
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class ApiError(Exception):
-    """A failed API call, carrying the HTTP status and the server's Status reason and message."""
-
-    def __init__(self, status: int, reason: str, message: str):
-        super().__init__(f"{status} {reason}: {message}")
-        self.status, self.reason, self.message = status, reason, message
-
-    @property
-    def transient(self) -> bool:
-        return self.status in (409, 429) or self.status >= 500
-
-
-class NotFound(ApiError):
-    pass
-
-
-class Conflict(ApiError):
-    pass
+DEFAULT_RETRY = RetryPolicy()  # frozen, so one instance serves every client
 
 
 def resource_path(api_version: str, plural: str, namespace: str | None = None, name: str | None = None,
@@ -58,76 +45,6 @@ def resource_path(api_version: str, plural: str, namespace: str | None = None, n
     if subresource:
         parts.append(subresource)
     return "/".join(parts)
-
-
-@dataclasses.dataclass(frozen=True)
-class RetryPolicy:
-    """How patiently to repeat a request the API server refused or failed for a passing reason."""
-
-    attempts: int = 8
-    first_delay: float = 0.25
-    max_delay: float = 30.0
-
-
-# Answers the API server gives without having acted: API Priority and Fairness and max-in-flight
-# throttling, a fresh CRD's "storage is (re)initializing", an API server not ready or shutting down.
-NOT_PROCESSED = frozenset({429, 503})
-# Answers after which the request may or may not have taken effect (an etcd write that outlived the
-# request's timeout, a proxy that lost the backend): repeated only when repeating cannot do harm.
-MAYBE_PROCESSED = frozenset({500, 502, 504})
-
-
-def idempotent(method: str, content_type: str | None) -> bool:
-    """Whether sending the request twice has the effect of sending it once.
-
-    PUT carries the resourceVersion it read, so a repeat of one that went through answers 409 and the
-    caller's read-modify-write re-reads. A merge patch sets fields to values, which is the same twice.
-    A repeated DELETE may answer 404 for an object it did delete. POST (create an object, post an Event)
-    and JSON patch (list operations) are not repeated after an answer that may mean they happened.
-    """
-    method = method.upper()
-    return method in ("GET", "HEAD", "PUT", "DELETE") or (
-        method == "PATCH" and content_type == "application/merge-patch+json")
-
-
-def retryable_status(status: int, repeatable: bool) -> bool:
-    return status in NOT_PROCESSED or (repeatable and status in MAYBE_PROCESSED)
-
-
-def retryable_failure(exc: BaseException, repeatable: bool) -> bool:
-    """Whether a request that got no answer may be sent again."""
-    if isinstance(exc, aiohttp.ClientSSLError):
-        return False  # a certificate that does not verify will not verify next time either
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
-        return True  # no connection, so the server never saw the request
-    return repeatable and isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ClientPayloadError | TimeoutError)
-
-
-def retry_delay(attempt: int, retry_after: float | None, policy: RetryPolicy, jitter: float) -> float:
-    """Seconds to wait after failed attempt number `attempt` (1 for the first).
-
-    Exponential backoff, spread by `jitter` (0 to 1) so clients refused together do not come back
-    together. The server's Retry-After is a floor, as asking sooner only earns another refusal; the
-    policy's max_delay caps both, so one call never sleeps longer than that at a time.
-    """
-    delay = min(policy.max_delay, policy.first_delay * 2 ** (attempt - 1)) * (0.5 + jitter)
-    if retry_after is not None:
-        delay = max(delay, retry_after)
-    return min(delay, policy.max_delay)
-
-
-def retry_after_seconds(headers: Mapping[str, str], text: str) -> float | None:
-    """The server's Retry-After header, or the retryAfterSeconds in its Status details."""
-    value: Any = headers.get("Retry-After")
-    if value is None:
-        try:
-            value = (json.loads(text).get("details") or {}).get("retryAfterSeconds")
-        except (ValueError, AttributeError):
-            return None
-    try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
-        return None  # an HTTP date: the API server never sends one; use our own backoff
 
 
 def auth_headers(configuration: kubernetes.client.Configuration) -> dict[str, str]:
@@ -154,7 +71,7 @@ class KubeClient:
     def __init__(self, server: str, headers: dict[str, str] | None = None,
                  ssl_context: ssl.SSLContext | bool = True,
                  refresh_headers: Callable[[], dict[str, str]] | None = None,
-                 retry: RetryPolicy = RetryPolicy()):
+                 retry: RetryPolicy = DEFAULT_RETRY):
         self.server = server.rstrip("/")
         self._headers = headers or {}
         self._refresh_headers = refresh_headers
@@ -231,7 +148,7 @@ class KubeClient:
                     return response
                 async with response:
                     text = await response.text()
-                failure = _error(response.status, text)
+                failure = api_error(response.status, text)
                 retry_after = retry_after_seconds(response.headers, text)
                 why = f"answered {failure}"
             delay = retry_delay(attempt, retry_after, self.retry, random.random())
@@ -254,7 +171,7 @@ class KubeClient:
         async with response:
             text = await response.text()
         if response.status >= 400:
-            raise _error(response.status, text)
+            raise api_error(response.status, text)
         return json.loads(text) if text else None
 
     async def get(self, path: str) -> dict[str, Any]:
@@ -310,36 +227,12 @@ class KubeClient:
             attempt_timeout=lambda: aiohttp.ClientTimeout(total=timeout_seconds + 30, sock_read=timeout_seconds + 30))
         async with response:
             if response.status >= 400:
-                raise _error(response.status, await response.text())
+                raise api_error(response.status, await response.text())
             async for line in response.content:
                 if not line.strip():
                     continue
                 event = json.loads(line)
                 if event.get("type") == "ERROR":
                     status = event.get("object") or {}
-                    raise _error(int(status.get("code", 500)), json.dumps(status))
+                    raise api_error(int(status.get("code", 500)), json.dumps(status))
                 yield event
-
-
-def _error(status: int, text: str) -> ApiError:
-    try:
-        payload = json.loads(text)
-        reason, message = payload.get("reason", ""), payload.get("message", text)
-    except ValueError:
-        reason, message = "", text
-    kind = {404: NotFound, 409: Conflict}.get(status, ApiError)
-    return kind(status, reason, message)
-
-
-async def retry_on_conflict(attempt: Callable[[], Awaitable[T]], attempts: int = 8) -> T:
-    """Re-run a read-modify-write when the object changed underneath it (409), with jittered backoff."""
-    for number in range(attempts):
-        try:
-            return await attempt()
-        except Conflict:
-            if number == attempts - 1:
-                raise
-            delay = min(2.0, 0.05 * 2**number) * (0.5 + random.random())
-            logger.debug("conflict; retrying in %.2fs", delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")
