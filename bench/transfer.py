@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import add_results_argument, machine, table, write  # noqa: E402
-from loraplex.sources.base import Progress, RemoteFile, TransferSettings, download_file  # noqa: E402
+from loraplex.sources.download import Progress, RemoteFile, TransferSettings, download_file  # noqa: E402
 from loraplex.sources.s3 import S3Client  # noqa: E402
 from tests.fakes.files import self_signed_certificate  # noqa: E402
 from tests.integration.sidecar_harness import free_port  # noqa: E402

@@ -33,3 +33,32 @@ def test_invalid_sources_name_the_problem(uri, complaint):
         parse_source(uri)
     assert complaint in str(excinfo.value)
     assert uri in str(excinfo.value)
+
+
+def test_a_tarred_adapter_with_an_escaping_member_is_refused_before_extraction(tmp_path):
+    import asyncio
+    import io
+    import tarfile
+
+    import aiohttp
+
+    from loraplex.api.types import FailureReason
+    from loraplex.sources import Downloader, Progress, SourceError
+
+    store = tmp_path / "store"
+    (store / "evil").mkdir(parents=True)
+    with tarfile.open(store / "evil" / "evil.tar", "w") as archive:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 2
+        archive.addfile(info, io.BytesIO(b"hi"))
+
+    async def fetch() -> None:
+        async with aiohttp.ClientSession() as session:
+            await Downloader(session, store_root=store).fetch(f"file://{store}/evil", tmp_path / "staging",
+                                                              Progress())
+
+    with pytest.raises(SourceError) as caught:
+        asyncio.run(fetch())
+    assert caught.value.reason == FailureReason.VALIDATION_FAILED
+    assert caught.value.message == "evil.tar: member '../escape.txt' climbs out of the archive with '..'"
+    assert not (tmp_path / "escape.txt").exists()

@@ -1,7 +1,7 @@
 """NeMo `.nemo` LoRA adapters: a tar of model_config.yaml (peft.lora_tuning) and model_weights.ckpt.
 
-Every member is checked before anything is read: no absolute paths, no `..`, no links, no devices,
-bounded count and size. The checkpoint is read with the restricted unpickler, never executed.
+Every member is checked (loraplex.archives) before anything is read. The checkpoint is read with the
+restricted unpickler, never executed.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from typing import Any
 import yaml
 
 from loraplex.api.types import AdapterFormat
+from loraplex.archives import UnsafeArchive, safe_members
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
 from loraplex.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
-MAX_MEMBERS = 10_000
 MAX_CONFIG_BYTES = 4 * 1024 * 1024
 # NeMo's adapter modules and the target_modules names that select them.
 ADAPTER_MODULES = {
@@ -41,29 +41,6 @@ def _normalized(name: str) -> str:
     return str(PurePosixPath(name.lstrip("./"))) if name not in (".", "./") else "."
 
 
-def check_members(archive: tarfile.TarFile, label: str, max_bytes: int) -> list[tarfile.TarInfo]:
-    """Refuse anything that could escape, alias or bloat on extraction."""
-    members = []
-    total = 0
-    for count, member in enumerate(archive, start=1):
-        if count > MAX_MEMBERS:
-            raise Rejection(label, f"holds more than {MAX_MEMBERS} members")
-        name = member.name
-        if name.startswith("/") or PurePosixPath(name).is_absolute():
-            raise Rejection(label, f"member {name!r} has an absolute path")
-        if ".." in PurePosixPath(name).parts:
-            raise Rejection(label, f"member {name!r} climbs out of the archive with '..'")
-        if member.issym() or member.islnk():
-            raise Rejection(label, f"member {name!r} is a link, which adapters never need")
-        if not (member.isfile() or member.isdir()):
-            raise Rejection(label, f"member {name!r} is a device, fifo or other special file")
-        total += member.size
-        if total > max_bytes:
-            raise Rejection(label, f"unpacks to more than {max_bytes} bytes")
-        members.append(member)
-    return members
-
-
 def inspect(directory: Path, max_bytes: int = 50 * 1024**3) -> AdapterReport:
     path = find_archive(directory)
     if path is None:
@@ -75,7 +52,9 @@ def inspect(directory: Path, max_bytes: int = 50 * 1024**3) -> AdapterReport:
         raise Rejection(label, f"is not a readable tar archive ({exc})") from None
     with archive:
         try:
-            members = {_normalized(m.name): m for m in check_members(archive, label, max_bytes)}
+            members = {_normalized(m.name): m for m in safe_members(archive, max_bytes)}
+        except UnsafeArchive as exc:
+            raise Rejection(label, str(exc)) from None
         except tarfile.TarError as exc:
             raise Rejection(label, f"is a corrupt tar archive ({exc})") from None
         config_member, weights_member = members.get(CONFIG), members.get(WEIGHTS)

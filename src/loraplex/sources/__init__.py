@@ -1,6 +1,6 @@
 """Adapter sources: `Downloader.fetch(uri, staging)` puts an adapter's files in a staging folder.
 
-One module per scheme (s3, gcs, http, hf, local) lists what to fetch; base.py downloads it with
+One module per scheme (s3, gcs, http, hf, local) lists what to fetch; download.py downloads it with
 ranged, retried GETs. Single-file archives are unpacked safely; sha256 is checked before anything
 leaves staging.
 """
@@ -18,10 +18,9 @@ import aiohttp
 
 from loraplex.api.sources import InvalidSource, parse_source
 from loraplex.api.types import FailureReason
-from loraplex.formats.nemo import check_members
-from loraplex.formats.report import Rejection
+from loraplex.archives import UnsafeArchive, safe_members
 from loraplex.sources import hf, http, local
-from loraplex.sources.base import (
+from loraplex.sources.download import (
     Progress,
     RemoteFile,
     SignFn,
@@ -136,10 +135,10 @@ def _unpack(archive_path: Path, staging: Path, budget_bytes: int | None) -> None
     limit = budget_bytes if budget_bytes is not None else 50 * 1024**3
     try:
         with tarfile.open(archive_path, "r:*") as archive:
-            members = check_members(archive, archive_path.name, limit)
+            members = safe_members(archive, limit)
             archive.extractall(staging, members=members, filter="data")
-    except Rejection as exc:
-        raise SourceError(FailureReason.VALIDATION_FAILED, str(exc)) from None
+    except UnsafeArchive as exc:
+        raise SourceError(FailureReason.VALIDATION_FAILED, f"{archive_path.name}: {exc}") from None
     except tarfile.TarError as exc:
         raise SourceError(FailureReason.VALIDATION_FAILED, f"{archive_path.name}: not a readable tar ({exc})") from None
     archive_path.unlink()

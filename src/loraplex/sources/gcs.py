@@ -15,7 +15,7 @@ import aiohttp
 
 from loraplex.api.sources import SourceRef
 from loraplex.api.types import FailureReason
-from loraplex.sources.base import RemoteFile, SourceError, TransferSettings, get_body
+from loraplex.sources.download import RemoteFile, SourceError, TransferSettings, get_body
 
 METADATA_TOKEN = "http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token"
 

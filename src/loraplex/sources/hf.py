@@ -10,7 +10,7 @@ import aiohttp
 
 from loraplex.api.sources import SourceRef
 from loraplex.api.types import FailureReason
-from loraplex.sources.base import RemoteFile, SourceError, TransferSettings, get_body
+from loraplex.sources.download import RemoteFile, SourceError, TransferSettings, get_body
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 

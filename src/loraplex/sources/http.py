@@ -9,7 +9,7 @@ import aiohttp
 
 from loraplex.api.sources import SourceRef
 from loraplex.api.types import FailureReason
-from loraplex.sources.base import RemoteFile, SourceError
+from loraplex.sources.download import RemoteFile, SourceError
 
 SINGLE_FILE_SUFFIXES = (".nemo", ".tar", ".tar.gz", ".tgz")
 

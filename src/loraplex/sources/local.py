@@ -9,7 +9,7 @@ from pathlib import Path
 
 from loraplex.api.sources import SourceRef
 from loraplex.api.types import FailureReason
-from loraplex.sources.base import Progress, SourceError
+from loraplex.sources.download import Progress, SourceError
 
 
 def resolve(ref: SourceRef, store_root: Path | None) -> Path:

@@ -19,7 +19,7 @@ from botocore.awsrequest import AWSRequest
 
 from loraplex.api.sources import SourceRef
 from loraplex.api.types import FailureReason
-from loraplex.sources.base import RemoteFile, SourceError, TransferSettings, get_body
+from loraplex.sources.download import RemoteFile, SourceError, TransferSettings, get_body
 
 _NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
