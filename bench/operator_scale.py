@@ -48,9 +48,10 @@ from bench.apiserver import (  # noqa: E402
     token_subject,
 )
 from bench.report import add_results_argument, cpu_seconds, machine, peak_rss_mb, table, write  # noqa: E402
-from loraplex.local.apiproxy import ApiProxy, request_info  # noqa: E402
+from loraplex.local.apiproxy import ApiProxy  # noqa: E402
 from loraplex.local.controlplane import ControlPlane  # noqa: E402
 from loraplex.local.install import install_crds, install_operator_identity  # noqa: E402
+from loraplex.local.request_info import request_info  # noqa: E402
 from tests.conftest import tool  # noqa: E402
 from tests.integration.harness import kubeconfig_token, wait_for  # noqa: E402
 from tests.integration.sidecar_harness import allowed  # noqa: E402

@@ -21,8 +21,9 @@ import urllib3
 from kubernetes.client.rest import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from loraplex.local.apiproxy import ApiProxy, RequestInfo, client_name, request_info
+from loraplex.local.apiproxy import ApiProxy
 from loraplex.local.controlplane import ControlPlane, environment_for
+from loraplex.local.request_info import RequestInfo, client_name, request_info
 from tests.conftest import tool
 from tests.integration.harness import wait_for
 
