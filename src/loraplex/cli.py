@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from loraplex import __version__
+from loraplex.api.types import AdapterFormat, Runtime
 from loraplex.logs import configure
 
 
@@ -83,18 +84,20 @@ def _run_validate(args: argparse.Namespace) -> int:
     import json
     import tempfile
 
-    from loraplex.api.runtime_capabilities import NEWEST_VLLM, parse_version, vllm_version_note
-    from loraplex.api.types import AdapterFormat, Runtime
+    from loraplex.api.runtime_capabilities import RUNTIMES, parse_version, vllm_version_note
     from loraplex.formats import AdapterPolicy, Rejection, validate
 
     path: Path = args.path
     if not path.exists():
         print(f"loraplex validate: {path} does not exist", file=sys.stderr)
         return 2
-    version = NEWEST_VLLM if args.runtime == "vllm" else None
+    runtime = Runtime(args.runtime) if args.runtime else None
+    releases = RUNTIMES[runtime].releases if runtime else ()
+    version = releases[-1].since if releases else None
     if args.runtime_version is not None:
-        if args.runtime != "vllm":
-            print("loraplex validate: --runtime-version needs --runtime vllm", file=sys.stderr)
+        if not releases:
+            versioned = " or ".join(f"--runtime {name}" for name, row in RUNTIMES.items() if row.releases)
+            print(f"loraplex validate: --runtime-version needs {versioned}", file=sys.stderr)
             return 2
         version = parse_version(args.runtime_version)
         if version is None:
@@ -114,7 +117,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             print(f"loraplex validate: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
             return 2
     policy = AdapterPolicy(
-        runtime=Runtime(args.runtime) if args.runtime else None, runtime_version=version, max_rank=args.max_rank,
+        runtime=runtime, runtime_version=version, max_rank=args.max_rank,
         expected_format=AdapterFormat(args.format), base_config=base_config,
     )
     with tempfile.TemporaryDirectory(prefix="loraplex-validate-") as scratch:
@@ -227,11 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check an adapter the way the sidecar will (exit 0 accepted, "
                                    "1 rejected, 2 usage error)")
     validate.add_argument("path", type=Path, help="adapter folder (or a .nemo file)")
-    validate.add_argument("--runtime", choices=["vllm", "nim"], help="check what this runtime can load")
+    validate.add_argument("--runtime", choices=[runtime.value for runtime in Runtime],
+                          help="check what this runtime can load")
     validate.add_argument("--runtime-version", metavar="VERSION",
                           help="the vLLM version to check for, e.g. 0.11.0 (default: the newest loraplex knows)")
     validate.add_argument("--max-rank", type=int, help="largest rank the base model accepts")
-    validate.add_argument("--format", default="auto", choices=["auto", "hf", "nemo", "trtllm"],
+    validate.add_argument("--format", default=AdapterFormat.AUTO.value, choices=[fmt.value for fmt in AdapterFormat],
                           help="format the adapter must be")
     validate.add_argument("--base-config", type=Path, help="the base model's config.json, to check tensor shapes")
     validate.add_argument("--json", action="store_true", help="print one JSON object")

@@ -1,4 +1,5 @@
-"""The runtime capabilities table: versions read from image tags, and what each vLLM version does."""
+"""The runtime capabilities table: one row per runtime that everything else reads, versions read from image
+tags, and what each vLLM version does."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from peft.utils.other import get_pattern_key
 
 from loraplex.api.runtime_capabilities import (
     PEFT_OPTIONS,
-    RUNTIME_MODULES,
+    RUNTIMES,
     PrefixCacheKey,
     Verdict,
     deployed_version,
@@ -17,7 +18,30 @@ from loraplex.api.runtime_capabilities import (
     vllm_version_note,
 )
 from loraplex.api.types import AdapterFormat, Runtime
+from loraplex.cli import build_parser
 from loraplex.formats.hf import pattern_key
+from loraplex.operator.runtimes import PROFILES
+from loraplex.sidecar.runtimes import CLIENTS
+
+
+def test_every_runtime_has_a_row_a_profile_and_a_client():
+    assert set(RUNTIMES) == set(Runtime)
+    assert set(PROFILES) == set(Runtime)
+    assert set(CLIENTS) == set(Runtime)
+    for runtime, row in RUNTIMES.items():
+        assert row.formats and AdapterFormat.AUTO not in row.formats
+        assert PROFILES[runtime].formats == row.formats  # the operator renders what the table says
+
+
+def _validate_choices(flag: str) -> list[str]:
+    validate = build_parser()._subparsers._group_actions[0].choices["validate"]  # type: ignore[union-attr]
+    return next(action.choices for action in validate._actions if flag in action.option_strings)
+
+
+def test_the_cli_offers_exactly_the_runtimes_and_formats_of_the_api():
+    assert sorted(_validate_choices("--runtime")) == sorted(runtime.value for runtime in RUNTIMES)
+    assert sorted(_validate_choices("--runtime")) == sorted(runtime.value for runtime in Runtime)
+    assert sorted(_validate_choices("--format")) == sorted(fmt.value for fmt in AdapterFormat)
 
 
 @pytest.mark.parametrize(("image", "version"), [
@@ -111,7 +135,7 @@ def test_init_lora_weights_strings_outside_vllms_list_are_used(value, used):
 
 
 def test_vllm_adapts_unfused_llama_projections_and_the_embeddings():
-    assert RUNTIME_MODULES[Runtime.VLLM][AdapterFormat.HF] == {
+    assert RUNTIMES[Runtime.VLLM].modules[AdapterFormat.HF] == {
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
 
 

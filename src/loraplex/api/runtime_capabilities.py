@@ -1,5 +1,6 @@
-"""What each inference runtime loads of a LoRA adapter, per runtime version: one table, read by the operator
-(the flags it renders) and by the sidecar and `loraplex validate` (the adapters they let through).
+"""What each inference runtime loads of a LoRA adapter, per runtime version: one table (`RUNTIMES`), read by
+the operator (the formats and flags it renders), the sidecar (where it puts files, what it loads) and
+`loraplex validate` (the adapters they let through).
 
 The vLLM rows are vLLM's own behaviour, read from its releases and bisected (docs/vllm-lora-contract.md).
 NIM has one row.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from loraplex.api.types import RUNTIME_VERSION, AdapterFormat, Runtime
@@ -20,24 +21,9 @@ Version = tuple[int, int, int]
 # Llama-family module names, as PEFT writes them into an adapter's tensor keys.
 LLAMA_PROJECTIONS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
 LLAMA_EMBEDDINGS = frozenset({"embed_tokens", "lm_head"})
-# vLLM runs q/k/v and gate/up as one fused layer each and takes adapters only for their parts: it refuses an
-# adapter whose tensors name the fused layer.
-VLLM_FUSED_MODULES: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-}
-
-# The modules each runtime adapts, per adapter format, on a Llama-family base model (`allowedTargetModules`
-# on the BaseModelDeployment narrows this further).
-RUNTIME_MODULES: dict[Runtime, dict[AdapterFormat, frozenset[str]]] = {
-    Runtime.VLLM: {AdapterFormat.HF: LLAMA_PROJECTIONS | LLAMA_EMBEDDINGS},
-    Runtime.NIM: {
-        AdapterFormat.HF: LLAMA_PROJECTIONS,
-        AdapterFormat.NEMO: frozenset({"attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"}),
-        AdapterFormat.TRTLLM: frozenset({"attn_qkv", "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h",
-                                         "mlp_4h_to_h", "mlp_gate"}),
-    },
-}
+NEMO_MODULES = frozenset({"attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"})
+TRTLLM_MODULES = frozenset({"attn_qkv", "attn_q", "attn_k", "attn_v", "attn_dense", "mlp_h_to_4h", "mlp_4h_to_h",
+                            "mlp_gate"})
 
 
 class AdapterLayout(enum.StrEnum):
@@ -48,10 +34,6 @@ class AdapterLayout(enum.StrEnum):
     # adapters/<served name>/<generation id>/, never changed while served: the runtime is told the path, reads
     # it again after evicting the adapter, and may key cached results by it (vLLM).
     FOLDER_PER_GENERATION = "per-generation"
-
-
-def adapter_layout(runtime: Runtime) -> AdapterLayout:
-    return AdapterLayout.FOLDER_PER_NAME if runtime == Runtime.NIM else AdapterLayout.FOLDER_PER_GENERATION
 
 
 class PrefixCacheKey(enum.StrEnum):
@@ -95,8 +77,6 @@ NEWEST_VLLM = VLLM_RELEASES[-1].since
 FIRST_READING_PEFT_OPTIONS = next(row.since for row in VLLM_RELEASES if row.reads_peft_options)
 # Full copies of the embedding layers PEFT saves beside an embed_tokens / lm_head LoRA.
 EMBEDDING_COPY_SUFFIXES = (".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight")
-# The only adapter_config.json keys vLLM insists on.
-VLLM_REQUIRED_CONFIG = ("r", "lora_alpha", "target_modules")
 
 
 class Verdict(enum.StrEnum):
@@ -148,6 +128,51 @@ PEFT_OPTIONS: tuple[PeftOption, ...] = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class RuntimeCapabilities:
+    """What one runtime does with adapters. Modules are those of a Llama-family base model; a
+    BaseModelDeployment's `allowedTargetModules` and `allowedFormats` narrow them further."""
+
+    name: str  # as reasons name the runtime
+    modules: Mapping[AdapterFormat, frozenset[str]]  # each format it loads → the modules it adapts in it
+    layout: AdapterLayout
+    required_config: tuple[str, ...] = ()  # the adapter_config.json keys it insists on
+    refused_options: tuple[PeftOption, ...] = ()  # what each release does with them: PeftOption.verdict
+    # A fused layer → its parts: the runtime takes adapters only for the parts and refuses the fused name.
+    fused_modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    releases: tuple[VllmRelease, ...] = ()  # where its behaviour changes between versions, oldest first
+
+    @property
+    def formats(self) -> frozenset[AdapterFormat]:
+        return frozenset(self.modules)
+
+
+RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
+    # Hugging Face PEFT only; loaded through its HTTP API from a path that never changes while served.
+    Runtime.VLLM: RuntimeCapabilities(
+        name="vLLM",
+        modules={AdapterFormat.HF: LLAMA_PROJECTIONS | LLAMA_EMBEDDINGS},
+        layout=AdapterLayout.FOLDER_PER_GENERATION,
+        required_config=("r", "lora_alpha", "target_modules"),
+        refused_options=PEFT_OPTIONS,
+        # vLLM runs q/k/v and gate/up as one fused layer each.
+        fused_modules={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+        releases=VLLM_RELEASES,
+    ),
+    # NeMo and Hugging Face adapters, and TensorRT-LLM ones on its TensorRT-LLM backend; found by folder name.
+    Runtime.NIM: RuntimeCapabilities(
+        name="NIM",
+        modules={AdapterFormat.HF: LLAMA_PROJECTIONS, AdapterFormat.NEMO: NEMO_MODULES,
+                 AdapterFormat.TRTLLM: TRTLLM_MODULES},
+        layout=AdapterLayout.FOLDER_PER_NAME,
+    ),
+}
+
+
+def capabilities(runtime: Runtime) -> RuntimeCapabilities:
+    return RUNTIMES[runtime]
+
+
 def vllm_release(version: Version | None) -> VllmRelease:
     """The row for a version: unknown (None) and newer versions are taken as the newest known, older ones as
     the oldest."""
@@ -171,6 +196,10 @@ def parse_vllm_version(image: str) -> Version | None:
         return None
     match = re.match(r"v?(\d+)\.(\d+)(?:\.(\d+))?(?!\d)", name.split(":", 1)[1])
     return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else None
+
+
+def adapter_layout(runtime: Runtime) -> AdapterLayout:
+    return RUNTIMES[runtime].layout
 
 
 def format_version(version: Version) -> str:

@@ -54,14 +54,6 @@ class AdapterFormat(enum.StrEnum):
     TRTLLM = "trtllm"
 
 
-# Which adapter formats each runtime can load. vLLM reads Hugging Face PEFT only; NIM reads NeMo
-# and Hugging Face adapters, and TensorRT-LLM adapters on its TensorRT-LLM backend.
-RUNTIME_FORMATS: dict[Runtime, frozenset[AdapterFormat]] = {
-    Runtime.VLLM: frozenset({AdapterFormat.HF}),
-    Runtime.NIM: frozenset({AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM}),
-}
-
-
 # ---------------------------------------------------------------------------------------------
 # Conditions (Kubernetes API conventions)
 

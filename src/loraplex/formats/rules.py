@@ -11,13 +11,11 @@ from typing import Any
 from loraplex.api.runtime_capabilities import (
     EMBEDDING_COPY_SUFFIXES,
     FIRST_READING_PEFT_OPTIONS,
-    PEFT_OPTIONS,
-    RUNTIME_MODULES,
-    VLLM_FUSED_MODULES,
-    VLLM_REQUIRED_CONFIG,
     PeftOption,
+    RuntimeCapabilities,
     Verdict,
     Version,
+    capabilities,
     format_version,
     vllm_label,
     vllm_release,
@@ -114,28 +112,35 @@ def check(report: AdapterReport, policy: AdapterPolicy) -> None:
 
 def _check_runtime(report: AdapterReport, runtime: Runtime, version: Version | None) -> None:
     where = report.files[0]
-    supported = RUNTIME_MODULES[runtime].get(report.format)
+    caps = capabilities(runtime)
+    supported = caps.modules.get(report.format)
     if supported is None:
         raise Rejection(where, f"{report.format.value} adapters cannot be loaded by {runtime.value}")
+    _check_config(report, caps, version)
     if runtime == Runtime.VLLM:
-        _check_vllm(report, version)
+        _check_vllm(report, caps, version)
     unsupported = sorted(set(report.target_modules) - supported)
     if unsupported:
         raise Rejection(where, f"targets {', '.join(unsupported)}, which {runtime.value} cannot adapt "
                                f"(supported: {', '.join(sorted(supported))})")
 
 
-def _check_vllm(report: AdapterReport, version: Version | None) -> None:
-    """Reasons name the vLLM version only where versions differ; the rest holds for every one."""
-    release, label = vllm_release(version), vllm_label(version)
-    config_file, weights_file = report.files[0], report.files[-1]
-    config = report.peft_config
-    missing = [key for key in VLLM_REQUIRED_CONFIG if key not in config]
+def _check_config(report: AdapterReport, caps: RuntimeCapabilities, version: Version | None) -> None:
+    """The adapter_config.json keys the runtime insists on, and the PEFT options it cannot serve."""
+    config_file, config = report.files[0], report.peft_config
+    missing = [key for key in caps.required_config if key not in config]
     if missing:
-        raise Rejection(config_file, f"lacks {', '.join(missing)}, which vLLM requires")
-    for option in PEFT_OPTIONS:
+        raise Rejection(config_file, f"lacks {', '.join(missing)}, which {caps.name} requires")
+    for option in caps.refused_options:
         if option.is_used(config.get(option.key)):
             raise Rejection(config_file, _option_reason(option, config[option.key], version))
+
+
+def _check_vllm(report: AdapterReport, vllm: RuntimeCapabilities, version: Version | None) -> None:
+    """What vLLM's loader does with the tensors. Reasons name the vLLM version only where versions differ; the
+    rest holds for every one."""
+    release, label = vllm_release(version), vllm_label(version)
+    weights_file = report.files[-1]
     for name in report.unparsed_tensors:
         if name.endswith(EMBEDDING_COPY_SUFFIXES):
             if release.skips_embedding_copies:
@@ -147,9 +152,9 @@ def _check_vllm(report: AdapterReport, version: Version | None) -> None:
                     "not a LoRA matrix in PEFT's saved form")
         raise Rejection(weights_file, f"{name} is {kind}, which vLLM cannot load (it reads only lora_A, lora_B, "
                                       "lora_embedding_A and lora_embedding_B)")
-    fused = [module for module in VLLM_FUSED_MODULES if module in report.target_modules]
+    fused = [module for module in vllm.fused_modules if module in report.target_modules]
     if fused:
-        parts = ", ".join(part for module in fused for part in VLLM_FUSED_MODULES[module])
+        parts = ", ".join(part for module in fused for part in vllm.fused_modules[module])
         raise Rejection(weights_file, f"targets {', '.join(fused)}, which vLLM runs as fused layers of a "
                                       f"Llama-family model and refuses adapters for; train on {parts} instead")
     if not release.reads_peft_options:
@@ -157,6 +162,7 @@ def _check_vllm(report: AdapterReport, version: Version | None) -> None:
 
 
 def _option_reason(option: PeftOption, value: Any, version: Version | None) -> str:
+    """Only vLLM refuses PEFT options, so the reasons name vLLM and its releases."""
     shown = f"{option.key}={json.dumps(value)}"
     if option.always_refused:
         reason = f"{shown}: vLLM refuses {option.feature}"

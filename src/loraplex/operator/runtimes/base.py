@@ -9,7 +9,7 @@ from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 
 class RuntimeProfile(Protocol):
     runtime: Runtime
-    formats: frozenset[AdapterFormat]
+    formats: frozenset[AdapterFormat]  # the runtime's row in loraplex.api.runtime_capabilities
     cache_mount_path: str
 
     def problems(self, spec: BaseModelDeploymentSpec) -> list[str]:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplex.api.types import RUNTIME_FORMATS, BaseModelDeploymentSpec, Runtime
+from loraplex.api.runtime_capabilities import capabilities
+from loraplex.api.types import BaseModelDeploymentSpec, Runtime
 from loraplex.operator.runtimes.base import env_var, http_probes
 
 
 class NimProfile:
     runtime = Runtime.NIM
-    formats = RUNTIME_FORMATS[Runtime.NIM]
+    formats = capabilities(Runtime.NIM).formats
     cache_mount_path = "/opt/nim/.cache"
 
     def problems(self, spec: BaseModelDeploymentSpec) -> list[str]:

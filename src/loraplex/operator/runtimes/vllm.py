@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraplex.api.runtime_capabilities import Version, deployed_version, vllm_label, vllm_release
-from loraplex.api.types import RUNTIME_FORMATS, BaseModelDeploymentSpec, Runtime
+from loraplex.api.runtime_capabilities import Version, capabilities, deployed_version, vllm_label, vllm_release
+from loraplex.api.types import BaseModelDeploymentSpec, Runtime
 from loraplex.operator.runtimes.base import env_var, http_probes
 
 
@@ -21,7 +21,7 @@ def _version(spec: BaseModelDeploymentSpec) -> Version | None:
 
 class VllmProfile:
     runtime = Runtime.VLLM
-    formats = RUNTIME_FORMATS[Runtime.VLLM]
+    formats = capabilities(Runtime.VLLM).formats
     cache_mount_path = "/root/.cache/huggingface"
 
     def problems(self, spec: BaseModelDeploymentSpec) -> list[str]:
