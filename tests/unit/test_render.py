@@ -5,10 +5,10 @@ import copy
 import pytest
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
+from loraplex.api.contract import SettingsError, SidecarSettings
 from loraplex.api.types import BaseModelDeploymentSpec
 from loraplex.operator import render
 from loraplex.operator.settings import OperatorSettings
-from loraplex.sidecar.settings import SettingsError, SidecarSettings
 
 SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
 
@@ -95,7 +95,7 @@ def test_max_rank_1_is_refused_on_a_vllm_without_max_lora_rank_1(overrides):
 def test_sidecar_learns_the_runtime_version(overrides, version):
     sidecar = containers(render.render_deployment(owner(), spec(**overrides), SETTINGS))["loraplex-sidecar"]
     assert env_of(sidecar).get("LORAPLEX_RUNTIME_VERSION") == version
-    settings = SidecarSettings.from_environment({e["name"]: e.get("value") or "from-the-pod" for e in sidecar["env"]})
+    settings = SidecarSettings.from_env({e["name"]: e.get("value") or "from-the-pod" for e in sidecar["env"]})
     assert settings.runtime_version == (tuple(map(int, version.split("."))) if version else None)
 
 
@@ -103,7 +103,7 @@ def test_sidecar_refuses_a_runtime_version_it_cannot_read():
     sidecar = containers(render.render_deployment(owner(), spec(), SETTINGS))["loraplex-sidecar"]
     env = {e["name"]: e.get("value") or "from-the-pod" for e in sidecar["env"]}
     with pytest.raises(SettingsError, match=r"LORAPLEX_RUNTIME_VERSION='latest' is not a version such as 0\.11\.0"):
-        SidecarSettings.from_environment({**env, "LORAPLEX_RUNTIME_VERSION": "latest"})
+        SidecarSettings.from_env({**env, "LORAPLEX_RUNTIME_VERSION": "latest"})
 
 
 def test_model_source_is_what_vllm_loads_and_model_is_what_it_serves():

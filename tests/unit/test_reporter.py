@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from loraplex.api.types import ReplicaAdapterStatus
 from loraplex.sidecar.reporter import StatusReporter
 
 
@@ -30,10 +31,10 @@ async def run_reporter(interval: float) -> tuple[StatusReporter, RecordingClient
 async def test_progress_is_paced_and_the_latest_state_wins():
     reporter, client, task = await run_reporter(interval=0.3)
     try:
-        reporter.set("math", {"state": "Downloading", "bytesDone": 0})
+        reporter.set("math", ReplicaAdapterStatus(state="Downloading", bytes_done=0))
         await asyncio.sleep(0.05)
         for done in range(1, 20):
-            reporter.set("math", {"state": "Downloading", "bytesDone": done})
+            reporter.set("math", ReplicaAdapterStatus(state="Downloading", bytes_done=done))
             await asyncio.sleep(0.005)
         assert client.states("math") == ["Downloading"]  # the first went out at once, the rest wait
         await asyncio.sleep(0.5)
@@ -47,10 +48,10 @@ async def test_progress_is_paced_and_the_latest_state_wins():
 async def test_outcomes_and_removals_go_out_at_once():
     reporter, client, task = await run_reporter(interval=5.0)
     try:
-        reporter.set("math", {"state": "Downloading"})
+        reporter.set("math", ReplicaAdapterStatus(state="Downloading"))
         await asyncio.sleep(0.02)
-        reporter.set("math", {"state": "Validating"})
-        reporter.set("math", {"state": "Loaded", "rank": 8})
+        reporter.set("math", ReplicaAdapterStatus(state="Validating"))
+        reporter.set("math", ReplicaAdapterStatus(state="Loaded", rank=8))
         await asyncio.sleep(0.1)
         assert client.states("math") == ["Downloading", "Loaded"]  # Validating was overtaken, no 5 s wait
         reporter.set("math", None)
@@ -64,9 +65,9 @@ async def test_outcomes_and_removals_go_out_at_once():
 async def test_unchanged_entries_are_not_written_again():
     reporter, client, task = await run_reporter(interval=0.01)
     try:
-        reporter.set("math", {"state": "Loaded", "rank": 8})
+        reporter.set("math", ReplicaAdapterStatus(state="Loaded", rank=8))
         await asyncio.sleep(0.05)
-        reporter.set("math", {"state": "Loaded", "rank": 8})
+        reporter.set("math", ReplicaAdapterStatus(state="Loaded", rank=8))
         await asyncio.sleep(0.05)
         assert client.states("math") == ["Loaded"]
         reporter.reassert()  # the periodic re-assert writes it once more, on purpose

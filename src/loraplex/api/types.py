@@ -36,6 +36,11 @@ class Model(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    def to_patch(self) -> dict[str, Any]:
+        """The wire form for a merge patch: every field given, a field given as None kept as null, which
+        removes it from the object; fields never given are left out and so left alone."""
+        return self.model_dump(by_alias=True, exclude_unset=True, mode="json")
+
 
 def nested(model: type[Model], description: str) -> Any:
     """A sub-object that is always present, so the API server fills in its own defaults."""

@@ -19,6 +19,8 @@ from loraplex.api.types import (
     BaseModelDeploymentSpec,
     FailureReason,
     LoraAdapterSpec,
+    LoraAdapterStatus,
+    ReplicaAdapterStatus,
     ReplicaState,
 )
 from loraplex.operator.render import adapter_limits
@@ -187,14 +189,27 @@ class AdapterStatusUpdate:
         return self.status["phase"]
 
 
+def replica_reports(adapter: AdapterView) -> dict[str, ReplicaAdapterStatus]:
+    """The replicas' entries in status.replicaStatus by pod name. An entry that does not parse (a sidecar of
+    another loraplex version wrote it) is left out rather than failing the whole adapter."""
+    reports = {}
+    for pod, entry in (adapter.status.get("replicaStatus") or {}).items():
+        try:
+            reports[pod] = ReplicaAdapterStatus.model_validate(entry)
+        except pydantic.ValidationError:
+            continue
+    return reports
+
+
 def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str]) -> AdapterStatusUpdate:
     generation = adapter.generation
-    reported: dict[str, dict[str, Any]] = adapter.status.get("replicaStatus") or {}
-    stale = sorted(pod for pod in reported if pod not in live_replicas)
+    # Gone pods' entries are pruned whatever they hold, so stale counts the raw keys.
+    stale = sorted(pod for pod in adapter.status.get("replicaStatus") or {} if pod not in live_replicas)
+    reported = replica_reports(adapter)
     current = {pod: entry for pod, entry in reported.items()
-               if pod in live_replicas and entry.get("observedGeneration") == generation}
-    loaded = sorted(pod for pod, entry in current.items() if entry.get("state") == ReplicaState.LOADED.value)
-    failed = sorted(pod for pod, entry in current.items() if entry.get("state") == ReplicaState.FAILED.value)
+               if pod in live_replicas and entry.observed_generation == generation}
+    loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
+    failed = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.FAILED)
     replicas = len(live_replicas)
 
     def conditions(validated: tuple[bool | None, str, str], synced: tuple[bool | None, str, str],
@@ -202,58 +217,60 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         return [condition("Validated", *validated, generation), condition("Synced", *synced, generation),
                 condition("Ready", *ready, generation)]
 
-    status: dict[str, Any] = {"observedGeneration": generation, "servedName": adapter.served_name,
-                              "replicas": replicas, "readyReplicas": len(loaded)}
-    detected = reported.get(loaded[0]) if loaded else None
-    for field in ("format", "rank", "targetModules", "sizeBytes"):
-        status[field] = detected.get(field) if detected else None
-
     if adapter.deleting:
         holding = sorted(pod for pod in reported if pod in live_replicas)
         message = (f"Unloading from {len(holding)} replica(s): {', '.join(holding)}." if holding
                    else "Removed from every replica.")
-        status["phase"] = AdapterPhase.TERMINATING.value
-        status["conditions"] = conditions((None, "Terminating", message), (False, "Terminating", message),
-                                          (False, "Terminating", message))
+        phase = AdapterPhase.TERMINATING
+        decided = conditions((None, "Terminating", message), (False, "Terminating", message),
+                             (False, "Terminating", message))
     elif not verdict.accepted:
         waiting = verdict.reason in WAITING_REASONS
-        status["phase"] = (AdapterPhase.PENDING if waiting else AdapterPhase.FAILED).value
+        phase = AdapterPhase.PENDING if waiting else AdapterPhase.FAILED
         validated = (None, "Pending", verdict.message) if waiting else (False, verdict.reason, verdict.message)
-        status["conditions"] = conditions(validated, (False, verdict.reason, verdict.message),
-                                          (False, verdict.reason, verdict.message))
+        decided = conditions(validated, (False, verdict.reason, verdict.message),
+                             (False, verdict.reason, verdict.message))
     elif replicas == 0:
         message = f"Base model {adapter.base_model!r} has no running replicas."
-        status["phase"] = AdapterPhase.PENDING.value
-        status["conditions"] = conditions((None, "Pending", message), (None, "NoReplicas", message),
-                                          (False, "NoReplicas", message))
+        phase = AdapterPhase.PENDING
+        decided = conditions((None, "Pending", message), (None, "NoReplicas", message),
+                             (False, "NoReplicas", message))
     elif failed:
         pod = failed[0]
         entry = current[pod]
-        reason = entry.get("reason") or FailureReason.LOAD_FAILED.value
-        message = f"Replica {pod}: {entry.get('message') or reason}"
-        status["phase"] = AdapterPhase.FAILED.value
+        reason = entry.reason or FailureReason.LOAD_FAILED.value
+        message = f"Replica {pod}: {entry.message or reason}"
+        phase = AdapterPhase.FAILED
         validated: tuple[bool | None, str, str] = (
             (False, reason, message) if reason in _VALIDATION_FAILURES
             else (True if loaded else None, "ValidationPassed" if loaded else "Pending", message))
         synced = (False, reason, message) if reason in _SYNC_FAILURES else (None, "Syncing", message)
-        status["conditions"] = conditions(validated, synced, (False, reason, message))
+        decided = conditions(validated, synced, (False, reason, message))
     elif len(loaded) == replicas:
         message = f"Loaded on all {replicas} replica(s)."
-        status["phase"] = AdapterPhase.READY.value
-        status["conditions"] = conditions((True, "ValidationPassed", "The adapter passed validation."),
-                                          (True, "Synced", f"Present on all {replicas} replica(s)."),
-                                          (True, "Loaded", message))
+        phase = AdapterPhase.READY
+        decided = conditions((True, "ValidationPassed", "The adapter passed validation."),
+                             (True, "Synced", f"Present on all {replicas} replica(s)."),
+                             (True, "Loaded", message))
     else:
         message = f"Loaded on {len(loaded)} of {replicas} replica(s)."
-        status["phase"] = AdapterPhase.LOADING.value
-        status["conditions"] = conditions(
+        phase = AdapterPhase.LOADING
+        decided = conditions(
             (True, "ValidationPassed", "The adapter passed validation.") if loaded
             else (None, "Pending", "Waiting for the replicas to validate the adapter."),
             (None, "Syncing", message), (False, "Loading", message))
-    return AdapterStatusUpdate(status=status, stale_replicas=stale)
+    detected = reported[loaded[0]] if loaded else None
+    # Every field is given, None included: the reconciler removes from the object what became unknown.
+    status = LoraAdapterStatus(
+        observed_generation=generation, served_name=adapter.served_name, replicas=replicas,
+        ready_replicas=len(loaded), phase=phase, conditions=decided,
+        format=detected.format if detected else None, rank=detected.rank if detected else None,
+        target_modules=detected.target_modules if detected else None,
+        size_bytes=detected.size_bytes if detected else None)
+    return AdapterStatusUpdate(status=status.to_patch(), stale_replicas=stale)
 
 
 def cleanup_done(adapter: AdapterView, live_replicas: list[str]) -> bool:
     """True once no live replica still reports holding the adapter (sidecars drop their entry)."""
-    reported = adapter.status.get("replicaStatus") or {}
+    reported = replica_reports(adapter)
     return not any(pod in reported for pod in live_replicas)

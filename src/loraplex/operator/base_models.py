@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loraplex.api.conditions import condition
-from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec
+from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec, BaseModelDeploymentStatus
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.render import endpoint
 
@@ -104,12 +104,10 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
                                    f"{len(ready_adapters)} of {len(live_adapters)} adapter(s) are Ready; "
                                    f"not ready: {shown}.", generation)
 
-    return {
-        "observedGeneration": generation,
-        "replicas": replicas,
-        "readyReplicas": ready,
-        "adapters": len(live_adapters),
-        "adaptersReady": len(ready_adapters),
-        "endpoint": endpoint(meta["name"], meta["namespace"], spec.port) if spec and named else None,
-        "conditions": [reconciled, available, adapters_ready],
-    }
+    return BaseModelDeploymentStatus(
+        observed_generation=generation, replicas=replicas, ready_replicas=ready, adapters=len(live_adapters),
+        adapters_ready=len(ready_adapters),
+        # Given even when None, so the reconciler removes an endpoint that no longer holds.
+        endpoint=endpoint(meta["name"], meta["namespace"], spec.port) if spec and named else None,
+        conditions=[reconciled, available, adapters_ready],
+    ).to_patch()

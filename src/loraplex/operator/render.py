@@ -9,10 +9,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 from loraplex.api.adapter_set import DATA_KEY, AdapterLimits, AdapterSet, DesiredAdapter
-from loraplex.api.runtime_capabilities import deployed_version, format_version
+from loraplex.api.contract import (
+    ADAPTERS_SUBPATH,
+    BASE_CONFIG_DIR,
+    BASE_CONFIG_FILE,
+    SIDECAR_PORT,
+    SIDECAR_VOLUME_DIR,
+    SidecarSettings,
+    downward_api_env,
+)
+from loraplex.api.runtime_capabilities import deployed_version
 from loraplex.api.types import (
     API_VERSION,
     BASE_MODEL_DEPLOYMENT,
@@ -28,14 +38,8 @@ from loraplex.operator.settings import OperatorSettings
 
 BASE_MODEL_LABEL = f"{GROUP}/base-model"
 MANAGED_BY = "loraplex"
-SIDECAR_PORT = 9090
-# The sidecar mounts the whole PEFT volume here; the runtime mounts only its adapters/ folder, so
-# staging and bookkeeping are never visible to the runtime.
-SIDECAR_VOLUME_DIR = "/var/lib/loraplex"
-ADAPTERS_SUBPATH = "adapters"
 PEFT_VOLUME, CACHE_VOLUME, SHM_VOLUME = "peft-source", "model-cache", "dshm"
 STORE_VOLUME, SIDECAR_TMP_VOLUME, BASE_CONFIG_VOLUME = "adapter-store", "sidecar-tmp", "base-model-config"
-BASE_CONFIG_DIR = "/etc/loraplex/base-model"
 
 
 DEFAULT_PEFT_SIZE = "20Gi"
@@ -145,37 +149,33 @@ def _restricted_security_context() -> dict[str, Any]:
     }
 
 
-def _runtime_version_env(spec: BaseModelDeploymentSpec) -> list[dict[str, Any]]:
-    """The runtime version the sidecar judges adapters for; without one it assumes the newest it knows."""
-    version = deployed_version(spec.runtime, spec.image, spec.runtime_version)
-    return [] if version is None else [{"name": "LORAPLEX_RUNTIME_VERSION", "value": format_version(version)}]
+def sidecar_settings(name: str, spec: BaseModelDeploymentSpec) -> SidecarSettings:
+    """What the sidecar of a BaseModelDeployment's pods is told, less what each pod fills in itself."""
+    peft, storage, s3 = spec.peft_source, spec.storage, spec.storage.s3 if spec.storage else None
+    store = storage.adapter_store if storage else None
+    return SidecarSettings(
+        base_model=name, adapter_set=ChildNames(name).adapter_set, runtime=spec.runtime,
+        # Without a version the sidecar judges adapters as the newest runtime loraplex knows would.
+        runtime_version=deployed_version(spec.runtime, spec.image, spec.runtime_version),
+        runtime_url=f"http://127.0.0.1:{spec.port}", served_model=spec.model, peft_dir=peft.mount_path,
+        volume_dir=Path(SIDECAR_VOLUME_DIR), nim_refresh_seconds=spec.lora.refresh_interval_seconds,
+        max_concurrent_downloads=spec.sidecar.max_concurrent_downloads, log_level=spec.sidecar.log_level,
+        http_port=SIDECAR_PORT,
+        # Stay under the emptyDir's sizeLimit ourselves: exceeding it gets the whole pod evicted.
+        volume_limit=None if peft.persistent_volume_claim is not None else
+        peft.empty_dir.size_limit if peft.empty_dir else DEFAULT_PEFT_SIZE,
+        s3_endpoint=s3.endpoint or None if s3 else None, s3_region=s3.region or None if s3 else None,
+        s3_force_path_style=s3.force_path_style if s3 else None,
+        store_root=Path(store.mount_path) if store else None,
+        base_config=Path(BASE_CONFIG_DIR, BASE_CONFIG_FILE) if spec.lora.base_model_config_map else None,
+        log_format="json",
+    )
 
 
 def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings: OperatorSettings
                              ) -> dict[str, Any]:
-    names = ChildNames(name)
     sidecar = spec.sidecar
-    env: list[dict[str, Any]] = [
-        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-        {"name": "LORAPLEX_BASE_MODEL", "value": name},
-        {"name": "LORAPLEX_ADAPTER_SET", "value": names.adapter_set},
-        {"name": "LORAPLEX_RUNTIME", "value": spec.runtime.value},
-        *_runtime_version_env(spec),
-        {"name": "LORAPLEX_RUNTIME_URL", "value": f"http://127.0.0.1:{spec.port}"},
-        {"name": "LORAPLEX_SERVED_MODEL", "value": spec.model},
-        {"name": "LORAPLEX_PEFT_DIR", "value": spec.peft_source.mount_path},
-        {"name": "LORAPLEX_VOLUME_DIR", "value": SIDECAR_VOLUME_DIR},
-        {"name": "LORAPLEX_NIM_REFRESH_SECONDS", "value": str(spec.lora.refresh_interval_seconds)},
-        {"name": "LORAPLEX_MAX_CONCURRENT_DOWNLOADS", "value": str(sidecar.max_concurrent_downloads)},
-        {"name": "LORAPLEX_LOG_LEVEL", "value": sidecar.log_level},
-        {"name": "LORAPLEX_HTTP_PORT", "value": str(SIDECAR_PORT)},
-    ]
-    peft = spec.peft_source
-    if peft.persistent_volume_claim is None:
-        # Stay under the emptyDir's sizeLimit ourselves: exceeding it gets the whole pod evicted.
-        env.append({"name": "LORAPLEX_VOLUME_LIMIT",
-                    "value": peft.empty_dir.size_limit if peft.empty_dir else DEFAULT_PEFT_SIZE})
+    env: list[dict[str, Any]] = [*downward_api_env(), *sidecar_settings(name, spec).to_env()]
     mounts = [
         {"name": PEFT_VOLUME, "mountPath": SIDECAR_VOLUME_DIR},
         {"name": SIDECAR_TMP_VOLUME, "mountPath": "/tmp"},
@@ -183,21 +183,12 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
     env_from = []
     storage = spec.storage
     if storage is not None:
-        if storage.s3 is not None:
-            if storage.s3.endpoint:
-                env.append({"name": "AWS_ENDPOINT_URL_S3", "value": storage.s3.endpoint})
-            if storage.s3.region:
-                env.append({"name": "AWS_REGION", "value": storage.s3.region})
-            env.append({"name": "LORAPLEX_S3_FORCE_PATH_STYLE", "value": str(storage.s3.force_path_style).lower()})
         if storage.credentials_secret:
             env_from.append({"secretRef": {"name": storage.credentials_secret}})
         if storage.adapter_store is not None:
-            env.append({"name": "LORAPLEX_ADAPTER_STORE", "value": storage.adapter_store.mount_path})
             mounts.append({"name": STORE_VOLUME, "mountPath": storage.adapter_store.mount_path, "readOnly": True})
     if spec.lora.base_model_config_map:
-        env.append({"name": "LORAPLEX_BASE_CONFIG", "value": f"{BASE_CONFIG_DIR}/config.json"})
         mounts.append({"name": BASE_CONFIG_VOLUME, "mountPath": BASE_CONFIG_DIR, "readOnly": True})
-    env.append({"name": "LORAPLEX_LOG_FORMAT", "value": "json"})
     container: dict[str, Any] = {
         "name": "loraplex-sidecar",
         "image": sidecar.image or settings.sidecar_image,
@@ -294,7 +285,7 @@ def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, sett
     ]
     if spec.lora.base_model_config_map:
         volumes.append({"name": BASE_CONFIG_VOLUME, "configMap": {
-            "name": spec.lora.base_model_config_map, "items": [{"key": "config.json", "path": "config.json"}]}})
+            "name": spec.lora.base_model_config_map, "items": [{"key": BASE_CONFIG_FILE, "path": BASE_CONFIG_FILE}]}})
     if spec.storage is not None and spec.storage.adapter_store is not None:
         volumes.append({"name": STORE_VOLUME, "persistentVolumeClaim": {
             "claimName": spec.storage.adapter_store.claim_name, "readOnly": True}})

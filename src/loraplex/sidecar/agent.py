@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
+from loraplex.api.contract import SidecarSettings
 from loraplex.api.runtime_capabilities import (
     AdapterLayout,
     PrefixCacheKey,
@@ -26,12 +27,11 @@ from loraplex.api.runtime_capabilities import (
     vllm_release,
     vllm_version_note,
 )
-from loraplex.api.types import FailureReason, ReplicaState, Runtime
+from loraplex.api.types import FailureReason, ReplicaAdapterStatus, ReplicaState, Runtime
 from loraplex.formats import AdapterPolicy, Rejection, validate
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
 from loraplex.sidecar.runtimes import LoadFailed, RuntimeClient, RuntimeUnavailable
-from loraplex.sidecar.settings import SidecarSettings
 from loraplex.sidecar.store import InstalledAdapter, VolumeStore, files_of
 from loraplex.sources import Downloader, Progress, SourceError
 
@@ -194,7 +194,11 @@ class Agent:
 
     def _report(self, adapter: DesiredAdapter, state: ReplicaState, **fields: Any) -> None:
         self.states[adapter.served_name] = state.value
-        self.reporter.set(adapter.name, {"state": state.value, "observedGeneration": adapter.generation, **fields})
+        # `fields` carry their wire (camelCase) names; the model refuses a misspelt one rather than the API server
+        # dropping it unseen.
+        entry = ReplicaAdapterStatus.model_validate(
+            {"state": state, "observedGeneration": adapter.generation, **fields})
+        self.reporter.set(adapter.name, entry)
 
     def _policy(self, adapter: DesiredAdapter) -> AdapterPolicy:
         assert self.adapter_set is not None
@@ -368,8 +372,8 @@ class Agent:
     async def _remove(self, record: InstalledAdapter) -> None:
         name = record.served_name
         self.states[name] = ReplicaState.UNLOADING.value
-        self.reporter.set(record.adapter, {"state": ReplicaState.UNLOADING.value,
-                                           "observedGeneration": record.generation})
+        self.reporter.set(record.adapter, ReplicaAdapterStatus(state=ReplicaState.UNLOADING,
+                                                               observed_generation=record.generation))
         while True:
             try:
                 await self.runtime.unload(name)

@@ -11,14 +11,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from loraplex.api.contract import SidecarSettings
 from loraplex.kube import KubeClient
 from loraplex.sidecar.agent import Agent, default_session
 from loraplex.sidecar.desired import follow_adapter_set
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
 from loraplex.sidecar.runtimes import client_for
-from loraplex.sidecar.settings import SidecarSettings
 from loraplex.sources import Downloader
+from loraplex.sources.s3 import S3Client
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ async def run(settings: SidecarSettings) -> None:
     runtime = client_for(settings.runtime, settings.runtime_url, settings.served_model, settings.nim_refresh_seconds)
     session = default_session()
     reporter = StatusReporter(kube, settings.namespace, settings.pod_name)
-    agent = Agent(settings, reporter, runtime, Downloader(session, store_root=settings.store_root), metrics)
+    s3 = S3Client(settings.s3_endpoint, settings.s3_region, bool(settings.s3_force_path_style))
+    agent = Agent(settings, reporter, runtime, Downloader(session, s3=s3, store_root=settings.store_root), metrics)
 
     runner = web.AppRunner(http_app(agent, metrics), access_log=None)  # probes every few seconds: no log spam
     await runner.setup()

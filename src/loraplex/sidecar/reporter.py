@@ -13,35 +13,34 @@ import logging
 from typing import Any
 
 from loraplex.api.conditions import utc_now
-from loraplex.api.types import API_VERSION, LORA_ADAPTER, ReplicaState
+from loraplex.api.types import API_VERSION, LORA_ADAPTER, ReplicaAdapterStatus, ReplicaState
 from loraplex.kube import ApiError, KubeClient, NotFound, resource_path
 
 logger = logging.getLogger(__name__)
-OUTCOMES = frozenset({ReplicaState.LOADED.value, ReplicaState.FAILED.value})
+OUTCOMES = frozenset({ReplicaState.LOADED, ReplicaState.FAILED})
 
 
 class StatusReporter:
     def __init__(self, client: KubeClient, namespace: str, pod_name: str, min_interval: float = 0.25):
         self.client, self.namespace, self.pod_name = client, namespace, pod_name
         self.min_interval = min_interval
-        self._latest: dict[str, dict[str, Any] | None] = {}  # adapter -> entry we want (None: remove ours)
+        self._latest: dict[str, ReplicaAdapterStatus | None] = {}  # adapter -> entry we want (None: remove ours)
         self._dirty: set[str] = set()
         self._last_write: dict[str, float] = {}  # adapter -> loop time of its last write
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None  # wakes the loop when paced progress is due
 
-    def set(self, adapter: str, entry: dict[str, Any] | None) -> None:
+    def set(self, adapter: str, entry: ReplicaAdapterStatus | None) -> None:
         if entry is not None:
-            entry = {k: v for k, v in entry.items() if v is not None}
             previous = self._latest.get(adapter)
-            if previous is not None and {k: v for k, v in previous.items() if k != "updated"} == entry:
+            if previous is not None and _unstamped(previous) == _unstamped(entry):
                 return
-            entry["updated"] = utc_now()
+            entry = entry.model_copy(update={"updated": utc_now()})
         self._latest[adapter] = entry
         self._dirty.add(adapter)
         self._wake.set()
 
-    def entries(self) -> dict[str, dict[str, Any] | None]:
+    def entries(self) -> dict[str, ReplicaAdapterStatus | None]:
         return dict(self._latest)
 
     def reassert(self) -> None:
@@ -74,7 +73,7 @@ class StatusReporter:
 
     def _urgent(self, adapter: str) -> bool:
         entry = self._latest.get(adapter)
-        return entry is None or entry.get("state") in OUTCOMES
+        return entry is None or entry.state in OUTCOMES
 
     async def flush(self) -> None:
         batch, self._dirty = self._dirty, set()
@@ -84,13 +83,14 @@ class StatusReporter:
         entry = self._latest.get(adapter)
         path = resource_path(API_VERSION, LORA_ADAPTER.plural, self.namespace, adapter, "status")
         try:
-            await self.client.merge_patch(path, {"status": {"replicaStatus": {self.pod_name: entry}}})
+            wire = None if entry is None else entry.to_wire()
+            await self.client.merge_patch(path, {"status": {"replicaStatus": {self.pod_name: wire}}})
         except NotFound:
             if entry is None:
                 self._latest.pop(adapter, None)
                 self._last_write.pop(adapter, None)
         except (ApiError, OSError, TimeoutError) as exc:
-            logger.warning("could not report %s on LoraAdapter %s (%s); will retry", entry and entry.get("state"),
+            logger.warning("could not report %s on LoraAdapter %s (%s); will retry", entry and entry.state.value,
                            adapter, exc)
             self._dirty.add(adapter)
             self._wake.set()
@@ -99,3 +99,10 @@ class StatusReporter:
             if entry is None:
                 self._latest.pop(adapter, None)
                 self._last_write.pop(adapter, None)
+
+
+def _unstamped(entry: ReplicaAdapterStatus) -> dict[str, Any]:
+    """What an entry says, without when it was written."""
+    wire = entry.to_wire()
+    wire.pop("updated", None)
+    return wire

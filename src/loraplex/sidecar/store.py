@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from loraplex.api.contract import ADAPTERS_SUBPATH
 from loraplex.api.runtime_capabilities import AdapterLayout
 
 # The generation folders install() names: g<LoraAdapter generation>-<8 hex digits unique to one install>.
@@ -49,7 +50,7 @@ class VolumeStore:
     def __init__(self, root: Path, layout: AdapterLayout = AdapterLayout.FOLDER_PER_GENERATION):
         self.root = root
         self.layout = layout
-        self.adapters = root / "adapters"
+        self.adapters = root / ADAPTERS_SUBPATH
         self.staging = root / "staging"
         self.state = root / "state"
         self.trash = root / "trash"
