@@ -47,8 +47,8 @@ def _run_operator(args: argparse.Namespace) -> int:
 def _run_sidecar(args: argparse.Namespace) -> int:
     import asyncio
 
+    from loraplex.api.contract import SettingsError, SidecarSettings
     from loraplex.sidecar.main import run
-    from loraplex.sidecar.settings import SettingsError, SidecarSettings
 
     configure(args.log_level)
     try:
