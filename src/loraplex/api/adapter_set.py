@@ -10,7 +10,8 @@ import json
 
 from pydantic import Field
 
-from loraplex.api.types import AdapterFormat, Model, Runtime
+from loraplex.api.runtime_capabilities import capabilities
+from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Model, Runtime
 
 DATA_KEY = "adapters.json"
 
@@ -30,6 +31,14 @@ class AdapterLimits(Model):
     max_rank: int
     allowed_formats: list[AdapterFormat]
     allowed_target_modules: list[str] | None = None
+
+    @classmethod
+    def of(cls, spec: BaseModelDeploymentSpec) -> AdapterLimits:
+        """The base model's limits: the user's allowed formats narrowed to what its runtime loads."""
+        loadable = capabilities(spec.runtime).formats
+        allowed = [f for f in spec.lora.allowed_formats or sorted(loadable) if f in loadable]
+        return cls(max_rank=spec.lora.max_rank, allowed_formats=allowed,
+                   allowed_target_modules=spec.lora.allowed_target_modules)
 
 
 class AdapterSet(Model):

@@ -23,7 +23,6 @@ from loraplex.api.types import (
     ReplicaAdapterStatus,
     ReplicaState,
 )
-from loraplex.operator.render import adapter_limits
 
 FINALIZER = "loraplex.io/adapter-cleanup"
 
@@ -123,7 +122,7 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
         source = parse_source(spec.source)
     except InvalidSource as exc:
         return Verdict(False, "InvalidSource", str(exc))
-    limits = limits or adapter_limits(base_model)
+    limits = limits or AdapterLimits.of(base_model)
     if spec.format != AdapterFormat.AUTO and spec.format not in limits.allowed_formats:
         allowed = ", ".join(f.value for f in limits.allowed_formats) or "none"
         return Verdict(False, "FormatNotAllowed",
@@ -160,7 +159,7 @@ def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[Adapter
     in which they keep their place when not all of them fit)."""
     desired = []
     owners = served_name_owners(adapters) if owners is None else owners
-    limits = adapter_limits(base_model)
+    limits = AdapterLimits.of(base_model)
     for adapter in sorted(adapters, key=lambda a: (a.created, a.name)):
         if adapter.deleting or adapter.spec is None:
             continue

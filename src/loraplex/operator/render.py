@@ -373,18 +373,11 @@ def render_sidecar_role_binding(owner: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def adapter_limits(spec: BaseModelDeploymentSpec) -> AdapterLimits:
-    runtime_formats = profile_for(spec.runtime).formats
-    allowed = [f for f in spec.lora.allowed_formats or sorted(runtime_formats) if f in runtime_formats]
-    return AdapterLimits(max_rank=spec.lora.max_rank, allowed_formats=allowed,
-                         allowed_target_modules=spec.lora.allowed_target_modules)
-
-
 def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
                        adapters: list[DesiredAdapter]) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     adapter_set = AdapterSet(
-        base_model=name, runtime=spec.runtime, limits=adapter_limits(spec),
+        base_model=name, runtime=spec.runtime, limits=AdapterLimits.of(spec),
         adapters=sorted(adapters, key=lambda a: a.served_name),
     )
     return {
