@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import sys
 from pathlib import Path
@@ -50,12 +49,12 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     from loraplex.api.contract import SettingsError, SidecarSettings
     from loraplex.sidecar.main import run
 
-    configure(args.log_level)
     try:
         settings = SidecarSettings.from_environment()
     except SettingsError as exc:
         print(f"loraplex sidecar: {exc}", file=sys.stderr)
         return 2
+    configure(args.log_level or settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except KeyboardInterrupt:
@@ -205,8 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sidecar = commands.add_parser("sidecar", help="run the adapter sidecar (in an inference pod; configured by "
                                   "the environment the operator renders)")
-    sidecar.add_argument("--log-level", default=os.environ.get("LORAPLEX_LOG_LEVEL", "info"),
-                         choices=["debug", "info", "warning", "error"])
+    sidecar.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                         help="overrides the level the operator renders into the pod")
     sidecar.set_defaults(func=_run_sidecar)
 
     local = commands.add_parser("local-cluster", help="run a real Kubernetes control plane on this machine, with "

@@ -49,7 +49,7 @@ class Downloader:
                  s3: S3Client | None = None, store_root: Path | None = None):
         self.session = session
         self.settings = settings or TransferSettings()
-        self.s3 = s3 or S3Client.from_environment()
+        self.s3 = s3 or S3Client()  # the sidecar passes its settings' endpoint, region and addressing
         self.gcs = GcsClient(session)
         self.store_root = store_root
 

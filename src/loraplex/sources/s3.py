@@ -32,10 +32,6 @@ class S3Client:
         self.force_path_style = force_path_style
         self._session = botocore.session.Session()
 
-    @classmethod
-    def from_environment(cls) -> S3Client:
-        return cls(force_path_style=os.environ.get("LORAPLEX_S3_FORCE_PATH_STYLE", "false").lower() == "true")
-
     def object_url(self, bucket: str, key: str = "") -> str:
         path = quote(key, safe="/~")
         if self.force_path_style or "." in bucket:
