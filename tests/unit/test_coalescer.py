@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from loraplex.operator.reconciler import Coalescer
+from loraplex.operator.coalescer import Coalescer
 
 
 async def test_requests_during_a_run_share_the_next_run():

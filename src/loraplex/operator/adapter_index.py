@@ -67,6 +67,10 @@ class AdapterIndex:
         if base is not None:
             self._discard(adapter, base)
 
+    def holds(self, namespace: str, name: str) -> bool:
+        """Whether the adapter (namespace, name) is in the index; iterating the index yields base models."""
+        return (namespace, name) in self._base_of
+
     def get(self, base: Key, default: Any = ()) -> ValuesView[AdapterView] | Any:
         views = self._by_base.get(base)
         return views.values() if views else default

@@ -120,7 +120,7 @@ async def _resync_forever(memo: kopf.Memo, interval: float) -> None:
             await reconciler.load_adapters()
         except Exception as exc:
             logger.warning("resync could not list the LoraAdapters (%s); using what the events brought", exc)
-        reconciler.forget_written_status()
+        reconciler.forget_shortcuts()
         for key in list(reconciler.base_models):
             await _guarded(memo, ("base-model", key), lambda k=key: reconciler.reconcile_base_model(k))
         for key in list(reconciler.adapters):

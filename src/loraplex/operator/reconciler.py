@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
-import fnmatch
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
-import pydantic
-
 from loraplex.api.adapter_set import DATA_KEY
-from loraplex.api.conditions import find, merge_conditions, utc_now
-from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION, BaseModelDeploymentSpec
-from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
+from loraplex.api.conditions import find
+from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
+from loraplex.kube import ApiError, KubeClient
 from loraplex.operator import render
-from loraplex.operator.adapter_index import AdapterIndex
+from loraplex.operator.adapter_finalizer import set_finalizer
 from loraplex.operator.adapters import (
     FINALIZER,
     AdapterView,
@@ -34,113 +30,27 @@ from loraplex.operator.adapters import (
 )
 from loraplex.operator.apply import apply_object, in_sync
 from loraplex.operator.base_models import base_model_status
+from loraplex.operator.cluster_view import ClusterView, Key, first
+from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
+from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
 from loraplex.operator.settings import OperatorSettings
+from loraplex.operator.status_writes import write_status
 
 logger = logging.getLogger(__name__)
-API_VERSION = f"{GROUP}/{VERSION}"
-Key = tuple[str, str]  # (namespace, name)
 
 
-def _first(index: Mapping[Any, Any], key: Any) -> Any:
-    """The single value kopf's index holds under `key`, or None."""
-    values = index.get(key)
-    return next(iter(values), None) if values else None
+class Reconciler(ClusterView):
+    """Decides from what the ClusterView shows and writes the difference, remembering one record per object."""
 
-
-class Coalescer:
-    """Runs `fn(key)` so that concurrent requests for one key share a run that starts after them.
-
-    Many adapter events for one base model collapse into a few adapter-set writes.
-
-    With `min_interval`, runs for one key start at least that many seconds apart: the first request after
-    a quiet spell runs at once, and a burst is folded into one run per interval instead of one per event.
-    """
-
-    def __init__(self, fn: Callable[[Any], Awaitable[None]], min_interval: float = 0.0):
-        self._fn = fn
-        self._min_interval = min_interval
-        self._pending: dict[Hashable, asyncio.Future[None]] = {}
-        self._running: set[Hashable] = set()
-        self._last_start: dict[Hashable, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self, key: Hashable) -> None:
-        future = self._pending.get(key)
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-            self._pending[key] = future
-            if key not in self._running:
-                task = asyncio.create_task(self._drain(key))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(future)
-
-    async def _drain(self, key: Hashable) -> None:
-        self._running.add(key)
-        try:
-            while key in self._pending:
-                loop = asyncio.get_running_loop()
-                wait = self._last_start.get(key, -self._min_interval) + self._min_interval - loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)  # requests arriving meanwhile join this run
-                self._last_start[key] = loop.time()
-                future = self._pending.pop(key)
-                try:
-                    await self._fn(key)
-                except Exception as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(None)
-        finally:
-            self._running.discard(key)
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterClaim:
-    """What an adapter's base model depends on: its adapter set and who holds each served name."""
-
-    base: str | None
-    served_name: str
-    spec: tuple[Any, ...]
-
-    @classmethod
-    def of(cls, view: AdapterView) -> AdapterClaim:
-        return cls(view.base_model, view.served_name, (view.uid, view.generation, view.deleting))
-
-
-@dataclasses.dataclass(frozen=True)
-class AdapterFacts:
-    """The parts of an adapter that other objects depend on: its claim, and its phase (for the counts)."""
-
-    claim: AdapterClaim
-    phase: str
-
-
-class Reconciler:
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
                  namespaces: list[str] | None = None):
-        self.client = client
+        super().__init__(client, indices, namespaces)
         self.settings = settings
-        self.namespaces = namespaces  # None: every namespace
-        self.base_models = indices["base_model_index"]
-        self.adapters = AdapterIndex()
-        self.replicas = indices["replica_index"]
-        self.deployments = indices["deployment_index"]
+        # Locks outlive records: a run that outlived its object must still exclude one for a new object.
         self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._adapter_facts: dict[Key, AdapterFacts] = {}  # what others depend on, as last seen
-        self._apply_problems: dict[Key, tuple[str, str] | None] = {}  # (reason, message) of the last apply
-        # Status we wrote that the indices may not show yet (their watch event is still on its way).
-        self._written: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self._finalized: set[str] = set()  # uids we already gave our finalizer
-        # Served-name owners per base model, dropped whenever an adapter's claim changes.
-        self._owners: dict[Key, dict[str, AdapterView]] = {}
-        # The adapter set as we last applied it, so echoes of our own writes cost nothing.
-        self._applied_adapter_sets: dict[Key, dict[str, Any]] = {}
-        # uids of accepted adapters that did not fit in their base model's adapter set.
-        self._left_out: dict[Key, set[str]] = {}
-        # What each base model's last full reconcile saw of it: (uid, generation, deletionTimestamp).
-        self._reconciled_base_models: dict[Key, tuple[Any, ...]] = {}
+        self.base_model_records: dict[Key, BaseModelRecord] = {}
+        self.adapter_records: dict[Key, AdapterRecord] = {}
         self._base_model_runs = Coalescer(self._reconcile_base_model)
         self._owned_runs = Coalescer(self._converge_owned)
         # Every write of an adapter set carries the whole set (and reaches every replica's sidecar), so a
@@ -148,56 +58,52 @@ class Reconciler:
         self._adapter_sets = Coalescer(self._sync_adapter_set, settings.batch_seconds)
         self._base_statuses = Coalescer(self._write_base_model_status, settings.batch_seconds)
 
-    # ---- lookups over the indices ---------------------------------------------------------------
-
-    def base_model(self, key: Key) -> dict[str, Any] | None:
-        return _first(self.base_models, key)
-
-    def adapters_of(self, key: Key) -> list[AdapterView]:
-        return list(self.adapters.get(key, ()))
+    # ---- served names ------------------------------------------------------------------------------
 
     async def load_adapters(self) -> None:
-        """LIST every LoraAdapter in scope into the index: before the first event, and at every resync."""
-        changes_before = self.adapters.changes
-        plural = LORA_ADAPTER.plural
-        if self.namespaces is None or any(set(n) & set("*?[!") for n in self.namespaces):
-            items = (await self.client.list(resource_path(API_VERSION, plural))).get("items") or []
-            if self.namespaces is not None:  # kopf also takes glob patterns of namespaces
-                items = [i for i in items if any(fnmatch.fnmatchcase(i["metadata"].get("namespace", ""), pattern)
-                                                 for pattern in self.namespaces)]
-        else:
-            items = []
-            for namespace in self.namespaces:
-                items += (await self.client.list(resource_path(API_VERSION, plural, namespace))).get("items") or []
-        self.adapters.merge_list(items, changes_before)
-        self._owners.clear()
+        await super().load_adapters()
+        for record in self.base_model_records.values():
+            record.served_name_owners = None
 
     def owners_of(self, key: Key) -> dict[str, AdapterView]:
         """Who holds each served name among one base model's adapters."""
-        owners = self._owners.get(key)
-        if owners is None:
-            owners = self._owners[key] = served_name_owners(self.adapters_of(key))
-        return owners
+        record = self._base_model_record(key)
+        if record.served_name_owners is None:
+            record.served_name_owners = served_name_owners(self.adapters_of(key))
+        return record.served_name_owners
 
-    def adapter_phases(self) -> dict[str, int]:
-        counts: dict[str, int] = collections.Counter()
-        for views in self.adapters.values():
-            for view in views:
-                counts[view.status.get("phase") or "Unknown"] += 1
-        return dict(counts)
+    def _forget_owners(self, key: Key) -> None:
+        record = self.base_model_records.get(key)
+        if record is not None:
+            record.served_name_owners = None
 
-    def live_replicas(self, key: Key) -> list[str]:
-        return sorted(name for name, _ in self.replicas.get(key, ()))
+    # ---- records --------------------------------------------------------------------------------------
 
-    def replica_problems(self, key: Key) -> dict[str, str]:
-        return {name: problem for name, problem in self.replicas.get(key, ()) if problem is not None}
+    def _base_model_record(self, key: Key) -> BaseModelRecord:
+        """The record of a base model the index holds; for one that is gone a throwaway, so a run that
+        outlived its object does not bring the record back."""
+        record = self.base_model_records.get(key)
+        if record is None:
+            record = BaseModelRecord()
+            if self.base_model(key) is not None:
+                self.base_model_records[key] = record
+        return record
 
-    @staticmethod
-    def parse_spec(body: dict[str, Any]) -> tuple[BaseModelDeploymentSpec | None, str | None]:
-        try:
-            return BaseModelDeploymentSpec.model_validate(body.get("spec") or {}), None
-        except pydantic.ValidationError as exc:
-            return None, "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    def _adapter_record(self, view: AdapterView) -> AdapterRecord:
+        """The record of an adapter the index holds (a throwaway for one that is gone, as above)."""
+        record = self.adapter_records.get((view.namespace, view.name))
+        if record is None:
+            record = AdapterRecord()
+            if self.adapters.holds(view.namespace, view.name):
+                self.adapter_records[(view.namespace, view.name)] = record
+        return record
+
+    def forget_shortcuts(self) -> None:
+        """Trust the indices alone again: forget the status we wrote, the finalizers we gave, the adapter
+        sets we applied, what we reconciled and the served-name owners, keeping our decisions. The
+        periodic resync calls this, so its pass undoes any external edit."""
+        for record in [*self.base_model_records.values(), *self.adapter_records.values()]:
+            record.forget_shortcuts()
 
     # ---- BaseModelDeployment ----------------------------------------------------------------------
 
@@ -210,13 +116,17 @@ class Reconciler:
         the owned objects or the adapters depend on: those only refresh the status."""
         meta = (body or {}).get("metadata") or {}
         seen = (meta.get("uid"), meta.get("generation"), meta.get("deletionTimestamp")) if body else None
-        if seen is not None and self._reconciled_base_models.get(key) == seen:
+        if body is None:
+            self.base_model_records.pop(key, None)
+        record = self.base_model_records.get(key)
+        if seen is not None and record is not None and record.reconciled == seen:
             await self._base_statuses.run(key)
             return
-        self._reconciled_base_models.pop(key, None)
+        if record is not None:
+            record.reconciled = None
         await self.reconcile_base_model(key)
         if seen is not None:
-            self._reconciled_base_models[key] = seen
+            self._base_model_record(key).reconciled = seen
 
     async def converge_owned_objects(self, key: Key) -> None:
         """An owned object changed (drift, deletion, Deployment status): repair it and refresh the model's
@@ -225,10 +135,12 @@ class Reconciler:
 
     async def sync_adapter_set(self, key: Key, live: dict[str, Any] | None) -> None:
         """The adapter-set ConfigMap changed (`live`) or is gone (None): put back what it should say."""
-        applied = self._applied_adapter_sets.get(key)
+        record = self.base_model_records.get(key)
+        applied = record.applied_adapter_set if record is not None else None
         if live is not None and applied is not None and in_sync(applied, live):
             return  # the echo of our own write
-        self._applied_adapter_sets.pop(key, None)
+        if record is not None:
+            record.applied_adapter_set = None
         await self._adapter_sets.run(key)
 
     async def _reconcile_base_model(self, key: Key) -> None:
@@ -269,7 +181,7 @@ class Reconciler:
                         await apply_object(self.client, child)
                 except ApiError as exc:
                     problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
-        self._apply_problems[key] = problem
+        self._base_model_record(key).apply_problem = problem
 
     async def _sync_adapter_set(self, key: Key) -> None:
         body = self.base_model(key)
@@ -278,23 +190,25 @@ class Reconciler:
         spec, _ = self.parse_spec(body)
         if spec is None or render.spec_problems(spec) or render.name_problems(body["metadata"]["name"]):
             return  # keep serving the last good set until the spec is fixed
+        record = self._base_model_record(key)
         adapters = desired_adapters(spec, self.adapters_of(key), self.owners_of(key))
         desired = render.render_adapter_set(body, spec, adapters)
         left_out: list[Any] = []
         if len(desired["data"][DATA_KEY]) > self.settings.adapter_set_max_bytes:
             adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes)
             desired = render.render_adapter_set(body, spec, adapters)
-        if desired != self._applied_adapter_sets.get(key):  # else as we last applied it, and nothing moved it
+        if desired != record.applied_adapter_set:  # else as we last applied it, and nothing moved it
             await apply_object(self.client, desired)
-            self._applied_adapter_sets[key] = desired
+            record.applied_adapter_set = desired
         await self._update_left_out(key, body, {a.uid for a in left_out})
 
     async def _update_left_out(self, key: Key, body: dict[str, Any], uids: set[str]) -> None:
         """Record which adapters did not fit, and re-examine those that went in or out."""
-        before = self._left_out.get(key, set())
+        record = self._base_model_record(key)
+        before = record.left_out
         if uids == before:
             return
-        self._left_out[key] = uids
+        record.left_out = frozenset(uids)
         if uids - before:
             await post_event(self.client, body, "Warning", "AdapterSetFull",
                              f"{len(uids)} adapter(s) do not fit in the adapter set "
@@ -308,14 +222,16 @@ class Reconciler:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         spec, _ = self.parse_spec(body)
-        problem = self._apply_problems.get(key)
-        deployment = _first(self.deployments, key)
+        record = self._base_model_record(key)
+        problem = record.apply_problem
+        deployment = first(self.deployments, key)
         adapters = self.adapters_of(key)
         # Our own status writes reach the index later than we know their outcome: count what we decided.
-        phases = {a.name: facts.phase for a in adapters if (facts := self._adapter_facts.get((key[0], a.name)))}
+        phases = {a.name: adapter.facts.phase for a in adapters
+                  if (adapter := self.adapter_records.get((key[0], a.name))) and adapter.facts}
         desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key))
-        before = find(self._known_status(BASE_MODEL_DEPLOYMENT.plural, body).get("conditions"), "Reconciled")
-        await self._write_status(BASE_MODEL_DEPLOYMENT.plural, body, desired)
+        before = find(record.known_status(body.get("status") or {}).get("conditions"), "Reconciled")
+        await write_status(self.client, record, BASE_MODEL_DEPLOYMENT.plural, body, desired)
         after = desired["conditions"][0]
         if after["status"] == "False" and (before is None or before.get("message") != after["message"]):
             await post_event(self.client, body, "Warning", after["reason"], after["message"])
@@ -328,23 +244,23 @@ class Reconciler:
     async def adapter_changed(self, key: Key, body: dict[str, Any] | None) -> None:
         """React to one adapter's event; `body` is None once the object is gone."""
         namespace, _ = key
-        before = self._adapter_facts.get(key)
+        record = self.adapter_records.get(key)
+        before = record.facts if record is not None else None
         after: AdapterFacts | None = None
         if body is None:
             self.adapters.remove(*key)
-            self._adapter_facts.pop(key, None)
-            self._written.pop((LORA_ADAPTER.plural, *key), None)
+            self.adapter_records.pop(key, None)
             if before is not None:
-                self._owners.pop((namespace, before.claim.base or ""), None)
+                self._forget_owners((namespace, before.claim.base or ""))
         else:
             view = AdapterView.from_body(body)
             self.adapters.put(view)
             claim = AdapterClaim.of(view)
             if before is None or before.claim != claim:
                 for base in {claim.base, before.claim.base if before else None}:
-                    self._owners.pop((namespace, base or ""), None)
+                    self._forget_owners((namespace, base or ""))
             after = AdapterFacts(claim, await self._reconcile_adapter(view))
-            self._adapter_facts[key] = after
+            self._adapter_record(view).facts = after
         if before == after:
             return  # most events are status writes and replica reports: nothing else depends on them
         claim_changed = before is None or after is None or before.claim != after.claim
@@ -370,9 +286,10 @@ class Reconciler:
     async def _reconcile_adapter(self, view: AdapterView) -> str:
         """Finalizer, verdict and status of one adapter; returns the phase it now has."""
         async with self._locks[("adapter", view.namespace, view.name)]:
-            if not view.deleting and FINALIZER not in view.finalizers and view.uid not in self._finalized:
-                await self._set_finalizer(view, present=True)
-                self._finalized.add(view.uid)
+            record = self._adapter_record(view)
+            if not view.deleting and FINALIZER not in view.finalizers and record.finalizer_given_to != view.uid:
+                await set_finalizer(self.client, view, present=True)
+                record.finalizer_given_to = view.uid
             base_key = (view.namespace, view.base_model or "")
             body = self.base_model(base_key) if view.base_model else None
             spec = None
@@ -380,7 +297,8 @@ class Reconciler:
                 spec, _ = self.parse_spec(body)
             # The index took this event before this call, so the owners are never older than it.
             verdict = check_adapter(view, spec, [], self.owners_of(base_key) if spec else {})
-            if verdict.accepted and view.uid in self._left_out.get(base_key, ()):
+            base_record = self.base_model_records.get(base_key)
+            if verdict.accepted and base_record is not None and view.uid in base_record.left_out:
                 verdict = adapter_set_full(base_key[1], self.settings.adapter_set_max_bytes)
             replicas = self.live_replicas(base_key) if view.base_model else []
             update = adapter_status(view, verdict, replicas)
@@ -388,12 +306,12 @@ class Reconciler:
                 if update.stale_replicas else {}
             adapter_body = {"metadata": {"namespace": view.namespace, "name": view.name},
                             "status": view.status}
-            previous_phase = self._known_status(LORA_ADAPTER.plural, adapter_body).get("phase")
-            await self._write_status(LORA_ADAPTER.plural, adapter_body, update.status, patch_extra)
+            previous_phase = record.known_status(view.status).get("phase")
+            await write_status(self.client, record, LORA_ADAPTER.plural, adapter_body, update.status, patch_extra)
             if update.phase != previous_phase:
                 await self._announce_phase(view, update.phase, update.status)
             if view.deleting and FINALIZER in view.finalizers and cleanup_done(view, replicas):
-                await self._set_finalizer(view, present=False)
+                await set_finalizer(self.client, view, present=False)
             return update.phase
 
     async def _announce_phase(self, view: AdapterView, phase: str, status: dict[str, Any]) -> None:
@@ -402,83 +320,3 @@ class Reconciler:
                     "metadata": {"namespace": view.namespace, "name": view.name, "uid": view.uid}}
         event_type = "Warning" if phase == "Failed" else "Normal"
         await post_event(self.client, involved, event_type, ready["reason"], f"{phase}: {ready['message']}")
-
-    async def _set_finalizer(self, view: AdapterView, present: bool) -> None:
-        path = resource_path(API_VERSION, LORA_ADAPTER.plural, view.namespace, view.name)
-
-        # The first attempt trusts the event's copy; if the object moved since, the 409 makes us read it.
-        known: dict[str, Any] | None = {
-            "uid": view.uid, "finalizers": list(view.finalizers), "resourceVersion": view.resource_version,
-            "deletionTimestamp": "set" if view.deleting else None} if view.resource_version else None
-
-        async def attempt() -> None:
-            nonlocal known
-            meta, known = known or (await self.client.get(path))["metadata"], None
-            if meta.get("uid") != view.uid:
-                return
-            finalizers = list(meta.get("finalizers") or [])
-            if (FINALIZER in finalizers) == present:
-                return
-            if present and meta.get("deletionTimestamp"):
-                return  # finalizers cannot be added to an object that is being deleted
-            finalizers = [*finalizers, FINALIZER] if present else [f for f in finalizers if f != FINALIZER]
-            await self.client.merge_patch(path, {"metadata": {"finalizers": finalizers or None,
-                                                              "resourceVersion": meta["resourceVersion"]}})
-            logger.info("%s finalizer on LoraAdapter %s/%s", "added" if present else "released",
-                        view.namespace, view.name)
-
-        try:
-            await retry_on_conflict(attempt)
-        except NotFound:
-            pass
-
-    # ---- shared ------------------------------------------------------------------------------------
-
-    def forget_written_status(self) -> None:
-        """Trust the indices alone again (the periodic resync calls this, undoing any external edit)."""
-        self._written.clear()
-        self._finalized.clear()
-        self._owners.clear()
-        self._applied_adapter_sets.clear()
-        self._reconciled_base_models.clear()
-
-    def _known_status(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
-        """The object's status as the cluster has it, counting our own writes the index has not seen yet.
-
-        We are the only writer of the fields we cache, so our last write is their truth until the
-        index catches up, after which the cache entry is dropped.
-        """
-        meta = body["metadata"]
-        key = (plural, meta["namespace"], meta["name"])
-        observed = body.get("status") or {}
-        written = self._written.get(key)
-        if written is None:
-            return observed
-        if all(observed.get(field) == value for field, value in written.items()):
-            del self._written[key]
-            return observed
-        return {**observed, **written}
-
-    async def _write_status(self, plural: str, body: dict[str, Any], desired: dict[str, Any],
-                            extra: dict[str, Any] | None = None) -> None:
-        """Merge-patch the status subresource, only where it differs from what is there."""
-        current = self._known_status(plural, body)
-        conditions = merge_conditions(current.get("conditions"), desired.get("conditions") or [], utc_now())
-        wanted = {**desired, "conditions": conditions}
-        changed = {k: v for k, v in wanted.items() if current.get(k) != v}
-        # Fields that became empty must be removed, which merge patch spells as null.
-        changed.update({k: None for k, v in wanted.items() if v is None and k in current})
-        changed = {k: v for k, v in changed.items() if not (v is None and k not in current)}
-        if extra:
-            changed.update(extra)
-        if not changed:
-            return
-        meta = body["metadata"]
-        path = resource_path(API_VERSION, plural, meta["namespace"], meta["name"], "status")
-        try:
-            await self.client.merge_patch(path, {"status": changed})
-        except NotFound:
-            return  # deleted meanwhile; nothing left to report on
-        self._written[(plural, meta["namespace"], meta["name"])] = {
-            k: v for k, v in wanted.items() if v is not None}
-
