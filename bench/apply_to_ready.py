@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.apiserver import ApiserverReading, read_apiserver  # noqa: E402
 from bench.report import add_results_argument, machine, table, write  # noqa: E402
 from demo.stack import LocalStack, build_artifacts  # noqa: E402
-from loraplex.operator.render import SIDECAR_PORT  # noqa: E402
+from loraplex.api.contract import SIDECAR_PORT  # noqa: E402
 from loraplex.sources import Downloader, Progress  # noqa: E402
 from loraplex.sources.s3 import S3Client  # noqa: E402
 from tests.adapters import make_hf_adapter_for  # noqa: E402

@@ -20,8 +20,8 @@ from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
 from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 from loraplex.local.controlplane import ControlPlane, free_port
 from loraplex.local.install import server_side_apply, service_account_token
+from loraplex.operator.naming import ChildNames
 from loraplex.operator.render import (
-    ChildNames,
     render_service_account,
     render_sidecar_role,
     render_sidecar_role_binding,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from loraplex.api.types import BaseModelDeploymentSpec
-from loraplex.operator import render
+from loraplex.operator import naming, render
 from loraplex.operator.adapters import AdapterView, check_adapter
 from loraplex.operator.base_models import base_model_status
 from loraplex.operator.reconciler import Reconciler
@@ -41,13 +41,13 @@ def spec() -> BaseModelDeploymentSpec:
     ("l" + "." * 70, ["is 71 characters", "cannot name a Service"]),
 ])
 def test_name_problems(name, phrases):
-    problems = render.name_problems(name)
+    problems = naming.name_problems(name)
     assert all(any(phrase in problem for problem in problems) for phrase in phrases)
     assert bool(problems) == bool(phrases)
 
 
 def test_a_long_name_is_shortened_in_the_sentence():
-    [problem] = render.name_problems("a" * 200)
+    [problem] = naming.name_problems("a" * 200)
     assert f"'{'a' * 40}…' is 200 characters" in problem
 
 
@@ -65,7 +65,7 @@ def test_every_name_and_label_derived_from_the_longest_accepted_name_is_valid():
 
 def test_base_model_status_reports_an_invalid_name_and_no_endpoint():
     body = owner("a" * 64)
-    problem = ("InvalidName", "; ".join(render.name_problems("a" * 64)))
+    problem = ("InvalidName", "; ".join(naming.name_problems("a" * 64)))
     status = base_model_status(body, spec(), problem, None, [])
     by_type = {c["type"]: c for c in status["conditions"]}
     assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == ("False", "InvalidName")

@@ -7,7 +7,7 @@ import pytest
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.contract import SettingsError, SidecarSettings
 from loraplex.api.types import BaseModelDeploymentSpec
-from loraplex.operator import render
+from loraplex.operator import naming, render
 from loraplex.operator.settings import OperatorSettings
 
 SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
@@ -209,7 +209,7 @@ def test_service_selects_the_pods_and_exposes_the_openai_port():
     labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert all(labels[k] == v for k, v in service["spec"]["selector"].items())
     assert service["spec"]["ports"][0] == {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}
-    assert render.endpoint("llama3", "team-a", 8080) == "http://llama3.team-a.svc.cluster.local:8080/v1"
+    assert naming.endpoint("llama3", "team-a", 8080) == "http://llama3.team-a.svc.cluster.local:8080/v1"
 
 
 def test_adapters_never_touch_the_pod_template():

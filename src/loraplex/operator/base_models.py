@@ -8,7 +8,7 @@ from typing import Any
 from loraplex.api.conditions import condition
 from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec, BaseModelDeploymentStatus
 from loraplex.operator.adapters import AdapterView
-from loraplex.operator.render import endpoint
+from loraplex.operator.naming import endpoint
 
 # Container waiting reasons that mean the container cannot run as it is, rather than that it is starting.
 FAILING_WAIT_REASONS = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",

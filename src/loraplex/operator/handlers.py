@@ -18,8 +18,8 @@ from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSI
 from loraplex.kube import KubeClient
 from loraplex.operator.base_models import replica_problem
 from loraplex.operator.metrics import OperatorMetrics
+from loraplex.operator.naming import BASE_MODEL_LABEL
 from loraplex.operator.reconciler import Key, Reconciler
-from loraplex.operator.render import BASE_MODEL_LABEL
 from loraplex.operator.settings import OperatorSettings
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.conditions import find
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
 from loraplex.kube import ApiError, KubeClient
-from loraplex.operator import render
+from loraplex.operator import naming, render
 from loraplex.operator.adapter_finalizer import set_finalizer
 from loraplex.operator.adapters import (
     FINALIZER,
@@ -168,7 +168,7 @@ class Reconciler(ClusterView):
     async def _apply_owned_objects(self, key: Key, body: dict[str, Any]) -> None:
         spec, error = self.parse_spec(body)
         # Checked before any write: the API server would refuse each with a 422, on every retry.
-        bad_name = render.name_problems(body["metadata"]["name"])
+        bad_name = naming.name_problems(body["metadata"]["name"])
         problem = ("InvalidName", "; ".join(bad_name)) if bad_name else ("InvalidSpec", error) if error else None
         if spec is not None and not bad_name:
             try:
@@ -188,7 +188,7 @@ class Reconciler(ClusterView):
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         spec, _ = self.parse_spec(body)
-        if spec is None or render.spec_problems(spec) or render.name_problems(body["metadata"]["name"]):
+        if spec is None or render.spec_problems(spec) or naming.name_problems(body["metadata"]["name"]):
             return  # keep serving the last good set until the spec is fixed
         record = self._base_model_record(key)
         adapters = desired_adapters(spec, self.adapters_of(key), self.owners_of(key))

@@ -6,9 +6,7 @@ adapter changes (which live in the adapter-set ConfigMap) never roll the pods.
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,6 @@ from loraplex.api.contract import (
 )
 from loraplex.api.runtime_capabilities import deployed_version
 from loraplex.api.types import (
-    API_VERSION,
-    BASE_MODEL_DEPLOYMENT,
     GROUP,
     LORA_ADAPTER,
     AdapterFormat,
@@ -33,11 +29,10 @@ from loraplex.api.types import (
     ComputeResources,
     EmptyDirVolume,
 )
+from loraplex.operator.naming import ChildNames, common_labels, object_metadata, selector_labels
 from loraplex.operator.runtimes import profile_for
 from loraplex.operator.settings import OperatorSettings
 
-BASE_MODEL_LABEL = f"{GROUP}/base-model"
-MANAGED_BY = "loraplex"
 PEFT_VOLUME, CACHE_VOLUME, SHM_VOLUME = "peft-source", "model-cache", "dshm"
 STORE_VOLUME, SIDECAR_TMP_VOLUME, BASE_CONFIG_VOLUME = "adapter-store", "sidecar-tmp", "base-model-config"
 
@@ -47,69 +42,6 @@ DEFAULT_PEFT_SIZE = "20Gi"
 
 class RenderError(ValueError):
     """The spec cannot be turned into a working deployment; the message says why."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ChildNames:
-    base_model: str
-
-    @property
-    def deployment(self) -> str:
-        return self.base_model
-
-    @property
-    def service(self) -> str:
-        return self.base_model
-
-    @property
-    def service_account(self) -> str:
-        return f"{self.base_model}-loraplex"
-
-    @property
-    def sidecar_role(self) -> str:
-        return f"{self.base_model}-loraplex-sidecar"
-
-    @property
-    def adapter_set(self) -> str:
-        return f"{self.base_model}-adapters"
-
-
-def selector_labels(base_model: str) -> dict[str, str]:
-    return {BASE_MODEL_LABEL: base_model}
-
-
-def common_labels(base_model: str) -> dict[str, str]:
-    return {
-        "app.kubernetes.io/name": "loraplex-inference",
-        "app.kubernetes.io/instance": base_model,
-        "app.kubernetes.io/managed-by": MANAGED_BY,
-        **selector_labels(base_model),
-    }
-
-
-def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": BASE_MODEL_DEPLOYMENT.kind,
-        "name": owner["metadata"]["name"],
-        "uid": owner["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def _metadata(owner: dict[str, Any], name: str, component: str) -> dict[str, Any]:
-    base_model = owner["metadata"]["name"]
-    return {
-        "name": name,
-        "namespace": owner["metadata"]["namespace"],
-        "labels": {**common_labels(base_model), "app.kubernetes.io/component": component},
-        "ownerReferences": [owner_reference(owner)],
-    }
-
-
-def endpoint(base_model: str, namespace: str, port: int) -> str:
-    return f"http://{ChildNames(base_model).service}.{namespace}.svc.cluster.local:{port}/v1"
 
 
 def _resources(resources: ComputeResources | None, gpus: dict[str, str] | None = None) -> dict[str, Any]:
@@ -210,27 +142,6 @@ def render_sidecar_container(name: str, spec: BaseModelDeploymentSpec, settings:
     return container
 
 
-# A label value and a Service name (a DNS-1035 label) allow 63 characters. Both carry the bare name;
-# the longest derived object name (the sidecar Role) adds 17, far inside the 253 of the other kinds,
-# and Deployments' pods get names that the API server shortens itself.
-MAX_NAME_LENGTH = 63
-DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-
-
-def name_problems(name: str) -> list[str]:
-    """What keeps a BaseModelDeployment's metadata.name from naming what loraplex derives from it, one
-    sentence each. The CRD admits any DNS subdomain name (253 characters, dots), which is looser."""
-    shown = name if len(name) <= MAX_NAME_LENGTH else f"{name[:40]}…"
-    problems = []
-    if len(name) > MAX_NAME_LENGTH:
-        problems.append(f"metadata.name {shown!r} is {len(name)} characters; loraplex derives the Service name "
-                        f"and the label {BASE_MODEL_LABEL} from it, which allow at most {MAX_NAME_LENGTH}")
-    if not DNS_1035_LABEL.fullmatch(name):
-        problems.append(f"metadata.name {shown!r} cannot name a Service, which must start with a lowercase letter "
-                        "and hold only lowercase letters, digits and '-' (no '.')")
-    return problems
-
-
 def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
     """What makes a spec unrunnable beyond what the CRD schema can say, one sentence each."""
     profile = profile_for(spec.runtime)
@@ -310,7 +221,7 @@ def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, sett
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(owner, names.deployment, "inference"),
+        "metadata": object_metadata(owner, names.deployment, "inference"),
         "spec": {
             "replicas": spec.replicas,
             "selector": {"matchLabels": selector_labels(name)},
@@ -326,7 +237,7 @@ def render_service(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> dict
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(owner, ChildNames(name).service, "inference"),
+        "metadata": object_metadata(owner, ChildNames(name).service, "inference"),
         "spec": {
             "type": "ClusterIP",
             "selector": selector_labels(name),
@@ -340,7 +251,7 @@ def render_service(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> dict
 
 def render_service_account(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> dict[str, Any]:
     name = owner["metadata"]["name"]
-    metadata = _metadata(owner, ChildNames(name).service_account, "sidecar")
+    metadata = object_metadata(owner, ChildNames(name).service_account, "sidecar")
     if spec.storage is not None and spec.storage.service_account_annotations:
         metadata["annotations"] = dict(spec.storage.service_account_annotations)
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
@@ -352,7 +263,7 @@ def render_sidecar_role(owner: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
-        "metadata": _metadata(owner, names.sidecar_role, "sidecar"),
+        "metadata": object_metadata(owner, names.sidecar_role, "sidecar"),
         "rules": [
             {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.adapter_set],
              "verbs": ["get", "list", "watch"]},
@@ -366,7 +277,7 @@ def render_sidecar_role_binding(owner: dict[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "RoleBinding",
-        "metadata": _metadata(owner, names.sidecar_role, "sidecar"),
+        "metadata": object_metadata(owner, names.sidecar_role, "sidecar"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.sidecar_role},
         "subjects": [{"kind": "ServiceAccount", "name": names.service_account,
                       "namespace": owner["metadata"]["namespace"]}],
@@ -383,7 +294,7 @@ def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(owner, ChildNames(name).adapter_set, "adapter-set"),
+        "metadata": object_metadata(owner, ChildNames(name).adapter_set, "adapter-set"),
         "data": adapter_set.to_configmap_data(),
     }
 
