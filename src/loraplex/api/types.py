@@ -2,7 +2,8 @@
 
 These pydantic models are the single source of truth: `loraplex.api.crds` turns them into the
 CustomResourceDefinitions in `crds/`, the operator parses custom resources with them, and the
-sidecar reads the desired adapter set the operator renders from them.
+sidecar reads the desired adapter set the operator renders from them. Both kinds stay in this one file,
+longer than the others, because it is read as the schema: top to bottom, it is what `crds/` says.
 """
 
 from __future__ import annotations
