@@ -62,6 +62,37 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_convert(args: argparse.Namespace) -> int:
+    import json
+
+    from loraplex.formats import Rejection
+    from loraplex.formats.convert import ConversionError, convert
+
+    source: Path = args.source
+    if not source.is_dir():
+        print(f"loraplex convert: {source} is not an adapter folder", file=sys.stderr)
+        return 2
+    base_config = None
+    if args.base_config is not None:
+        try:
+            base_config = json.loads(args.base_config.read_text())
+        except (OSError, ValueError) as exc:
+            print(f"loraplex convert: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        done = convert(source, args.out, base_config)
+    except ConversionError as exc:
+        print(f"loraplex convert: {exc}", file=sys.stderr)
+        return 2
+    except Rejection as rejection:
+        print(f"loraplex convert: cannot convert: {rejection}", file=sys.stderr)
+        return 1
+    report = done.report
+    print(f"converted {done.source_format.value} to a Hugging Face PEFT adapter in {args.out}: rank {report.rank}, "
+          f"targets {', '.join(report.target_modules)}")
+    return 0
+
+
 def _run_crds(args: argparse.Namespace) -> int:
     from loraplex.api.crds import crd_files, write_crds
 
@@ -239,6 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--base-config", type=Path, help="the base model's config.json, to check tensor shapes")
     validate.add_argument("--json", action="store_true", help="print one JSON object")
     validate.set_defaults(func=_run_validate)
+
+    from loraplex.formats.convert import SOURCE_LAYOUTS
+
+    convert = commands.add_parser(
+        "convert", help="write another producer's adapter as a Hugging Face PEFT adapter (exit 0 written, "
+        "1 the adapter cannot be converted, 2 usage error)",
+        description="Write a LoRA adapter saved by another producer as a Hugging Face PEFT adapter, with the same "
+        "ΔW = B·A·scale for every module and layer.", epilog=SOURCE_LAYOUTS,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    convert.add_argument("source", type=Path, help="the adapter folder to convert")
+    convert.add_argument("out", type=Path, help="a new or empty folder for the PEFT adapter")
+    convert.add_argument("--base-config", type=Path, help="the base model's config.json (needed for TensorRT-LLM)")
+    convert.set_defaults(func=_run_convert)
     return parser
 
 

@@ -78,6 +78,7 @@ def trtllm_module_shapes(config: dict[str, Any]) -> dict[str, tuple[tuple[int, i
         "attn_qkv": (hf["qkv_proj"],), "attn_q": (hf["q_proj"],), "attn_k": (hf["k_proj"],),
         "attn_v": (hf["v_proj"],), "attn_dense": (hf["o_proj"],), "mlp_gate": (hf["up_proj"],),
         "mlp_h_to_4h": (hf["gate_proj"], hf["gate_up_proj"]), "mlp_4h_to_h": (hf["down_proj"],),
+        "mlp_gate_up": (hf["gate_up_proj"],),
     }
 
 

@@ -1,0 +1,65 @@
+"""`loraplex convert`: a Hugging Face PEFT adapter from another producer's layout, for runtimes that load only
+PEFT (vLLM). The written adapter gives the same ΔW = B·A·scale for every module and layer as the source."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from loraplex.api.types import AdapterFormat
+from loraplex.formats import detect_format, inspect, trtllm
+from loraplex.formats.peft_writer import write_peft_adapter
+from loraplex.formats.report import AdapterReport, Rejection
+
+SOURCE_LAYOUTS = """\
+source layouts:
+  TensorRT-LLM  model.lora_config.npy (int32 rows of module id, layer, adapter size[, is_dora]) and
+                model.lora_weights.npy (each row: the in matrix [size, in], then the out matrix [out, size]
+                with alpha/r already multiplied in; float32, float16, or bfloat16 stored as 2-byte V2),
+                as TensorRT-LLM's hf_lora_convert.py and LoraManager write them. Needs --base-config: a row
+                holds only flattened values, and the base model's sizes say where A ends and B begins.
+                Fused attn_qkv rows become q_proj/k_proj/v_proj, fused gate+up rows gate_proj/up_proj,
+                sharing their A. DoRA rows (is_dora=1) are refused.
+  Hugging Face  adapter_config.json with adapter_model.safetensors/.bin: already what runtimes load;
+                nothing to convert.
+
+The output is adapter_config.json + adapter_model.safetensors with lora_alpha = r for every module (the
+source's scale is already in B, so PEFT's scale is exactly 1) and the source's dtype kept. The
+safetensors metadata records loraplex.converted_from.
+"""
+
+
+class ConversionError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    source_format: AdapterFormat
+    report: AdapterReport  # of the written adapter
+
+
+def convert(source: Path, out: Path, base_config: dict[str, Any] | None = None) -> Conversion:
+    """Write `source` as a PEFT adapter into `out` (which must be empty or absent)."""
+    fmt = detect_format(source)
+    if out.exists() and any(out.iterdir()):
+        raise ConversionError(f"{out} is not empty; convert writes into a new folder")
+    if fmt == AdapterFormat.HF:
+        raise ConversionError(f"{source} already holds a Hugging Face PEFT adapter; nothing to convert")
+    if fmt == AdapterFormat.TRTLLM:
+        if base_config is None:
+            raise ConversionError("converting a TensorRT-LLM adapter needs --base-config (the base model's "
+                                  "config.json): its rows hold only flattened values")
+        try:
+            pairs = trtllm.read_pairs(source, base_config)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+            if isinstance(exc, Rejection):
+                raise
+            raise ConversionError(f"the base model's config.json lacks the sizes needed ({exc})") from None
+    else:
+        raise ConversionError(f"{source} holds a {fmt.value} adapter; loraplex converts TensorRT-LLM adapters so "
+                              f"far, not {fmt.value}")
+    write_peft_adapter(pairs, out, base_model=base_config.get("_name_or_path") or None,
+                       converted_from=fmt.value)
+    return Conversion(source_format=fmt, report=inspect(out, AdapterFormat.HF))
