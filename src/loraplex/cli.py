@@ -112,10 +112,12 @@ def _run_crds(args: argparse.Namespace) -> int:
 
 def _run_validate(args: argparse.Namespace) -> int:
     import json
+    import shutil
     import tempfile
 
-    from loraplex.api.runtime_capabilities import RUNTIMES, parse_version, vllm_version_note
-    from loraplex.formats import AdapterPolicy, Rejection, validate
+    from loraplex.api.runtime_capabilities import RUNTIMES, capabilities, parse_version, vllm_version_note
+    from loraplex.formats import AdapterPolicy, Rejection, detect_format
+    from loraplex.formats.for_runtime import validate_or_convert
 
     path: Path = args.path
     if not path.exists():
@@ -151,22 +153,28 @@ def _run_validate(args: argparse.Namespace) -> int:
         expected_format=AdapterFormat(args.format), base_config=base_config,
     )
     with tempfile.TemporaryDirectory(prefix="loraplex-validate-") as scratch:
-        directory = path
+        directory = Path(scratch) / "adapter"
         if path.is_file():  # a lone .nemo file: look at it as the folder the runtime would get
-            directory = Path(scratch)
+            directory.mkdir()
             (directory / path.name).symlink_to(path.resolve())
         try:
-            report = validate(directory, policy)
+            if path.is_dir() and runtime is not None and detect_format(path) in capabilities(runtime).converts:
+                shutil.copytree(path, directory)  # judged as the sidecar would: converted, and never in place
+            elif path.is_dir():
+                directory = path
+            report, converted_from = validate_or_convert(directory, policy)
         except Rejection as rejection:
             verdict = {"accepted": False, "format": None, "rank": None, "targetModules": [],
-                       "reason": str(rejection)}
+                       "reason": str(rejection), "convertedFrom": None}
         else:
             verdict = {"accepted": True, "format": report.format.value, "rank": report.rank,
-                       "targetModules": list(report.target_modules), "reason": None}
+                       "targetModules": list(report.target_modules), "reason": None,
+                       "convertedFrom": converted_from.value if converted_from else None}
     if args.json:
         print(json.dumps(verdict))
     elif verdict["accepted"]:
-        print(f"accepted: {verdict['format']} adapter, rank {verdict['rank']}, "
+        converted = f" (converted from {verdict['convertedFrom']})" if verdict["convertedFrom"] else ""
+        print(f"accepted: {verdict['format']} adapter{converted}, rank {verdict['rank']}, "
               f"targets {', '.join(verdict['targetModules'])}")
     else:
         print(f"rejected: {verdict['reason']}")

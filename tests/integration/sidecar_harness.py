@@ -17,6 +17,7 @@ from typing import Any
 import kubernetes
 
 from loraplex.api.adapter_set import AdapterLimits, AdapterSet, DesiredAdapter
+from loraplex.api.runtime_capabilities import capabilities
 from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 from loraplex.local.controlplane import ControlPlane, free_port
 from loraplex.local.install import server_side_apply, service_account_token
@@ -146,8 +147,7 @@ class AdapterSetWriter:
         self.publish()
 
     def publish(self) -> None:
-        allowed_formats = [AdapterFormat.HF] if self.runtime == Runtime.VLLM else \
-            [AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.TRTLLM]
+        allowed_formats = sorted(capabilities(self.runtime).accepted_formats)  # as the operator publishes them
         adapter_set = AdapterSet(base_model=BASE_MODEL, runtime=self.runtime,
                                  limits=AdapterLimits(max_rank=self.max_rank, allowed_formats=allowed_formats),
                                  adapters=list(self.adapters.values()))

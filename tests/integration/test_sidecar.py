@@ -32,6 +32,7 @@ from tests.integration.sidecar_harness import (
     upload_folder,
     watch_adapter,
 )
+from tests.producers import make_trtllm_from_peft
 from tests.vllm_server import BLOCK_SIZE, MAX_LORA_RANK, VllmServer, prompt_tokens, reference_tokens
 
 # Real vLLM starts in a minute or more on 2 cores, inside the fixtures of the first test that needs it.
@@ -52,6 +53,7 @@ def built(tmp_path_factory, vllm_model_dir) -> Path:
     make_nemo_adapter(root / "nemo-math", rank=8)
     with tarfile.open(root / "squad.tar.gz", "w:gz") as archive:
         archive.add(root / "squad", arcname="squad")
+    make_trtllm_from_peft(root / "math", root / "trtllm-math")
     big = root / "big"
     shutil.copytree(root / "math", big)
     (big / "padding.bin").write_bytes(b"\0" * (3 * 1024 * 1024))
@@ -63,7 +65,7 @@ def moto(tmp_path_factory, built) -> Iterator[MotoServer]:
     server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
     s3 = server.client()
     s3.create_bucket(Bucket="adapters")
-    for name in ("math", "squad", "math-v2", "too-big-rank", "big", *MANY):
+    for name in ("math", "squad", "math-v2", "too-big-rank", "big", "trtllm-math", *MANY):
         upload_folder(s3, built / name, "adapters", f"llama3/{name}")
     yield server
     server.stop()
@@ -145,6 +147,24 @@ def test_syncs_validates_and_loads_adapters_from_s3(writer, vllm, volume, sideca
     metrics = sidecar.get("/metrics")[1]
     assert 'loraplex_sidecar_adapters{state="Loaded"} 2.0' in metrics
     assert "loraplex_sidecar_downloaded_bytes_total" in metrics
+
+
+def test_a_tensorrt_llm_adapter_is_converted_for_vllm_and_answers_as_the_original(writer, vllm, sidecar_factory,
+                                                                                  built, vllm_model_dir):
+    without_config = sidecar_factory(vllm)
+    writer.add("trt", "s3://adapters/llama3/trtllm-math")
+    until(without_config, lambda: writer.state("trt") == "Failed", "refused without the base model's config")
+    assert "lora.baseModelConfigMap" in writer.replica_status("trt")["message"]
+    without_config.stop()
+
+    sidecar = sidecar_factory(vllm, LORAPLEX_BASE_CONFIG=str(vllm_model_dir / "config.json"))
+    writer.publish()  # the same adapter set, to a sidecar that now has the base model's config.json
+    until(sidecar, lambda: writer.state("trt") == "Loaded", "trt Loaded")
+    entry = writer.replica_status("trt")
+    assert (entry["format"], entry["convertedFrom"], entry["rank"]) == ("hf", "trtllm", 8)
+    assert sorted(p.name for p in served_folder(vllm, "trt").iterdir()) == \
+        ["adapter_config.json", "adapter_model.safetensors"]  # what vLLM reads is the converted adapter
+    assert vllm.greedy_tokens("trt") == reference_tokens(vllm_model_dir, built / "math")
 
 
 def test_rejected_adapter_fails_with_the_rule_and_disturbs_nothing(writer, vllm, volume, sidecar_factory):

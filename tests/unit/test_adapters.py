@@ -102,6 +102,14 @@ def test_status_ready_when_every_live_replica_loaded_the_current_generation():
     assert conditions(update) == {"Validated": ("True", "ValidationPassed"), "Synced": ("True", "Synced"),
                                   "Ready": ("True", "Loaded")}
     assert all(c["observedGeneration"] == 1 for c in update.status["conditions"])
+    assert update.status["convertedFrom"] is None  # given as null: a converted earlier generation's value goes
+
+
+def test_status_says_an_adapter_was_converted_and_from_what():
+    loaded = replica("Loaded", format="hf", convertedFrom="trtllm", rank=8, targetModules=["q_proj"], sizeBytes=9)
+    view = adapter(status={"replicaStatus": {"pod-a": loaded}})
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    assert (update.status["format"], update.status["convertedFrom"]) == ("hf", "trtllm")
 
 
 def test_old_generation_reports_do_not_count():

@@ -20,6 +20,7 @@ from loraplex.api.types import AdapterFormat, Runtime
 from loraplex.formats import AdapterPolicy, Rejection, inspect, validate
 from loraplex.formats.nemo import inspect as inspect_nemo
 from tests.adapters import TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter, nemo_state_dict
+from tests.producers import make_trtllm_from_peft
 
 
 @pytest.fixture(scope="session")
@@ -318,7 +319,8 @@ def test_validate_command_exit_codes_and_json(adapters, tmp_path):
     accepted = run_validate(str(adapters / "hf"), "--runtime", "vllm", "--max-rank", "16", "--json")
     assert accepted.returncode == 0, accepted.stderr
     assert json.loads(accepted.stdout) == {"accepted": True, "format": "hf", "rank": 8,
-                                           "targetModules": ["q_proj", "v_proj"], "reason": None}
+                                           "targetModules": ["q_proj", "v_proj"], "reason": None,
+                                           "convertedFrom": None}
     rejected = run_validate(str(adapters / "hf-r16-mlp"), "--max-rank", "8", "--json")
     assert rejected.returncode == 1
     verdict = json.loads(rejected.stdout)
@@ -331,5 +333,13 @@ def test_validate_command_exit_codes_and_json(adapters, tmp_path):
     nemo_file = run_validate(str(adapters / "nemo" / "adapter.nemo"), "--runtime", "nim")
     assert nemo_file.returncode == 0 and nemo_file.stdout.startswith("accepted: nemo adapter, rank 8")
     assert run_validate(str(tmp_path / "missing")).returncode == 2
+    trtllm = make_trtllm_from_peft(adapters / "hf", tmp_path / "trtllm")
+    base = tmp_path / "tiny.json"
+    base.write_text(json.dumps(TINY_LLAMA))
+    converted = run_validate(str(trtllm), "--runtime", "vllm", "--base-config", str(base))
+    assert converted.returncode == 0 and converted.stdout.startswith("accepted: hf adapter (converted from trtllm)")
+    assert sorted(p.name for p in trtllm.iterdir()) == ["model.lora_config.npy", "model.lora_weights.npy"]
+    unconvertible = run_validate(str(trtllm), "--runtime", "vllm")
+    assert unconvertible.returncode == 1 and "lora.baseModelConfigMap" in unconvertible.stdout
     assert run_validate(str(adapters / "hf"), "--max-rank", "0").returncode == 2
     assert run_validate(str(adapters / "hf"), "--runtime", "tgi").returncode == 2

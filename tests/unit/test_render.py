@@ -221,7 +221,7 @@ def test_adapters_never_touch_the_pod_template():
     parsed = AdapterSet.from_configmap_data(adapter_set["data"])
     assert [a.served_name for a in parsed.adapters] == ["math"]
     assert parsed.limits.max_rank == 64
-    assert [f.value for f in parsed.limits.allowed_formats] == ["hf"]
+    assert [f.value for f in parsed.limits.allowed_formats] == ["hf", "trtllm"]  # trtllm: converted for vLLM
 
 
 def test_adapter_set_is_deterministic():

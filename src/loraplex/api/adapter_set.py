@@ -34,8 +34,9 @@ class AdapterLimits(Model):
 
     @classmethod
     def of(cls, spec: BaseModelDeploymentSpec) -> AdapterLimits:
-        """The base model's limits: the user's allowed formats narrowed to what its runtime loads."""
-        loadable = capabilities(spec.runtime).formats
+        """The base model's limits: the user's allowed formats narrowed to what its runtime loads or loraplex
+        converts for it."""
+        loadable = capabilities(spec.runtime).accepted_formats
         allowed = [f for f in spec.lora.allowed_formats or sorted(loadable) if f in loadable]
         return cls(max_rank=spec.lora.max_rank, allowed_formats=allowed,
                    allowed_target_modules=spec.lora.allowed_target_modules)

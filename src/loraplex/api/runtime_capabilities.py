@@ -141,10 +141,18 @@ class RuntimeCapabilities:
     # A fused layer → its parts: the runtime takes adapters only for the parts and refuses the fused name.
     fused_modules: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     releases: tuple[VllmRelease, ...] = ()  # where its behaviour changes between versions, oldest first
+    # A format it cannot load → the one of its formats loraplex converts it to (loraplex.formats.convert).
+    converts: Mapping[AdapterFormat, AdapterFormat] = dataclasses.field(default_factory=dict)
 
     @property
     def formats(self) -> frozenset[AdapterFormat]:
+        """What it loads as it is."""
         return frozenset(self.modules)
+
+    @property
+    def accepted_formats(self) -> frozenset[AdapterFormat]:
+        """What a LoraAdapter may hold for it: what it loads, and what loraplex converts to that."""
+        return self.formats | frozenset(self.converts)
 
 
 RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
@@ -158,6 +166,7 @@ RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
         # vLLM runs q/k/v and gate/up as one fused layer each.
         fused_modules={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
         releases=VLLM_RELEASES,
+        converts={AdapterFormat.TRTLLM: AdapterFormat.HF},
     ),
     # NeMo and Hugging Face adapters, and TensorRT-LLM ones on its TensorRT-LLM backend; found by folder name.
     Runtime.NIM: RuntimeCapabilities(

@@ -329,7 +329,9 @@ class ReplicaAdapterStatus(Model):
     )
     bytes_done: int | None = Field(default=None, ge=0, description="Bytes downloaded so far.")
     bytes_total: int | None = Field(default=None, ge=0, description="Total bytes to download.")
-    format: AdapterFormat | None = Field(default=None, description="Detected format.")
+    format: AdapterFormat | None = Field(default=None, description="Format of the files the runtime reads.")
+    converted_from: AdapterFormat | None = Field(
+        default=None, description="Format the adapter came in, when loraplex converted it for the runtime.")
     rank: int | None = Field(default=None, description="Detected LoRA rank.")
     target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
     size_bytes: int | None = Field(default=None, ge=0, description="Adapter size on disk.")
@@ -348,7 +350,9 @@ class LoraAdapterStatus(Model):
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     phase: AdapterPhase | None = Field(default=None, description="Pending, Loading, Ready, Failed, Terminating.")
     served_name: str | None = Field(default=None, description="Model name clients request.")
-    format: AdapterFormat | None = Field(default=None, description="Detected adapter format.")
+    format: AdapterFormat | None = Field(default=None, description="Format of the files the runtime reads.")
+    converted_from: AdapterFormat | None = Field(
+        default=None, description="Format the adapter came in, when loraplex converted it for the runtime.")
     rank: int | None = Field(default=None, description="Detected LoRA rank.")
     target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
     size_bytes: int | None = Field(default=None, description="Adapter size in bytes.")
@@ -419,6 +423,7 @@ LORA_ADAPTER = ResourceDefinition(
         {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
         {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
         {"name": "Format", "type": "string", "jsonPath": ".status.format", "priority": 1},
+        {"name": "Converted-From", "type": "string", "jsonPath": ".status.convertedFrom", "priority": 1},
         {"name": "Rank", "type": "integer", "jsonPath": ".status.rank", "priority": 1},
         {"name": "Source", "type": "string", "jsonPath": ".spec.source", "priority": 1},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},

@@ -263,7 +263,8 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     status = LoraAdapterStatus(
         observed_generation=generation, served_name=adapter.served_name, replicas=replicas,
         ready_replicas=len(loaded), phase=phase, conditions=decided,
-        format=detected.format if detected else None, rank=detected.rank if detected else None,
+        format=detected.format if detected else None, converted_from=detected.converted_from if detected else None,
+        rank=detected.rank if detected else None,
         target_modules=detected.target_modules if detected else None,
         size_bytes=detected.size_bytes if detected else None)
     return AdapterStatusUpdate(status=status.to_patch(), stale_replicas=stale)

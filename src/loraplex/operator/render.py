@@ -20,7 +20,7 @@ from loraplex.api.contract import (
     SidecarSettings,
     downward_api_env,
 )
-from loraplex.api.runtime_capabilities import deployed_version
+from loraplex.api.runtime_capabilities import capabilities, deployed_version
 from loraplex.api.types import (
     GROUP,
     LORA_ADAPTER,
@@ -146,11 +146,11 @@ def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
     """What makes a spec unrunnable beyond what the CRD schema can say, one sentence each."""
     profile = profile_for(spec.runtime)
     problems = list(profile.problems(spec))
-    unloadable = [f.value for f in spec.lora.allowed_formats or []
-                  if f != AdapterFormat.AUTO and f not in profile.formats]
+    accepted = capabilities(spec.runtime).accepted_formats
+    unloadable = [f.value for f in spec.lora.allowed_formats or [] if f != AdapterFormat.AUTO and f not in accepted]
     if unloadable:
         problems.append(f"lora.allowedFormats {', '.join(unloadable)} cannot be loaded by runtime "
-                        f"{spec.runtime.value}")
+                        f"{spec.runtime.value}, nor converted for it")
     for field, volume in (("peftSource", spec.peft_source), ("cache", spec.cache)):
         if volume is not None and volume.empty_dir is not None and volume.persistent_volume_claim is not None:
             problems.append(f"{field} sets both emptyDir and persistentVolumeClaim; choose one")

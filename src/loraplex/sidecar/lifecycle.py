@@ -15,7 +15,8 @@ from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.contract import SidecarSettings
 from loraplex.api.runtime_capabilities import AdapterLayout, PrefixCacheKey, format_version, vllm_release
 from loraplex.api.types import FailureReason, ReplicaAdapterStatus, ReplicaState, Runtime
-from loraplex.formats import AdapterPolicy, Rejection, validate
+from loraplex.formats import AdapterPolicy, Rejection
+from loraplex.formats.for_runtime import validate_or_convert
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
 from loraplex.sidecar.runtimes import LoadFailed, RuntimeClient, RuntimeUnavailable
@@ -90,8 +91,8 @@ class AdapterLifecycle:
 
     @staticmethod
     def detected(record: InstalledAdapter) -> dict[str, Any]:
-        return {"format": record.format, "rank": record.rank, "target_modules": record.target_modules,
-                "size_bytes": record.size_bytes}
+        return {"format": record.format, "converted_from": record.converted_from, "rank": record.rank,
+                "target_modules": record.target_modules, "size_bytes": record.size_bytes}
 
     def fail(self, slot: AdapterSlot, adapter: DesiredAdapter, reason: FailureReason, message: str,
              retry: bool = True, **fields: Any) -> None:
@@ -170,7 +171,8 @@ class AdapterLifecycle:
                 self.report(slot, adapter, ReplicaState.VALIDATING, bytes_done=progress.done,
                             bytes_total=progress.total)
                 try:
-                    report = await asyncio.to_thread(validate, staging, self._policy(adapter, adapter_set))
+                    report, converted_from = await asyncio.to_thread(
+                        validate_or_convert, staging, self._policy(adapter, adapter_set))
                 except Rejection as exc:
                     self.fail(slot, adapter, FailureReason.VALIDATION_FAILED, str(exc), retry=False)
                     return None
@@ -179,6 +181,7 @@ class AdapterLifecycle:
                     source=adapter.source, sha256=adapter.sha256, format=report.format.value, rank=report.rank,
                     target_modules=list(report.target_modules), size_bytes=fetched.size_bytes,
                     files=await asyncio.to_thread(files_of, staging), fingerprint=fetched.fingerprint,
+                    converted_from=converted_from.value if converted_from else None,
                 )
                 if self.layout == AdapterLayout.FOLDER_PER_NAME and slot.loaded:
                     # The folder is about to be replaced: the runtime must drop the old weights first.

@@ -41,6 +41,7 @@ class InstalledAdapter:
     size_bytes: int
     files: dict[str, int]  # relative path -> size, to notice tampering or truncation
     fingerprint: str | None = None  # file:// sources
+    converted_from: str | None = None  # the format it came in, when converted for the runtime
     # Under adapters/: "<served name>/<generation id>", or "<served name>" for the per-name layout (and for
     # records written before generation folders existed, which are adopted where they are).
     folder: str = ""
