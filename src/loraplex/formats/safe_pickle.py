@@ -119,3 +119,134 @@ def read_state_dict_shapes(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024)
                                                for k, v in loaded.items()):
         raise UnsafeCheckpoint("is not a flat mapping of names to tensors")
     return dict(loaded)
+
+
+# Reading tensor values, not just shapes: converters need the numbers. The same refusal of every global
+# outside the allow-list holds; what is added is plain data a trainer stores beside its tensors (NxD keeps
+# its LoRA config dict in each checkpoint file, whose target_modules some releases keep as a set).
+_NUMPY_DTYPES = {
+    "float32": "<f4", "float16": "<f2", "bfloat16": "<u2", "float64": "<f8", "int64": "<i8", "int32": "<i4",
+    "int16": "<i2", "int8": "i1", "uint8": "u1", "bool": "?",
+}
+_PLAIN = (str, int, float, bool, type(None))
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorData:
+    """A tensor's values; bfloat16 ones are held as their uint16 bit patterns, since numpy has no bfloat16."""
+
+    array: Any  # numpy.ndarray
+    dtype: str  # torch's name: float32, bfloat16...
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredBytes:
+    dtype: str
+    numel: int
+    data: bytes
+
+
+def _rebuild_array(storage: _StoredBytes, offset: int, size: Any, stride: Any, *rest: Any) -> TensorData:
+    import numpy as np
+
+    shape, strides = tuple(int(d) for d in size), tuple(int(s) for s in stride)
+    if offset < 0 or len(shape) != len(strides) or any(s < 0 for s in strides):
+        raise UnsafeCheckpoint("a tensor has a negative offset or stride")
+    flat = np.frombuffer(storage.data, dtype=_NUMPY_DTYPES[storage.dtype], count=storage.numel)
+    if 0 in shape:
+        return TensorData(np.zeros(shape, dtype=flat.dtype), storage.dtype)
+    last = offset + sum((d - 1) * s for d, s in zip(shape, strides, strict=True))
+    if last >= storage.numel:
+        raise UnsafeCheckpoint("a tensor points outside its storage")
+    view = np.lib.stride_tricks.as_strided(flat[offset:], shape, tuple(s * flat.itemsize for s in strides),
+                                           writeable=False)
+    return TensorData(np.array(view), storage.dtype)
+
+
+def _rebuild_array_parameter(data: TensorData, *rest: Any) -> TensorData:
+    return data
+
+
+def _rebuild_array_from_type(func: Any, new_type: Any, args: tuple[Any, ...], state: Any) -> Any:
+    if func not in (_rebuild_array, _rebuild_array_parameter):
+        raise UnsafeCheckpoint("unexpected tensor subclass reconstruction")
+    return func(*args)
+
+
+_ALLOWED_WITH_DATA: dict[tuple[str, str], Any] = {
+    **_ALLOWED,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_array,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_array,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_array_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_array_from_type,
+    ("builtins", "set"): set, ("__builtin__", "set"): set,
+    ("builtins", "frozenset"): frozenset, ("__builtin__", "frozenset"): frozenset,
+}
+
+
+class _DataUnpickler(_RestrictedUnpickler):
+    def __init__(self, payload: bytes, archive: zipfile.ZipFile, prefix: str, max_bytes: int):
+        super().__init__(io.BytesIO(payload))
+        self._archive, self._prefix, self._left = archive, prefix, max_bytes
+        self._storages: dict[str, _StoredBytes] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = _ALLOWED_WITH_DATA.get((module, name))
+        if allowed is None:
+            raise UnsafeCheckpoint(f"refers to {module}.{name}, which a plain tensor checkpoint never needs")
+        return allowed
+
+    def persistent_load(self, pid: Any) -> _StoredBytes:
+        info = super().persistent_load(pid)
+        key = str(pid[2])
+        if key not in self._storages:
+            try:
+                member = self._archive.getinfo(f"{self._prefix}data/{key}")
+            except KeyError:
+                raise UnsafeCheckpoint(f"names storage {key!r}, which the archive does not hold") from None
+            import numpy as np
+
+            needed = info.numel * np.dtype(_NUMPY_DTYPES[info.dtype]).itemsize
+            if member.file_size < needed or member.file_size > self._left:
+                raise UnsafeCheckpoint(f"storage {key!r} holds {member.file_size} bytes, not the {needed} it claims")
+            self._left -= member.file_size
+            self._storages[key] = _StoredBytes(info.dtype, info.numel, self._archive.read(member))
+        return self._storages[key]
+
+
+def _is_plain(value: Any) -> bool:
+    if isinstance(value, _PLAIN):
+        return True
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_is_plain(item) for item in value)
+    return isinstance(value, dict) and all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+
+
+def read_state_dict(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024,
+                    max_tensor_bytes: int = 16 * 1024**3) -> dict[str, Any]:
+    """Name → TensorData of a `torch.save`d dict, with plain Python values (strings, numbers, lists, sets,
+    dicts of them) kept as they are; raises UnsafeCheckpoint for anything else."""
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpoint("is not a zip-format torch checkpoint (legacy pickles are refused)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")
+                   or info.filename == "data.pkl"]
+        if len(pickles) != 1:
+            raise UnsafeCheckpoint("does not hold exactly one data.pkl")
+        if pickles[0].file_size > max_pickle_bytes:
+            raise UnsafeCheckpoint(f"has a {pickles[0].file_size}-byte data.pkl, above {max_pickle_bytes}")
+        prefix = pickles[0].filename.removesuffix("data.pkl")
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            raise UnsafeCheckpoint("stores big-endian tensors")
+        unpickler = _DataUnpickler(archive.read(pickles[0]), archive, prefix, max_tensor_bytes)
+        try:
+            loaded = unpickler.load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as exc:  # malformed pickles raise anything from IndexError to UnpicklingError
+            raise UnsafeCheckpoint(f"could not be read as a state dict ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and (isinstance(v, TensorData) or _is_plain(v)) for k, v in loaded.items()):
+        raise UnsafeCheckpoint("is not a mapping of names to tensors and plain values")
+    return dict(loaded)
