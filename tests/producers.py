@@ -72,3 +72,141 @@ def make_trtllm_from_peft(adapter: Path, out: Path, storage: str = "float32", do
     np.save(out / "model.lora_config.npy", np.expand_dims(np.array(config_rows, dtype=np.int32), 0))
     np.save(out / "model.lora_weights.npy", np.expand_dims(array, 0))
     return out
+
+
+# ---- NeMo 1 .nemo (docs/formats/nemo.md §1-§3, §5) ----------------------------------------------------------
+
+
+def _peft_factors(adapter: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """layer -> module -> {"A", "B"} as the PEFT adapter saved them (B without its scale)."""
+    grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as file:
+        for key in file.keys():
+            match = PEFT_KEY.match(key)
+            if match is not None:
+                grouped[int(match["layer"])][match["module"]][match["side"]] = file.get_tensor(key)
+    return grouped
+
+
+def share_fused_lora_a(adapter: Path) -> Path:
+    """Give k_proj and v_proj the lora_A of q_proj, and up_proj that of gate_proj, in place: a fused NeMo
+    adapter has one linear_in for QKV and one for fc1, so only such a PEFT adapter has an exact NeMo twin."""
+    from safetensors.torch import save_file
+
+    path = adapter / "adapter_model.safetensors"
+    with safe_open(path, "pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+        metadata = file.metadata()
+    for key in list(tensors):
+        for source, copies in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
+            if f".{source}.lora_A." in key:
+                for copy in copies:
+                    target = key.replace(f".{source}.", f".{copy}.")
+                    if target in tensors:
+                        tensors[target] = tensors[key].clone()
+    save_file(tensors, path, metadata=metadata)
+    return adapter
+
+
+def make_nemo_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1, pp: int = 1,
+                        variant: str = "nemo", alpha: bool = True, dtype: str = "float32",
+                        name: str = "adapter.nemo") -> Path:
+    """A .nemo archive as NeMo 1's NLPSaveRestoreConnector writes a LoRA adapter trained with TP=`tp`, PP=`pp`:
+    per-rank model_weights.ckpt (root, mp_rank_XX/ or tp_rank_XX_pp_rank_XXX/), local layer numbers per pipeline
+    stage, linear_in/linear_out sharded as each ParallelLinearAdapter is, fused QKV interleaved per query group,
+    fused fc1 as [gate; up] per TP rank. B is stored unscaled; alpha goes in the config (or is left out, which
+    means scale 1 and needs an adapter with lora_alpha = r)."""
+    import tarfile
+    import tempfile
+
+    import yaml
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    rank, lora_alpha = config["r"], config["lora_alpha"]
+    if not alpha and lora_alpha != rank:
+        raise ValueError("a NeMo config without alpha means scale 1: build the PEFT adapter with lora_alpha = r")
+    hidden, heads = base_config["hidden_size"], base_config["num_attention_heads"]
+    groups = base_config.get("num_key_value_heads") or heads
+    d = base_config.get("head_dim") or hidden // heads
+    per_group, layers = heads // groups, base_config["num_hidden_layers"]
+    factors = _peft_factors(adapter)
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+    def whole_adapters(modules: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """NeMo adapter path (under the layer) -> (linear_in, linear_out), unsharded."""
+        attn, mlp = "self_attention.adapter_layer", "mlp.adapter_layer"
+        found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if "o_proj" in modules:
+            found[f"{attn}.lora_dense_attention_adapter"] = (modules["o_proj"]["A"], modules["o_proj"]["B"])
+        if "down_proj" in modules:
+            found[f"{mlp}.lora_4htoh_adapter"] = (modules["down_proj"]["A"], modules["down_proj"]["B"])
+        if variant == "canonical":
+            for module in ("q", "k", "v"):
+                found[f"{attn}.lora_unfused_kqv_adapter.{module}_adapter"] = (
+                    modules[f"{module}_proj"]["A"], modules[f"{module}_proj"]["B"])
+            for module in ("gate", "up"):
+                found[f"{mlp}.lora_unfused_hto4h_adapter.{module}_adapter"] = (
+                    modules[f"{module}_proj"]["A"], modules[f"{module}_proj"]["B"])
+            return found
+        q, k, v = (modules[m] for m in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(q["A"], k["A"]) and torch.equal(q["A"], v["A"]), "fused QKV needs one shared lora_A"
+        blocks = []
+        for g in range(groups):
+            blocks += [q["B"][g * per_group * d:(g + 1) * per_group * d], k["B"][g * d:(g + 1) * d],
+                       v["B"][g * d:(g + 1) * d]]
+        found[f"{attn}.lora_kqv_adapter"] = (q["A"], torch.cat(blocks))
+        gate, up = modules["gate_proj"], modules["up_proj"]
+        assert torch.equal(gate["A"], up["A"]), "fused fc1 needs one shared lora_A"
+        found[f"{mlp}.lora_hto4h_adapter"] = (gate["A"], torch.cat([gate["B"], up["B"]]))
+        return found
+
+    def shard(path: str, a: torch.Tensor, b: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if "lora_dense_attention_adapter" in path or "lora_4htoh_adapter" in path:  # RowParallel linear_in
+            a_t = a.chunk(tp, dim=1)[t]
+        else:
+            a_t = a.chunk(tp, dim=0)[t]
+        if "lora_hto4h_adapter" in path:  # the rank-local fc1 output is [gate_t; up_t]
+            gate, up = b.chunk(2)
+            return a_t, torch.cat([gate.chunk(tp)[t], up.chunk(tp)[t]])
+        return a_t, b.chunk(tp, dim=0)[t]
+
+    per_stage = layers // pp
+    with tempfile.TemporaryDirectory() as staging:
+        root = Path(staging)
+        for t in range(tp):
+            for p in range(pp):
+                state = {}
+                for layer in range(p * per_stage, (p + 1) * per_stage):
+                    if layer not in factors:
+                        continue
+                    for path, (a, b) in whole_adapters(factors[layer]).items():
+                        a_t, b_t = shard(path, a, b, t)
+                        prefix = f"model.decoder.layers.{layer - p * per_stage}.{path}"
+                        state[f"{prefix}.linear_in.weight"] = a_t.to(torch_dtype).contiguous()
+                        state[f"{prefix}.linear_out.weight"] = b_t.to(torch_dtype).contiguous()
+                if tp == 1 and pp == 1:
+                    folder = root
+                elif pp == 1:
+                    folder = root / f"mp_rank_{t:02d}"
+                else:
+                    folder = root / f"tp_rank_{t:02d}_pp_rank_{p:03d}"
+                folder.mkdir(exist_ok=True)
+                torch.save(state, folder / "model_weights.ckpt")
+        lora_tuning = {"variant": variant, "adapter_dim": rank, "adapter_dropout": 0.0,
+                       "target_modules": ["attention_qkv", "attention_dense", "mlp_fc1", "mlp_fc2"],
+                       "column_init_method": "xavier", "row_init_method": "zero", "layer_selection": None,
+                       "weight_tying": False, "position_embedding_strategy": None,
+                       **({"alpha": lora_alpha} if alpha else {})}
+        model_config = {
+            "mcore_gpt": True, "num_layers": layers, "hidden_size": hidden,
+            "ffn_hidden_size": base_config["intermediate_size"], "num_attention_heads": heads,
+            "num_query_groups": groups, "kv_channels": None, "activation": "fast-swiglu",
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "virtual_pipeline_model_parallel_size": None, "precision": "bf16" if dtype == "bfloat16" else 32,
+            "peft": {"peft_scheme": "lora", "lora_tuning": lora_tuning},
+        }
+        (root / "model_config.yaml").write_text(yaml.safe_dump(model_config))
+        out.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(out / name, "w:") as archive:
+            archive.add(staging, arcname=".")
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
-from loraplex.formats import detect_format, inspect, trtllm
+from loraplex.formats import detect_format, inspect, nemo, trtllm
 from loraplex.formats.peft_writer import write_peft_adapter
 from loraplex.formats.report import AdapterReport, Rejection
 
@@ -21,6 +21,17 @@ source layouts:
                 holds only flattened values, and the base model's sizes say where A ends and B begins.
                 Fused attn_qkv rows become q_proj/k_proj/v_proj, fused gate+up rows gate_proj/up_proj,
                 sharing their A. DoRA rows (is_dora=1) are refused.
+  NeMo 1        one .nemo tar of model_config.yaml (peft.lora_tuning: adapter_dim, alpha, variant) and
+                model_weights.ckpt: at the root for TP=1 and PP=1, mp_rank_XX/model_weights.ckpt per
+                tensor-parallel rank when PP=1, tp_rank_XX_pp_rank_XXX/model_weights.ckpt per rank when
+                PP>1 (layers numbered per pipeline stage). TP shards are put back together as each
+                adapter was split; the fused lora_kqv_adapter becomes q_proj/k_proj/v_proj (per query
+                group) and lora_hto4h_adapter gate_proj/up_proj (per TP rank), sharing their A; the
+                canonical variant's q/k/v and gate/up adapters map one to one. alpha/adapter_dim goes into
+                B (no alpha: scale 1, as NeMo before 2.0). Needs --base-config, whose heads, key/value
+                heads and head size split QKV and must match model_config.yaml. Read with a restricted
+                unpickler; pre-mcore keys (language_model.encoder), MoE and interleaved-pipeline
+                checkpoints are refused.
   Hugging Face  adapter_config.json with adapter_model.safetensors/.bin: already what runtimes load;
                 nothing to convert.
 
@@ -57,6 +68,11 @@ def convert(source: Path, out: Path, base_config: dict[str, Any] | None = None) 
             if isinstance(exc, Rejection):
                 raise
             raise ConversionError(f"the base model's config.json lacks the sizes needed ({exc})") from None
+    elif fmt == AdapterFormat.NEMO:
+        if base_config is None:
+            raise ConversionError("converting a NeMo adapter needs --base-config (the base model's config.json): "
+                                  "its heads, key/value heads and head size say how fused QKV splits")
+        pairs = nemo.read_pairs(source, base_config)
     else:
         raise ConversionError(f"{source} holds a {fmt.value} adapter; loraplex converts TensorRT-LLM adapters so "
                               f"far, not {fmt.value}")
