@@ -210,3 +210,117 @@ def make_nemo_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1
         with tarfile.open(out / name, "w:") as archive:
             archive.add(staging, arcname=".")
     return out
+
+
+# NeuronX Distributed (docs/formats/nxd.md): NxD's fused qkv_proj and gate_up_proj have one lora_A each, so the
+# reference PEFT adapter shares it first; the checkpoint is then written as nxd.save_checkpoint does.
+NXD_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def tie_shared_lora_a(adapter: Path, out: Path) -> Path:
+    """A copy of a PEFT adapter whose k_proj and v_proj lora_A are q_proj's, and up_proj's is gate_proj's, in
+    every layer: the adapter an NxD Llama could have trained."""
+    from safetensors.torch import save_file
+
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as file:
+        tensors = {key: file.get_tensor(key) for key in file.keys()}
+    for key in list(tensors):
+        for source, copies in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
+            if f".{source}.lora_A." in key:
+                for copy in copies:
+                    tensors[key.replace(f".{source}.", f".{copy}.")] = tensors[key].clone()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    return out
+
+
+def nxd_lora_config(peft_config: dict, in_checkpoint: bool) -> dict:
+    """LoraConfig.selected_fields_to_save(): its 12 keys, `r` among them as a copy of lora_rank."""
+    return {"bias": "none", "init_lora_weights": "default", "lora_alpha": peft_config["lora_alpha"],
+            "lora_dropout": 0.0, "lora_rank": peft_config["r"], "use_rslora": bool(peft_config.get("use_rslora")),
+            "target_modules": NXD_TARGETS, "modules_to_save": None, "save_lora_base": False, "merge_lora": False,
+            "save_lora_config_adapter": in_checkpoint, "r": peft_config["r"]}
+
+
+def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1, config_in_checkpoint: bool = True,
+                       storage: str = "float32", fuse_qkv: bool = False, gathered: bool = False,
+                       checkpoint_dir: str = "lora_adapter", tag: str = "lora") -> Path:
+    """An NxD Llama's LoRA checkpoint, trained at tensor parallelism `tp` and saved with
+    nxd.save_checkpoint(checkpoint_dir_str=checkpoint_dir, tag=tag) from the working directory `out`:
+
+    - <checkpoint_dir>/<tag>/model/dp_rank_00_tp_rank_XX_pp_rank_00.pt, one torch.save dict per tp rank, with
+      the `checkpoint` and `done` markers beside model/;
+    - the config as `lora_config` in every rank file, or as lora_adapter/adapter_config.json (json, indent 2,
+      sorted keys);
+    - per rank (merge_sharded_lora=False): column targets' lora_B and GQA lora_B_q/_k/_v cut by rows, K/V
+      first repeated kv_size_multiplier m times; row targets' lora_A cut by columns; gate_up's B the rank's
+      gate rows then its up rows; fused weight_qkv the rank's q, k, v rows;
+    - `gathered` (merge_sharded_lora=True): every rank writes the rank-order join of those slices, with the GQA
+      tensors' chunk(m)[0] kept, as NxD's all-gather does.
+
+    The adapter must share lora_A across q/k/v and gate/up (tie_shared_lora_a)."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    kv_heads = base_config.get("num_key_value_heads") or base_config["num_attention_heads"]
+    multiplier = max(1, tp // kv_heads)  # the smallest m with kv_heads·m divisible by tp
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[storage]
+    layers: dict[int, dict[str, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as file:
+        for key in file.keys():
+            match = PEFT_KEY.match(key)
+            if match is not None:
+                layers[int(match["layer"])][match["module"]][match["side"]] = file.get_tensor(key).to(dtype)
+
+    def rows(tensor: torch.Tensor, rank: int) -> torch.Tensor:
+        return tensor.chunk(tp, 0)[rank]
+
+    ranks: list[dict[str, torch.Tensor]] = [{} for _ in range(tp)]
+    gqa_keys = set()
+    for layer, modules in sorted(layers.items()):
+        attn, mlp = f"model.layers.{layer}.self_attn", f"model.layers.{layer}.mlp"
+        q, k, v = modules["q_proj"], modules["k_proj"], modules["v_proj"]
+        gate, up = modules["gate_proj"], modules["up_proj"]
+        if not (torch.equal(q["A"], k["A"]) and torch.equal(q["A"], v["A"]) and torch.equal(gate["A"], up["A"])):
+            raise ValueError(f"{adapter}: layer {layer}'s q/k/v or gate/up lora_A differ; tie them first")
+        b_k, b_v = k["B"].repeat(multiplier, 1), v["B"].repeat(multiplier, 1)
+        for rank, tensors in enumerate(ranks):
+            tensors[f"{attn}.qkv_proj.lora_A.weight"] = q["A"]
+            if fuse_qkv:
+                tensors[f"{attn}.qkv_proj.lora_B.weight_qkv"] = torch.cat(
+                    [rows(q["B"], rank), rows(b_k, rank), rows(b_v, rank)])
+            else:
+                tensors[f"{attn}.qkv_proj.lora_B.weight_q"] = rows(q["B"], rank)
+                tensors[f"{attn}.qkv_proj.lora_B.weight_k"] = rows(b_k, rank)
+                tensors[f"{attn}.qkv_proj.lora_B.weight_v"] = rows(b_v, rank)
+            tensors[f"{attn}.o_proj.lora_A.weight"] = modules["o_proj"]["A"].chunk(tp, 1)[rank]
+            tensors[f"{attn}.o_proj.lora_B.weight"] = modules["o_proj"]["B"]
+            tensors[f"{mlp}.gate_up_proj.lora_A.weight"] = gate["A"]
+            tensors[f"{mlp}.gate_up_proj.lora_B.weight"] = torch.cat([rows(gate["B"], rank), rows(up["B"], rank)])
+            tensors[f"{mlp}.down_proj.lora_A.weight"] = modules["down_proj"]["A"].chunk(tp, 1)[rank]
+            tensors[f"{mlp}.down_proj.lora_B.weight"] = modules["down_proj"]["B"]
+        gqa_keys.update(key for key in ranks[0] if ".qkv_proj.lora_B." in key)
+    if gathered:
+        joined = {}
+        for key in ranks[0]:
+            row_target = ".o_proj." in key or ".down_proj." in key
+            if row_target == (".lora_A." in key):  # the slices: row targets' A by columns, column targets' B by rows
+                joined[key] = torch.cat([tensors[key] for tensors in ranks], 1 if row_target else 0)
+            else:
+                joined[key] = ranks[0][key]
+            if key in gqa_keys:
+                joined[key] = joined[key].chunk(multiplier, 0)[0]
+        ranks = [dict(joined) for _ in range(tp)]
+    model_dir = out / checkpoint_dir / tag / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    (model_dir.parent / "checkpoint").write_text("1")
+    lora_config = nxd_lora_config(config, config_in_checkpoint)
+    for rank, tensors in enumerate(ranks):
+        state = {key: tensor.contiguous().clone() for key, tensor in tensors.items()}  # each its own storage
+        if config_in_checkpoint:
+            state["lora_config"] = dict(lora_config)
+        torch.save(state, model_dir / f"dp_rank_00_tp_rank_{rank:02d}_pp_rank_00.pt")
+    if not config_in_checkpoint:
+        (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
+        (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(lora_config, indent=2, sort_keys=True))
+    (model_dir.parent / "done").write_text("1")
+    return out

@@ -1,0 +1,186 @@
+"""NeuronX Distributed LoRA checkpoints, written per tensor-parallel rank as nxd.save_checkpoint does from a
+known PEFT adapter, come back as PEFT adapters with the same ΔW per module and layer that pass the vLLM rules;
+what cannot be converted is refused in a sentence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loraplex.api.types import Runtime
+from loraplex.formats import AdapterPolicy, Rejection, nxd, validate
+from loraplex.formats.peft_writer import write_peft_adapter
+from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
+from tests.producers import make_nxd_from_peft, peft_delta_weights, tie_shared_lora_a
+
+# One K/V head: at tp=2 the GQA layer replicates it (kv_size_multiplier 2), so each rank holds all of K and V.
+ONE_KV_HEAD = {**TINY_LLAMA, "num_key_value_heads": 1}
+MODEL = "lora_adapter/lora/model"
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PEFT adapters an NxD Llama could have trained (lora_A shared by q/k/v and by gate/up). r=4, alpha=8: the
+    scale 2 (and rslora's 4) multiplies exactly, so float32 must round-trip bit for bit."""
+    root = tmp_path_factory.mktemp("peft")
+    made = {}
+    for name, config, options in (("gqa", TINY_LLAMA, {}), ("one-kv-head", ONE_KV_HEAD, {}),
+                                  ("rslora", TINY_LLAMA, {"use_rslora": True})):
+        adapter = make_hf_adapter(root / name, rank=4, target_modules=LLAMA_LINEAR_MODULES, base_config=config,
+                                  seed=5, **options)
+        made[name] = tie_shared_lora_a(adapter, root / f"{name}-tied")
+    return made
+
+
+def convert(source: Path, out: Path, base_config: dict) -> Path:
+    write_peft_adapter(nxd.read_pairs(source, base_config), out, converted_from="nxd")
+    return out
+
+
+CASES = [  # reference, tp, options
+    ("gqa", 1, {"config_in_checkpoint": True}),
+    ("gqa", 1, {"config_in_checkpoint": False, "storage": "bfloat16"}),
+    ("gqa", 2, {"config_in_checkpoint": True, "storage": "bfloat16"}),
+    ("gqa", 2, {"config_in_checkpoint": False}),
+    ("gqa", 2, {"fuse_qkv": True}),
+    ("gqa", 2, {"gathered": True, "fuse_qkv": True}),
+    ("one-kv-head", 2, {}),
+    ("one-kv-head", 2, {"fuse_qkv": True, "config_in_checkpoint": False}),
+    ("rslora", 2, {}),
+]
+
+
+@pytest.mark.parametrize(("reference", "tp", "options"), CASES,
+                         ids=[f"{r}-tp{tp}-" + "-".join(f"{k}={v}" for k, v in o.items()) for r, tp, o in CASES])
+def test_nxd_checkpoints_convert_back_to_the_same_delta_weights(tmp_path, references, reference, tp, options):
+    base = ONE_KV_HEAD if reference == "one-kv-head" else TINY_LLAMA
+    source = make_nxd_from_peft(references[reference], tmp_path / "work", base, tp=tp, **options)
+    assert nxd.is_nxd(source)
+    out = convert(source, tmp_path / "out", base)
+    got, want = peft_delta_weights(out), peft_delta_weights(references[reference])
+    assert got.keys() == want.keys() and {module for _, module in got} == set(LLAMA_LINEAR_MODULES)
+    for key, delta in want.items():
+        if options.get("storage") == "bfloat16":
+            error = (got[key] - delta).abs().max() / delta.abs().max()
+            assert error <= 1.6e-2, f"{key}: relative error {error:.2e}"
+        else:
+            assert torch.equal(got[key], delta), key
+    report = validate(out, AdapterPolicy(runtime=Runtime.VLLM, max_rank=16, base_config=base))
+    assert report.rank == 4 and set(report.target_modules) == set(LLAMA_LINEAR_MODULES)
+
+
+def test_bfloat16_stays_bfloat16_and_a_keeps_its_bits(tmp_path, references):
+    from safetensors import safe_open
+
+    source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=2, storage="bfloat16")
+    out = convert(source, tmp_path / "out", TINY_LLAMA)
+    stored = torch.load(source / MODEL / "dp_rank_00_tp_rank_01_pp_rank_00.pt", weights_only=True)
+    with safe_open(out / "adapter_model.safetensors", "pt") as file:
+        a_k = file.get_tensor("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight")
+        b_q = file.get_tensor("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight")
+    assert a_k.dtype == b_q.dtype == torch.bfloat16
+    assert torch.equal(a_k, stored["model.layers.1.self_attn.qkv_proj.lora_A.weight"])  # the shared A
+    assert torch.equal(b_q[16:], stored["model.layers.1.self_attn.qkv_proj.lora_B.weight_q"] * 2)  # rank 1's half
+
+
+def test_inspect_reports_the_checkpoint_under_nxd_names(tmp_path, references):
+    source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=2, config_in_checkpoint=False)
+    report = nxd.inspect(source)
+    assert report.rank == 4 and report.rank_source == "lora_adapter/adapter_config.json: lora_rank=4"
+    assert report.target_modules == ("down_proj", "gate_up_proj", "o_proj", "qkv_proj")
+    assert report.files == tuple(f"{MODEL}/dp_rank_00_tp_rank_{tp:02d}_pp_rank_00.pt" for tp in (0, 1))
+    down = next(w for w in report.weights if w.module == "down_proj" and w.layer == 0)
+    assert (down.in_features, down.out_features) == (64, 32)  # lora_A's columns joined over both ranks
+    assert nxd.is_nxd(source / "lora_adapter" / "lora") and nxd.is_nxd(source / "lora_adapter")
+    assert not nxd.is_nxd(references["gqa"])  # a PEFT adapter's adapter_config.json has peft_type
+
+
+def test_a_single_device_adapter_model_pt_converts(tmp_path, references):
+    source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=1)
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt", single / "adapter_model.pt")
+    out = convert(single, tmp_path / "out", TINY_LLAMA)
+    want = peft_delta_weights(references["gqa"])
+    assert all(torch.equal(delta, want[key]) for key, delta in peft_delta_weights(out).items())
+
+
+class _RunsAShell:
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
+
+
+def _rewrite(path: Path, change) -> None:
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def test_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fresh(name: str, **options) -> Path:
+        config = options.pop("base", TINY_LLAMA)
+        return make_nxd_from_peft(references[options.pop("reference", "gqa")], tmp_path / name, config, **options)
+
+    def refused(source: Path, match: str, base: dict = TINY_LLAMA) -> None:
+        with pytest.raises(Rejection, match=match):
+            nxd.read_pairs(source, base)
+
+    source = fresh("last-rank-missing", tp=2)
+    (source / MODEL / "dp_rank_00_tp_rank_01_pp_rank_00.pt").unlink()
+    refused(source, "down_proj of layer 0 assembles to 32→32, but the base model's config.json gives 64→32; a tp "
+                    "rank file is missing")
+    source = fresh("first-rank-missing", tp=2)
+    (source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt").unlink()
+    refused(source, "lacks the tensor-parallel rank file dp_rank_00_tp_rank_00_pp_rank_00.pt")
+
+    source = fresh("forbidden-global", tp=1)
+    _rewrite(source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
+             lambda state: state["lora_config"].update(target_modules=_RunsAShell()))
+    refused(source, r"dp_rank_00_tp_rank_00_pp_rank_00.pt: refused: refers to (posix|nt)\.system")
+    assert not (tmp_path / "pwned").exists()
+
+    source = fresh("pipeline", tp=1)
+    shutil.copy(source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
+                source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_01.pt")
+    refused(source, "holds pipeline-parallel ranks 00, 01: .* converts only checkpoints saved with pp=1")
+
+    source = fresh("gathered-replicated-kv", tp=2, reference="one-kv-head", base=ONE_KV_HEAD, gathered=True)
+    refused(source, "weight_q holds 16 of the base model's 32 rows: NxD's merge_sharded_lora gather", ONE_KV_HEAD)
+
+    source = fresh("no-config", tp=1, config_in_checkpoint=False)
+    (source / "lora_adapter" / "adapter_config.json").unlink()
+    refused(source, "has no lora_config entry and no adapter_config.json was found")
+
+    source = fresh("ranks-disagree", tp=2)
+    _rewrite(source / MODEL / "dp_rank_00_tp_rank_01_pp_rank_00.pt",
+             lambda state: state["model.layers.0.mlp.gate_up_proj.lora_A.weight"].mul_(3))
+    refused(source, "tp_rank_01_pp_rank_00.pt: model.layers.0.mlp.gate_up_proj.lora_A.weight differs from")
+
+    source = fresh("with-base", tp=1)
+    _rewrite(source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
+             lambda state: state.update({"model.layers.0.mlp.down_proj.base_layer.weight": torch.zeros(32, 64)}))
+    refused(source, r"holds model.layers.0.mlp.down_proj.base_layer.weight, a full copy of a base weight")
+
+    source = fresh("unfinished", tp=1)
+    (source / "lora_adapter" / "lora" / "done").unlink()
+    refused(source, "lora_adapter/lora: has a checkpoint marker but no done marker")
+
+    source = fresh("xser", tp=1)
+    (source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt.tensors").mkdir()
+    refused(source, "is an xser checkpoint")
+
+    source = fresh("other-base", tp=1)
+    refused(source, "o_proj of layer 0 assembles to 32→32, but the base model's config.json gives 16→32",
+            {**TINY_LLAMA, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 2})
+
+    source = fresh("bad-rank", tp=1, config_in_checkpoint=False)
+    config_path = source / "lora_adapter" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": 8}))
+    refused(source, "lora_adapter/adapter_config.json: r=8 differs from lora_rank=4")
