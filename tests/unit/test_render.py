@@ -89,8 +89,10 @@ def test_max_rank_1_is_refused_on_a_vllm_without_max_lora_rank_1(overrides):
     ({"image": "vllm/vllm-openai:v0.11.0", "runtimeVersion": "v0.31"}, "0.31.0"),
     ({"image": "vllm/vllm-openai:latest"}, None),
     ({"image": "vllm/vllm-openai@sha256:" + "0" * 64}, None),
-    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3"}, None),
-    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3", "runtimeVersion": "1.0.3"}, "1.0.3"),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3"}, "1.0.3"),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama-3.1-8b-instruct:2.0.5"}, "2.0.5"),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:latest", "runtimeVersion": "2.0.5"}, "2.0.5"),
+    ({"runtime": "nim", "image": "nvcr.io/nim/meta/llama3-8b-instruct:latest"}, None),
 ])
 def test_sidecar_learns_the_runtime_version(overrides, version):
     sidecar = containers(render.render_deployment(owner(), spec(**overrides), SETTINGS))["loraplex-sidecar"]

@@ -75,7 +75,8 @@ def test_declared_versions(text, version):
     (Runtime.VLLM, "vllm/vllm-openai:v0.11.0", "0.12.0", (0, 12, 0)),  # the spec wins over the tag
     (Runtime.VLLM, "vllm/vllm-openai:latest", "0.12.0", (0, 12, 0)),
     (Runtime.VLLM, "vllm/vllm-openai:latest", None, None),
-    (Runtime.NIM, "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3", None, None),  # NIM's tag is not a vLLM version
+    (Runtime.NIM, "nvcr.io/nim/meta/llama3-8b-instruct:1.0.3", None, (1, 0, 3)),
+    (Runtime.NIM, "nvcr.io/nim/meta/llama3-8b-instruct:latest", "2.0.5", (2, 0, 5)),
 ])
 def test_deployed_version(runtime, image, declared, version):
     assert deployed_version(runtime, image, declared) == version

@@ -10,7 +10,7 @@ import json
 
 from pydantic import Field
 
-from loraplex.api.runtime_capabilities import capabilities
+from loraplex.api.runtime_capabilities import capabilities, deployed_version
 from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Model, Runtime
 
 DATA_KEY = "adapters.json"
@@ -36,7 +36,8 @@ class AdapterLimits(Model):
     def of(cls, spec: BaseModelDeploymentSpec) -> AdapterLimits:
         """The base model's limits: the user's allowed formats narrowed to what its runtime loads or loraplex
         converts for it."""
-        loadable = capabilities(spec.runtime).accepted_formats
+        loadable = capabilities(spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)
+                                ).accepted_formats
         allowed = [f for f in spec.lora.allowed_formats or sorted(loadable) if f in loadable]
         return cls(max_rank=spec.lora.max_rank, allowed_formats=allowed,
                    allowed_target_modules=spec.lora.allowed_target_modules)

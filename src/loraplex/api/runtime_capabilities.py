@@ -3,7 +3,7 @@ the operator (the formats and flags it renders), the sidecar (where it puts file
 `loraplex validate` (the adapters they let through).
 
 The vLLM rows are vLLM's own behaviour, read from its releases and bisected (docs/vllm-lora-contract.md).
-NIM has one row.
+The NIM rows are its generations as NVIDIA documents them (docs/formats/trtllm-and-nim.md, part B).
 """
 
 from __future__ import annotations
@@ -155,6 +155,49 @@ class RuntimeCapabilities:
         return self.formats | frozenset(self.converts)
 
 
+class NimLimits(enum.StrEnum):
+    """How a NIM generation is told lora.maxGpuLoras, lora.maxCpuLoras and lora.maxRank."""
+
+    NIM_ENV = "NIM_MAX_GPU_LORAS, NIM_MAX_CPU_LORAS, NIM_MAX_LORA_RANK"
+    # NIM 2.x has no NIM_MAX_* variables: the limits are its vLLM's own flags.
+    VLLM_ARGS = "--max-loras, --max-cpu-loras, --max-lora-rank in NIM_PASSTHROUGH_ARGS"
+
+
+@dataclasses.dataclass(frozen=True)
+class NimGeneration:
+    """How NIM behaves from version `since` until the next row's."""
+
+    since: Version
+    capabilities: RuntimeCapabilities
+    limits: NimLimits
+    # The vLLM its first release bundles, whose flags take the limits: the values --max-lora-rank accepts are
+    # vllm_release(vllm).max_lora_ranks, the same in every vLLM its later releases bundle.
+    vllm: Version | None = None
+
+
+# Pre-1.0 NIM was versioned by date (24.05, 24.05.rc15): a major this large is a year, not a generation.
+NIM_DATE_MAJOR = 20
+NIM_GENERATIONS: tuple[NimGeneration, ...] = (
+    # 1.x, and the date-named releases before it (the only docs listing the TensorRT-LLM format): NeMo and
+    # Hugging Face adapters, and TensorRT-LLM ones on its TensorRT-LLM backend; found by folder name.
+    NimGeneration((1, 0, 0), RuntimeCapabilities(
+        name="NIM 1.x",
+        modules={AdapterFormat.HF: LLAMA_PROJECTIONS, AdapterFormat.NEMO: NEMO_MODULES,
+                 AdapterFormat.TRTLLM: TRTLLM_MODULES},
+        layout=AdapterLayout.FOLDER_PER_NAME,
+    ), NimLimits.NIM_ENV),
+    # 2.x runs vLLM inside (2.0.1 bundles vLLM 0.17.1), and its LoRA page shows only the Hugging Face layout
+    # under NIM_PEFT_SOURCE: TensorRT-LLM adapters reach it converted; NeMo ones are refused.
+    NimGeneration((2, 0, 0), RuntimeCapabilities(
+        name="NIM 2.x",
+        modules={AdapterFormat.HF: LLAMA_PROJECTIONS},
+        layout=AdapterLayout.FOLDER_PER_NAME,
+        converts={AdapterFormat.TRTLLM: AdapterFormat.HF},
+    ), NimLimits.VLLM_ARGS, vllm=(0, 17, 1)),
+)
+NEWEST_NIM = NIM_GENERATIONS[-1].since
+
+
 RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
     # Hugging Face PEFT only; loaded through its HTTP API from a path that never changes while served.
     Runtime.VLLM: RuntimeCapabilities(
@@ -168,18 +211,30 @@ RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
         releases=VLLM_RELEASES,
         converts={AdapterFormat.TRTLLM: AdapterFormat.HF},
     ),
-    # NeMo and Hugging Face adapters, and TensorRT-LLM ones on its TensorRT-LLM backend; found by folder name.
-    Runtime.NIM: RuntimeCapabilities(
-        name="NIM",
-        modules={AdapterFormat.HF: LLAMA_PROJECTIONS, AdapterFormat.NEMO: NEMO_MODULES,
-                 AdapterFormat.TRTLLM: TRTLLM_MODULES},
-        layout=AdapterLayout.FOLDER_PER_NAME,
-    ),
+    # The generation an unknown NIM version is taken as (nim_generation).
+    Runtime.NIM: NIM_GENERATIONS[0].capabilities,
 }
 
 
-def capabilities(runtime: Runtime) -> RuntimeCapabilities:
+def capabilities(runtime: Runtime, version: Version | None = None) -> RuntimeCapabilities:
+    """What `runtime` does with adapters at `version` (deployed_version); None is an unknown version, taken as
+    the newest vLLM loraplex knows, or NIM 1.x."""
+    if runtime == Runtime.NIM:
+        return nim_generation(version).capabilities
     return RUNTIMES[runtime]
+
+
+def nim_generation(version: Version | None) -> NimGeneration:
+    """The row for a NIM version. Date-named pre-1.0 versions are the 1.x family; newer versions are taken as
+    the newest row (the 3.0 LoRA page opens as 2.0's does).
+
+    An unknown version (None: a `latest`, `-variant` or Turbo tag, no tag, only a digest) is taken as 1.x: the
+    generation loraplex rendered for every NIM before it knew two, so a BaseModelDeployment that does not say
+    keeps the pod and the accepted formats it had; nim_version_note says so.
+    """
+    if version is None or version[0] >= NIM_DATE_MAJOR:
+        return NIM_GENERATIONS[0]
+    return next((row for row in reversed(NIM_GENERATIONS) if version >= row.since), NIM_GENERATIONS[0])
 
 
 def vllm_release(version: Version | None) -> VllmRelease:
@@ -207,6 +262,18 @@ def parse_vllm_version(image: str) -> Version | None:
     return (int(match[1]), int(match[2]), int(match[3] or 0)) if match else None
 
 
+def parse_nim_version(image: str) -> Version | None:
+    """The NIM version an image's tag names ('nvcr.io/nim/meta/llama-3.1-8b-instruct:1.3.3', ':2.0.5', the
+    date-named ':24.05'), or None when the tag does not tell the generation: 'latest', no tag, only a digest, a
+    '-variant' tag, or a Turbo image (Turbo NIMs started at 1.0.0 alongside NIM 2.0.5, so their 1.x tags are
+    not NIM 1.x)."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    repository, _, tag = name.partition(":")
+    if "turbo" in repository.lower() or "turbo" in tag.lower() or "variant" in tag.lower():
+        return None
+    return parse_vllm_version(image)  # the same leading 'major.minor[.patch]' of the tag
+
+
 def adapter_layout(runtime: Runtime) -> AdapterLayout:
     return RUNTIMES[runtime].layout
 
@@ -216,10 +283,31 @@ def format_version(version: Version) -> str:
 
 
 def deployed_version(runtime: Runtime, image: str, declared: str | None) -> Version | None:
-    """The runtime version a BaseModelDeployment runs: spec.runtimeVersion, else what a vLLM image's tag says."""
+    """The runtime version a BaseModelDeployment runs: spec.runtimeVersion, else what the image's tag says;
+    None when neither says (capabilities then assumes the newest vLLM, or NIM 1.x)."""
     if declared:
         return parse_version(declared)
-    return parse_vllm_version(image) if runtime == Runtime.VLLM else None
+    return parse_vllm_version(image) if runtime == Runtime.VLLM else parse_nim_version(image)
+
+
+def nim_label(version: Version | None) -> str:
+    """How reasons name the NIM they judge for, with its generation, saying when that is an assumption."""
+    generation = nim_generation(version).capabilities.name
+    if version is None:
+        return f"{generation} (assumed: the NIM version is unknown)"
+    return f"NIM {format_version(version)} ({generation})"
+
+
+def nim_version_note(version: Version | None) -> str | None:
+    """A sentence when the NIM generation a version is judged as is an assumption, else None."""
+    if version is None:
+        return ("the NIM version is unknown (an image tag such as latest, -variant or a Turbo image's, and no "
+                "runtimeVersion); the pod is rendered and adapters are checked as for NIM 1.x: set "
+                "spec.runtimeVersion, e.g. 2.0.5, for a NIM 2.x image")
+    if version[0] < NIM_DATE_MAJOR and version[:1] > NEWEST_NIM[:1]:
+        return (f"NIM {format_version(version)} is newer than loraplex knows; it is rendered and its adapters are "
+                f"checked as for NIM {NEWEST_NIM[0]}.x")
+    return None
 
 
 def vllm_label(version: Version | None) -> str:

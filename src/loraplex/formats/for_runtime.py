@@ -24,12 +24,13 @@ def validate_or_convert(directory: Path, policy: AdapterPolicy) -> tuple[Adapter
     reads, and that is checked against the runtime's rules as any adapter of its format would be.
     """
     source = inspect(directory, policy.expected_format or AdapterFormat.AUTO)
-    target = capabilities(policy.runtime).converts.get(source.format) if policy.runtime is not None else None
+    caps = capabilities(policy.runtime, policy.runtime_version) if policy.runtime is not None else None
+    target = caps.converts.get(source.format) if caps is not None else None
     if target is None:
         check(source, policy)
         return source, None
     check(source, dataclasses.replace(policy, runtime=None, allowed_target_modules=None))
-    runtime = capabilities(policy.runtime).name  # type: ignore[arg-type]
+    runtime = caps.name  # type: ignore[union-attr]
     if policy.base_config is None:
         raise Rejection(source.files[0], f"{runtime} loads {source.format.value} adapters only once loraplex "
                                          f"converts them to {target.value}, which needs the base model's "

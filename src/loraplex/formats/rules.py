@@ -113,7 +113,7 @@ def check(report: AdapterReport, policy: AdapterPolicy) -> None:
 
 def _check_runtime(report: AdapterReport, runtime: Runtime, version: Version | None) -> None:
     where = report.files[0]
-    caps = capabilities(runtime)
+    caps = capabilities(runtime, version)
     supported = caps.modules.get(report.format)
     if supported is None:
         raise Rejection(where, f"{report.format.value} adapters cannot be loaded by {runtime.value}")

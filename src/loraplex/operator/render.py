@@ -28,6 +28,7 @@ from loraplex.api.types import (
     BaseModelDeploymentSpec,
     ComputeResources,
     EmptyDirVolume,
+    Runtime,
 )
 from loraplex.operator.naming import ChildNames, common_labels, object_metadata, selector_labels
 from loraplex.operator.runtimes import profile_for
@@ -146,11 +147,14 @@ def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
     """What makes a spec unrunnable beyond what the CRD schema can say, one sentence each."""
     profile = profile_for(spec.runtime)
     problems = list(profile.problems(spec))
-    accepted = capabilities(spec.runtime).accepted_formats
-    unloadable = [f.value for f in spec.lora.allowed_formats or [] if f != AdapterFormat.AUTO and f not in accepted]
+    runtime = capabilities(spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version))
+    unloadable = [f.value for f in spec.lora.allowed_formats or []
+                  if f != AdapterFormat.AUTO and f not in runtime.accepted_formats]
     if unloadable:
+        # NIM's generations differ in what they load: say which one refuses.
+        which = f" ({runtime.name})" if spec.runtime == Runtime.NIM else ""
         problems.append(f"lora.allowedFormats {', '.join(unloadable)} cannot be loaded by runtime "
-                        f"{spec.runtime.value}, nor converted for it")
+                        f"{spec.runtime.value}{which}, nor converted for it")
     for field, volume in (("peftSource", spec.peft_source), ("cache", spec.cache)):
         if volume is not None and volume.empty_dir is not None and volume.persistent_volume_claim is not None:
             problems.append(f"{field} sets both emptyDir and persistentVolumeClaim; choose one")

@@ -9,7 +9,8 @@ from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 
 class RuntimeProfile(Protocol):
     runtime: Runtime
-    formats: frozenset[AdapterFormat]  # the runtime's row in loraplex.api.runtime_capabilities
+    # What it loads when its version is unknown; per version, loraplex.api.runtime_capabilities.capabilities.
+    formats: frozenset[AdapterFormat]
     cache_mount_path: str
 
     def problems(self, spec: BaseModelDeploymentSpec) -> list[str]:

@@ -1,0 +1,212 @@
+"""NIM per generation: which one a BaseModelDeployment runs, what its pod is told, and what adapters the operator
+and the sidecar let through for it (docs/formats/trtllm-and-nim.md, part B)."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+from pathlib import Path
+
+import pytest
+
+from loraplex.api.adapter_set import AdapterLimits
+from loraplex.api.runtime_capabilities import (
+    RUNTIMES,
+    capabilities,
+    deployed_version,
+    nim_generation,
+    nim_version_note,
+)
+from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
+from loraplex.formats import AdapterPolicy, Rejection
+from loraplex.formats.for_runtime import validate_or_convert
+from loraplex.operator import render
+from loraplex.operator.adapters import AdapterView, check_adapter
+from loraplex.operator.settings import OperatorSettings
+from tests.adapters import TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter
+
+SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
+NIM_1 = "nvcr.io/nim/meta/llama-3.1-8b-instruct:1.3.3"
+NIM_2 = "nvcr.io/nim/meta/llama-3.1-8b-instruct:2.0.5"
+LATEST = "nvcr.io/nim/meta/llama-3.1-8b-instruct:latest"
+
+
+def nim(image: str, **overrides) -> BaseModelDeploymentSpec:
+    spec = {"model": "meta/llama-3.1-8b-instruct", "runtime": "nim", "image": image,
+            "lora": {"maxGpuLoras": 8, "maxCpuLoras": 16, "maxRank": 32}, **overrides}
+    return BaseModelDeploymentSpec.model_validate(spec)
+
+
+def inference_env(spec: BaseModelDeploymentSpec) -> dict[str, str]:
+    owner = {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment",
+             "metadata": {"name": "llama", "namespace": "team-a", "uid": "uid-1", "generation": 1}}
+    pod = render.render_deployment(owner, spec, SETTINGS)["spec"]["template"]["spec"]
+    inference = next(c for c in pod["containers"] if c["name"] == "inference")
+    assert "command" not in inference and "args" not in inference  # the image's own entrypoint runs
+    return {e["name"]: e["value"] for e in inference["env"]}
+
+
+# ---- which generation ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("image", "declared", "version", "generation"), [
+    (NIM_1, None, (1, 3, 3), "NIM 1.x"),
+    ("nvcr.io/nim/meta/llama3-8b-instruct:1.10.1", None, (1, 10, 1), "NIM 1.x"),
+    (NIM_2, None, (2, 0, 5), "NIM 2.x"),
+    ("nvcr.io/nim/meta/llama3-8b-instruct:24.05", None, (24, 5, 0), "NIM 1.x"),  # date-named, before 1.0
+    ("nvcr.io/nim/meta/llama3-8b-instruct:24.05.rc15", None, (24, 5, 0), "NIM 1.x"),
+    ("nvcr.io/nim/meta/llama3-8b-instruct:3.0.0", None, (3, 0, 0), "NIM 2.x"),  # newer: as the newest known
+    (LATEST, None, None, "NIM 1.x"),
+    ("nvcr.io/nim/meta/llama-3.1-8b-instruct", None, None, "NIM 1.x"),
+    ("nvcr.io/nim/meta/llama-3.1-8b-instruct@sha256:" + "0" * 64, None, None, "NIM 1.x"),
+    ("registry.local:5000/nim/llama", None, None, "NIM 1.x"),  # a registry port is not a tag
+    ("nvcr.io/nim/meta/llama-3.1-8b-instruct-turbo:1.0.0", None, None, "NIM 1.x"),  # Turbo restarted at 1.0.0
+    ("nvcr.io/nim/deepseek-ai/deepseek-v3.2:1.15.0-variant", None, None, "NIM 1.x"),
+    (LATEST, "2.0.5", (2, 0, 5), "NIM 2.x"),  # spec.runtimeVersion wins
+    (NIM_2, "1.3.3", (1, 3, 3), "NIM 1.x"),
+])
+def test_the_generation_comes_from_runtime_version_else_the_tag(image, declared, version, generation):
+    found = deployed_version(Runtime.NIM, image, declared)
+    assert found == version
+    assert nim_generation(found).capabilities.name == generation
+    assert capabilities(Runtime.NIM, found) is nim_generation(found).capabilities
+
+
+def test_an_unknown_version_says_it_is_taken_as_1x():
+    assert "taken" not in (nim_version_note((1, 3, 3)) or "") and nim_version_note((2, 0, 5)) is None
+    assert nim_version_note((24, 5, 0)) is None
+    assert "checked as for NIM 1.x" in nim_version_note(None)
+    assert "set spec.runtimeVersion" in nim_version_note(None)
+    assert nim_version_note((3, 0, 0)) == ("NIM 3.0.0 is newer than loraplex knows; it is rendered and its adapters "
+                                           "are checked as for NIM 2.x")
+
+
+@pytest.mark.parametrize(("version", "loads", "accepted", "converts"), [
+    ((1, 3, 3), {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm"}, {}),
+    (None, {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm"}, {}),
+    ((2, 0, 5), {"hf"}, {"hf", "trtllm"}, {"trtllm": "hf"}),
+])
+def test_formats_per_generation(version, loads, accepted, converts):
+    row = capabilities(Runtime.NIM, version)
+    assert {f.value for f in row.formats} == loads
+    assert {f.value for f in row.accepted_formats} == accepted
+    assert {f.value: t.value for f, t in row.converts.items()} == converts
+
+
+def test_the_unknown_version_row_is_the_table_row_and_vllm_ignores_nim_versions():
+    assert capabilities(Runtime.NIM) is RUNTIMES[Runtime.NIM]
+    assert capabilities(Runtime.VLLM, (2, 0, 5)) is RUNTIMES[Runtime.VLLM]
+
+
+# ---- what the pod is told ----------------------------------------------------------------------------------
+
+def test_nim_1x_gets_the_nim_max_variables_and_no_passthrough():
+    env = inference_env(nim(NIM_1))
+    assert (env["NIM_MAX_GPU_LORAS"], env["NIM_MAX_CPU_LORAS"], env["NIM_MAX_LORA_RANK"]) == ("8", "16", "32")
+    assert "NIM_PASSTHROUGH_ARGS" not in env
+    assert inference_env(nim(LATEST)) == env  # unknown: as 1.x, the pod every earlier loraplex rendered
+
+
+def test_nim_2x_gets_the_limits_as_vllm_arguments():
+    env = inference_env(nim(NIM_2, lora={"maxGpuLoras": 8, "maxCpuLoras": 16, "maxRank": 20,
+                                         "refreshIntervalSeconds": 5},
+                            runtimeArgs=["--max-model-len", "8192", "--chat-template", "a b.jinja"]))
+    assert not {"NIM_MAX_GPU_LORAS", "NIM_MAX_CPU_LORAS", "NIM_MAX_LORA_RANK"} & set(env)
+    # 20 is not a value vLLM's --max-lora-rank takes: the next one up is, and loraplex still enforces 20.
+    assert shlex.split(env["NIM_PASSTHROUGH_ARGS"]) == [
+        "--max-loras", "8", "--max-cpu-loras", "16", "--max-lora-rank", "32",
+        "--max-model-len", "8192", "--chat-template", "a b.jinja"]
+    assert (env["NIM_PEFT_SOURCE"], env["NIM_PEFT_REFRESH_INTERVAL"]) == ("/loras", "5")
+    assert inference_env(nim(LATEST, runtimeVersion="2.0.5"))["NIM_PASSTHROUGH_ARGS"] == \
+        "--max-loras 8 --max-cpu-loras 16 --max-lora-rank 32"
+
+
+@pytest.mark.parametrize(("image", "overrides", "complaint"), [
+    (NIM_2, {"lora": {"maxRank": 600, "maxGpuLoras": 1, "maxCpuLoras": 1}},
+     "lora.maxRank 600 exceeds 512, the largest --max-lora-rank the vLLM inside NIM 2.0.5 (NIM 2.x) accepts"),
+    (NIM_2, {"lora": {"maxGpuLoras": 8, "maxCpuLoras": 4}},
+     "lora.maxCpuLoras 4 is below lora.maxGpuLoras 8; the vLLM inside NIM 2.0.5 (NIM 2.x) requires "
+     "--max-cpu-loras >= --max-loras"),
+    (NIM_1, {"lora": {"maxGpuLoras": 8, "maxCpuLoras": 4}}, "NIM keeps every GPU adapter in its CPU cache too"),
+    (NIM_2, {"env": [{"name": "NIM_PASSTHROUGH_ARGS", "value": "--max-loras 2"}]},
+     "env NIM_PASSTHROUGH_ARGS would replace the one loraplex sets on NIM 2.0.5 (NIM 2.x)"),
+    (NIM_2, {"env": [{"name": "NIM_MAX_LORA_RANK", "value": "64"}]},
+     "env NIM_MAX_LORA_RANK is a NIM 1.x variable that NIM 2.0.5 (NIM 2.x) does not read"),
+    (NIM_2, {"lora": {"allowedFormats": ["nemo"]}},
+     "lora.allowedFormats nemo cannot be loaded by runtime nim (NIM 2.x), nor converted for it"),
+])
+def test_what_a_generation_cannot_do_is_refused(image, overrides, complaint):
+    spec = nim(image, **overrides)
+    assert complaint in "; ".join(render.spec_problems(spec))
+    with pytest.raises(render.RenderError, match=complaint.replace("(", r"\(").replace(")", r"\)")[:40]):
+        inference_env(spec)
+
+
+def test_what_1x_loads_is_not_refused_there():
+    assert render.spec_problems(nim(NIM_1, lora={"allowedFormats": ["nemo", "trtllm"], "maxRank": 600})) == []
+    assert render.spec_problems(nim(NIM_2, lora={"allowedFormats": ["hf", "trtllm"]})) == []
+
+
+# ---- what the operator and the sidecar let through -----------------------------------------------------
+
+def adapter(fmt: str) -> AdapterView:
+    return AdapterView.from_body({
+        "metadata": {"name": "math", "namespace": "ns", "uid": "uid-math", "generation": 1,
+                     "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"baseModel": "llama", "source": "s3://bucket/math", "format": fmt}})
+
+
+@pytest.mark.parametrize(("image", "fmt", "reason"), [
+    (NIM_2, "nemo", "FormatNotAllowed"),
+    (NIM_2, "trtllm", "SpecAccepted"),  # converted to hf for it
+    (NIM_2, "hf", "SpecAccepted"),
+    (NIM_1, "nemo", "SpecAccepted"),
+    (LATEST, "nemo", "SpecAccepted"),
+])
+def test_the_operator_accepts_formats_per_generation(image, fmt, reason):
+    verdict = check_adapter(adapter(fmt), nim(image), [])
+    assert verdict.reason == reason, verdict.message
+    if reason == "FormatNotAllowed":
+        assert "format nemo is not accepted by base model 'llama' (runtime nim; allowed: hf, trtllm)" in \
+            verdict.message
+
+
+def test_the_sidecar_is_told_the_generation():
+    settings = render.sidecar_settings("llama", nim(NIM_2))
+    assert settings.runtime_version == (2, 0, 5)
+    assert {"name": "LORAPLEX_RUNTIME_VERSION", "value": "2.0.5"} in settings.to_env()
+    assert AdapterLimits.of(nim(NIM_2)).allowed_formats == [AdapterFormat.HF, AdapterFormat.TRTLLM]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("nim-adapters")
+    make_hf_adapter(root / "hf", rank=8, target_modules=("q_proj", "v_proj"))
+    make_nemo_adapter(root / "nemo", rank=8)
+    make_trtllm_adapter(root / "trtllm", rank=8)
+    return root
+
+
+def sidecar_policy(version, base_config=TINY_LLAMA) -> AdapterPolicy:
+    """What the sidecar's lifecycle builds from LORAPLEX_RUNTIME_VERSION and the adapter set's limits."""
+    return AdapterPolicy(runtime=Runtime.NIM, runtime_version=version, max_rank=64, base_config=base_config)
+
+
+def test_the_sidecar_refuses_nemo_for_nim_2x_and_serves_it_on_1x(built, tmp_path):
+    with pytest.raises(Rejection, match="nemo adapters cannot be loaded by nim"):
+        validate_or_convert(built / "nemo", sidecar_policy((2, 0, 5)))
+    report, converted_from = validate_or_convert(built / "nemo", sidecar_policy((1, 3, 3)))
+    assert (report.format, converted_from) == (AdapterFormat.NEMO, None)
+
+
+def test_the_sidecar_converts_trtllm_for_nim_2x_only(built, tmp_path):
+    as_is, converted_from = validate_or_convert(built / "trtllm", sidecar_policy((1, 3, 3)))
+    assert (as_is.format, converted_from) == (AdapterFormat.TRTLLM, None)
+
+    staging = Path(shutil.copytree(built / "trtllm", tmp_path / "trtllm"))
+    report, converted_from = validate_or_convert(staging, sidecar_policy((2, 0, 5)))
+    assert (report.format, converted_from) == (AdapterFormat.HF, AdapterFormat.TRTLLM)
+    assert (staging / "adapter_config.json").is_file() and not list(staging.glob("*.npy"))
+
+    again = Path(shutil.copytree(built / "trtllm", tmp_path / "again"))
+    with pytest.raises(Rejection, match=r"NIM 2\.x loads trtllm adapters only once loraplex converts them to hf"):
+        validate_or_convert(again, sidecar_policy((2, 0, 5), None))
