@@ -89,8 +89,9 @@ def _peft_factors(adapter: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]
 
 
 def share_fused_lora_a(adapter: Path) -> Path:
-    """Give k_proj and v_proj the lora_A of q_proj, and up_proj that of gate_proj, in place: a fused NeMo
-    adapter has one linear_in for QKV and one for fc1, so only such a PEFT adapter has an exact NeMo twin."""
+    """Give k_proj and v_proj the lora_A of q_proj, and up_proj that of gate_proj, in place: a fused NeMo adapter
+    has one linear_in for QKV and one for fc1, and NxD one lora_A for qkv_proj and one for gate_up_proj, so only
+    such a PEFT adapter has an exact twin in those layouts."""
     from safetensors.torch import save_file
 
     path = adapter / "adapter_model.safetensors"
@@ -217,24 +218,6 @@ def make_nemo_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1
 NXD_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
 
-def tie_shared_lora_a(adapter: Path, out: Path) -> Path:
-    """A copy of a PEFT adapter whose k_proj and v_proj lora_A are q_proj's, and up_proj's is gate_proj's, in
-    every layer: the adapter an NxD Llama could have trained."""
-    from safetensors.torch import save_file
-
-    with safe_open(adapter / "adapter_model.safetensors", "pt") as file:
-        tensors = {key: file.get_tensor(key) for key in file.keys()}
-    for key in list(tensors):
-        for source, copies in (("q_proj", ("k_proj", "v_proj")), ("gate_proj", ("up_proj",))):
-            if f".{source}.lora_A." in key:
-                for copy in copies:
-                    tensors[key.replace(f".{source}.", f".{copy}.")] = tensors[key].clone()
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
-    (out / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
-    return out
-
-
 def nxd_lora_config(peft_config: dict, in_checkpoint: bool) -> dict:
     """LoraConfig.selected_fields_to_save(): its 12 keys, `r` among them as a copy of lora_rank."""
     return {"bias": "none", "init_lora_weights": "default", "lora_alpha": peft_config["lora_alpha"],
@@ -259,7 +242,7 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
     - `gathered` (merge_sharded_lora=True): every rank writes the rank-order join of those slices, with the GQA
       tensors' chunk(m)[0] kept, as NxD's all-gather does.
 
-    The adapter must share lora_A across q/k/v and gate/up (tie_shared_lora_a)."""
+    The adapter must share lora_A across q/k/v and gate/up (share_fused_lora_a)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
     kv_heads = base_config.get("num_key_value_heads") or base_config["num_attention_heads"]
     multiplier = max(1, tp // kv_heads)  # the smallest m with kv_heads·m divisible by tp

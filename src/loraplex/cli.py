@@ -115,7 +115,13 @@ def _run_validate(args: argparse.Namespace) -> int:
     import shutil
     import tempfile
 
-    from loraplex.api.runtime_capabilities import RUNTIMES, capabilities, parse_version, vllm_version_note
+    from loraplex.api.runtime_capabilities import (
+        RUNTIMES,
+        capabilities,
+        nim_version_note,
+        parse_version,
+        vllm_version_note,
+    )
     from loraplex.formats import AdapterPolicy, Rejection, detect_format
     from loraplex.formats.for_runtime import validate_or_convert
 
@@ -125,19 +131,20 @@ def _run_validate(args: argparse.Namespace) -> int:
         return 2
     runtime = Runtime(args.runtime) if args.runtime else None
     releases = RUNTIMES[runtime].releases if runtime else ()
-    version = releases[-1].since if releases else None
+    version = releases[-1].since if releases else None  # NIM: unknown, judged as its note says
     if args.runtime_version is not None:
-        if not releases:
-            versioned = " or ".join(f"--runtime {name}" for name, row in RUNTIMES.items() if row.releases)
-            print(f"loraplex validate: --runtime-version needs {versioned}", file=sys.stderr)
+        if runtime is None:
+            print("loraplex validate: --runtime-version needs --runtime", file=sys.stderr)
             return 2
         version = parse_version(args.runtime_version)
         if version is None:
-            print(f"loraplex validate: --runtime-version {args.runtime_version!r} is not a version such as 0.32.0",
-                  file=sys.stderr)
+            print(f"loraplex validate: --runtime-version {args.runtime_version!r} is not a version such as 0.32.0 "
+                  "(vLLM) or 2.0.5 (NIM)", file=sys.stderr)
             return 2
-        if note := vllm_version_note(version):
-            print(f"loraplex validate: {note}", file=sys.stderr)
+    note = vllm_version_note(version) if runtime == Runtime.VLLM else \
+        nim_version_note(version) if runtime == Runtime.NIM else None
+    if note and (args.runtime_version is not None or runtime == Runtime.NIM):
+        print(f"loraplex validate: {note}", file=sys.stderr)
     if args.max_rank is not None and args.max_rank < 1:
         print(f"loraplex validate: --max-rank must be at least 1, not {args.max_rank}", file=sys.stderr)
         return 2
@@ -271,7 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--runtime", choices=[runtime.value for runtime in Runtime],
                           help="check what this runtime can load")
     validate.add_argument("--runtime-version", metavar="VERSION",
-                          help="the vLLM version to check for, e.g. 0.11.0 (default: the newest loraplex knows)")
+                          help="the runtime version to check for, e.g. vLLM 0.11.0 or NIM 2.0.5 (default: the newest "
+                          "vLLM loraplex knows; NIM 1.x)")
     validate.add_argument("--max-rank", type=int, help="largest rank the base model accepts")
     validate.add_argument("--format", default=AdapterFormat.AUTO.value, choices=[fmt.value for fmt in AdapterFormat],
                           help="format the adapter must be")
@@ -289,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     convert.add_argument("source", type=Path, help="the adapter folder to convert")
     convert.add_argument("out", type=Path, help="a new or empty folder for the PEFT adapter")
-    convert.add_argument("--base-config", type=Path, help="the base model's config.json (needed for TensorRT-LLM)")
+    convert.add_argument("--base-config", type=Path,
+                         help="the base model's config.json (needed for TensorRT-LLM, NeMo and NxD)")
     convert.set_defaults(func=_run_convert)
     return parser
 

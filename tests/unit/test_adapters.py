@@ -33,7 +33,9 @@ def adapter(name="math", created="2026-01-01T00:00:00Z", deleting=False, status=
 @pytest.mark.parametrize(("the_adapter", "the_base", "reason", "phrase"), [
     (adapter(), base(), "SpecAccepted", "fits"),
     (adapter(), None, "BaseModelNotFound", "'llama3' does not exist in namespace 'ns'"),
-    (adapter(format="nemo"), base(), "FormatNotAllowed", "format nemo is not accepted by base model 'llama3'"),
+    (adapter(format="nemo"), base(), "SpecAccepted", "fits"),  # converted to hf for vLLM
+    (adapter(format="nemo"), base(lora={"allowedFormats": ["hf"]}), "FormatNotAllowed",
+     "format nemo is not accepted by base model 'llama3'"),
     (adapter(format="nemo"), base(runtime="nim"), "SpecAccepted", "fits"),
     (adapter(format="hf"), base(runtime="nim", lora={"allowedFormats": ["nemo"]}), "FormatNotAllowed",
      "allowed: nemo"),
@@ -79,6 +81,7 @@ def test_desired_set_holds_live_accepted_adapters_only():
                 adapter("gone", deleting=True), adapter("nemo", format="nemo")]
     desired = desired_adapters(base(), adapters)
     assert [(d.name, d.served_name, d.expected_rank) for d in desired] == [("math", "math", None),
+                                                                            ("nemo", "nemo", None),
                                                                             ("squad", "squad", 16)]
     assert desired[0].uid == "uid-math" and desired[0].generation == 1
 

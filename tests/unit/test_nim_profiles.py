@@ -23,7 +23,8 @@ from loraplex.formats.for_runtime import validate_or_convert
 from loraplex.operator import render
 from loraplex.operator.adapters import AdapterView, check_adapter
 from loraplex.operator.settings import OperatorSettings
-from tests.adapters import TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter
+from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter
+from tests.producers import make_nemo_from_peft, share_fused_lora_a
 
 SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
 NIM_1 = "nvcr.io/nim/meta/llama-3.1-8b-instruct:1.3.3"
@@ -81,9 +82,9 @@ def test_an_unknown_version_says_it_is_taken_as_1x():
 
 
 @pytest.mark.parametrize(("version", "loads", "accepted", "converts"), [
-    ((1, 3, 3), {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm"}, {}),
-    (None, {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm"}, {}),
-    ((2, 0, 5), {"hf"}, {"hf", "trtllm"}, {"trtllm": "hf"}),
+    ((1, 3, 3), {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm", "nxd"}, {"nxd": "hf"}),
+    (None, {"hf", "nemo", "trtllm"}, {"hf", "nemo", "trtllm", "nxd"}, {"nxd": "hf"}),
+    ((2, 0, 5), {"hf"}, {"hf", "nemo", "trtllm", "nxd"}, {"trtllm": "hf", "nemo": "hf", "nxd": "hf"}),
 ])
 def test_formats_per_generation(version, loads, accepted, converts):
     row = capabilities(Runtime.NIM, version)
@@ -131,8 +132,6 @@ def test_nim_2x_gets_the_limits_as_vllm_arguments():
      "env NIM_PASSTHROUGH_ARGS would replace the one loraplex sets on NIM 2.0.5 (NIM 2.x)"),
     (NIM_2, {"env": [{"name": "NIM_MAX_LORA_RANK", "value": "64"}]},
      "env NIM_MAX_LORA_RANK is a NIM 1.x variable that NIM 2.0.5 (NIM 2.x) does not read"),
-    (NIM_2, {"lora": {"allowedFormats": ["nemo"]}},
-     "lora.allowedFormats nemo cannot be loaded by runtime nim (NIM 2.x), nor converted for it"),
 ])
 def test_what_a_generation_cannot_do_is_refused(image, overrides, complaint):
     spec = nim(image, **overrides)
@@ -143,7 +142,7 @@ def test_what_a_generation_cannot_do_is_refused(image, overrides, complaint):
 
 def test_what_1x_loads_is_not_refused_there():
     assert render.spec_problems(nim(NIM_1, lora={"allowedFormats": ["nemo", "trtllm"], "maxRank": 600})) == []
-    assert render.spec_problems(nim(NIM_2, lora={"allowedFormats": ["hf", "trtllm"]})) == []
+    assert render.spec_problems(nim(NIM_2, lora={"allowedFormats": ["hf", "trtllm", "nemo", "nxd"]})) == []
 
 
 # ---- what the operator and the sidecar let through -----------------------------------------------------
@@ -156,8 +155,9 @@ def adapter(fmt: str) -> AdapterView:
 
 
 @pytest.mark.parametrize(("image", "fmt", "reason"), [
-    (NIM_2, "nemo", "FormatNotAllowed"),
+    (NIM_2, "nemo", "SpecAccepted"),  # converted to hf for it
     (NIM_2, "trtllm", "SpecAccepted"),  # converted to hf for it
+    (NIM_1, "nxd", "SpecAccepted"),  # converted to hf for it
     (NIM_2, "hf", "SpecAccepted"),
     (NIM_1, "nemo", "SpecAccepted"),
     (LATEST, "nemo", "SpecAccepted"),
@@ -165,16 +165,20 @@ def adapter(fmt: str) -> AdapterView:
 def test_the_operator_accepts_formats_per_generation(image, fmt, reason):
     verdict = check_adapter(adapter(fmt), nim(image), [])
     assert verdict.reason == reason, verdict.message
-    if reason == "FormatNotAllowed":
-        assert "format nemo is not accepted by base model 'llama' (runtime nim; allowed: hf, trtllm)" in \
-            verdict.message
+
+
+def test_what_a_base_model_does_not_allow_is_refused_by_format():
+    verdict = check_adapter(adapter("nemo"), nim(NIM_2, lora={"allowedFormats": ["hf", "trtllm"]}), [])
+    assert verdict.reason == "FormatNotAllowed"
+    assert "format nemo is not accepted by base model 'llama' (runtime nim; allowed: hf, trtllm)" in verdict.message
 
 
 def test_the_sidecar_is_told_the_generation():
     settings = render.sidecar_settings("llama", nim(NIM_2))
     assert settings.runtime_version == (2, 0, 5)
     assert {"name": "LORAPLEX_RUNTIME_VERSION", "value": "2.0.5"} in settings.to_env()
-    assert AdapterLimits.of(nim(NIM_2)).allowed_formats == [AdapterFormat.HF, AdapterFormat.TRTLLM]
+    assert AdapterLimits.of(nim(NIM_2)).allowed_formats == \
+        [AdapterFormat.HF, AdapterFormat.NEMO, AdapterFormat.NXD, AdapterFormat.TRTLLM]
 
 
 @pytest.fixture(scope="module")
@@ -191,11 +195,15 @@ def sidecar_policy(version, base_config=TINY_LLAMA) -> AdapterPolicy:
     return AdapterPolicy(runtime=Runtime.NIM, runtime_version=version, max_rank=64, base_config=base_config)
 
 
-def test_the_sidecar_refuses_nemo_for_nim_2x_and_serves_it_on_1x(built, tmp_path):
-    with pytest.raises(Rejection, match="nemo adapters cannot be loaded by nim"):
-        validate_or_convert(built / "nemo", sidecar_policy((2, 0, 5)))
-    report, converted_from = validate_or_convert(built / "nemo", sidecar_policy((1, 3, 3)))
+def test_the_sidecar_converts_nemo_for_nim_2x_and_serves_it_as_it_is_on_1x(tmp_path):
+    base = {**TINY_LLAMA, "num_hidden_layers": 4}
+    peft = share_fused_lora_a(make_hf_adapter(tmp_path / "peft", rank=8, target_modules=LLAMA_LINEAR_MODULES,
+                                              base_config=base))
+    nemo = make_nemo_from_peft(peft, tmp_path / "nemo", base)
+    report, converted_from = validate_or_convert(nemo, sidecar_policy((1, 3, 3), base))
     assert (report.format, converted_from) == (AdapterFormat.NEMO, None)
+    report, converted_from = validate_or_convert(nemo, sidecar_policy((2, 0, 5), base))
+    assert (report.format, converted_from) == (AdapterFormat.HF, AdapterFormat.NEMO)
 
 
 def test_the_sidecar_converts_trtllm_for_nim_2x_only(built, tmp_path):

@@ -16,7 +16,7 @@ from loraplex.api.types import Runtime
 from loraplex.formats import AdapterPolicy, Rejection, nxd, validate
 from loraplex.formats.peft_writer import write_peft_adapter
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
-from tests.producers import make_nxd_from_peft, peft_delta_weights, tie_shared_lora_a
+from tests.producers import make_nxd_from_peft, peft_delta_weights, share_fused_lora_a
 
 # One K/V head: at tp=2 the GQA layer replicates it (kv_size_multiplier 2), so each rank holds all of K and V.
 ONE_KV_HEAD = {**TINY_LLAMA, "num_key_value_heads": 1}
@@ -33,7 +33,7 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                                   ("rslora", TINY_LLAMA, {"use_rslora": True})):
         adapter = make_hf_adapter(root / name, rank=4, target_modules=LLAMA_LINEAR_MODULES, base_config=config,
                                   seed=5, **options)
-        made[name] = tie_shared_lora_a(adapter, root / f"{name}-tied")
+        made[name] = share_fused_lora_a(adapter)
     return made
 
 

@@ -315,4 +315,8 @@ def test_validate_says_when_the_version_is_beyond_what_it_knows(built):
     assert newer.returncode == 0
     assert "vLLM 0.40.0 is newer than loraplex knows; adapters are checked as for 0.32.0" in newer.stderr
     assert run_validate(str(built / "plain"), "--runtime", "vllm", "--runtime-version", "latest").returncode == 2
-    assert run_validate(str(built / "plain"), "--runtime", "nim", "--runtime-version", "0.11.0").returncode == 2
+    assert run_validate(str(built / "plain"), "--runtime-version", "0.11.0").returncode == 2  # whose version?
+    nim_2 = run_validate(str(built / "plain"), "--runtime", "nim", "--runtime-version", "2.0.5")
+    assert nim_2.returncode == 0 and nim_2.stderr == ""
+    unknown_nim = run_validate(str(built / "plain"), "--runtime", "nim")
+    assert unknown_nim.returncode == 0 and "checked as for NIM 1.x" in unknown_nim.stderr

@@ -175,6 +175,9 @@ class NimGeneration:
     vllm: Version | None = None
 
 
+# What loraplex.formats.convert writes as a Hugging Face PEFT adapter, for runtimes that load only that.
+CONVERTED_TO_PEFT = {fmt: AdapterFormat.HF for fmt in (AdapterFormat.TRTLLM, AdapterFormat.NEMO, AdapterFormat.NXD)}
+
 # Pre-1.0 NIM was versioned by date (24.05, 24.05.rc15): a major this large is a year, not a generation.
 NIM_DATE_MAJOR = 20
 NIM_GENERATIONS: tuple[NimGeneration, ...] = (
@@ -185,14 +188,15 @@ NIM_GENERATIONS: tuple[NimGeneration, ...] = (
         modules={AdapterFormat.HF: LLAMA_PROJECTIONS, AdapterFormat.NEMO: NEMO_MODULES,
                  AdapterFormat.TRTLLM: TRTLLM_MODULES},
         layout=AdapterLayout.FOLDER_PER_NAME,
+        converts={AdapterFormat.NXD: AdapterFormat.HF},
     ), NimLimits.NIM_ENV),
     # 2.x runs vLLM inside (2.0.1 bundles vLLM 0.17.1), and its LoRA page shows only the Hugging Face layout
-    # under NIM_PEFT_SOURCE: TensorRT-LLM adapters reach it converted; NeMo ones are refused.
+    # under NIM_PEFT_SOURCE: the other formats reach it converted.
     NimGeneration((2, 0, 0), RuntimeCapabilities(
         name="NIM 2.x",
         modules={AdapterFormat.HF: LLAMA_PROJECTIONS},
         layout=AdapterLayout.FOLDER_PER_NAME,
-        converts={AdapterFormat.TRTLLM: AdapterFormat.HF},
+        converts=CONVERTED_TO_PEFT,
     ), NimLimits.VLLM_ARGS, vllm=(0, 17, 1)),
 )
 NEWEST_NIM = NIM_GENERATIONS[-1].since
@@ -209,7 +213,7 @@ RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
         # vLLM runs q/k/v and gate/up as one fused layer each.
         fused_modules={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
         releases=VLLM_RELEASES,
-        converts={AdapterFormat.TRTLLM: AdapterFormat.HF},
+        converts=CONVERTED_TO_PEFT,
     ),
     # The generation an unknown NIM version is taken as (nim_generation).
     Runtime.NIM: NIM_GENERATIONS[0].capabilities,

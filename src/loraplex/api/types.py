@@ -58,6 +58,7 @@ class AdapterFormat(enum.StrEnum):
     HF = "hf"
     NEMO = "nemo"
     TRTLLM = "trtllm"
+    NXD = "nxd"  # AWS Neuron NeuronX Distributed adapter checkpoints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +288,7 @@ class LoraAdapterSpec(Model):
         pattern=SOURCE_URI,
         description="Where the adapter is: s3://, gs://, https://, hf://org/repo@revision or file:// URI.",
     )
-    format: AdapterFormat = Field(default=AdapterFormat.AUTO, description="auto, hf, nemo or trtllm.")
+    format: AdapterFormat = Field(default=AdapterFormat.AUTO, description="auto, hf, nemo, trtllm or nxd.")
     expected_rank: int | None = Field(
         default=None, ge=1, le=MAX_LORA_RANK, description="Rank the adapter must have, if known."
     )

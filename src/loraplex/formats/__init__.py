@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraplex.api.types import AdapterFormat
-from loraplex.formats import hf, nemo, trtllm
+from loraplex.formats import hf, nemo, nxd, trtllm
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
 from loraplex.formats.rules import AdapterPolicy, check
 
@@ -17,6 +17,8 @@ __all__ = ["AdapterPolicy", "AdapterReport", "LoraWeights", "Rejection", "detect
 
 
 def detect_format(directory: Path) -> AdapterFormat:
+    if nxd.is_nxd(directory):  # first: NxD's own adapter_config.json sits where a PEFT one would
+        return AdapterFormat.NXD
     if hf.is_hf(directory):
         return AdapterFormat.HF
     if nemo.find_archive(directory) is not None:
@@ -24,7 +26,8 @@ def detect_format(directory: Path) -> AdapterFormat:
     if trtllm.is_trtllm(directory):
         return AdapterFormat.TRTLLM
     raise Rejection(directory.name or str(directory), "holds no adapter: expected adapter_config.json, one .nemo "
-                    "file, or model.lora_config.npy with model.lora_weights.npy")
+                    "file, model.lora_config.npy with model.lora_weights.npy, or NxD's "
+                    "dp_rank_00_tp_rank_XX_pp_rank_00.pt rank files or adapter_model.pt")
 
 
 def inspect(directory: Path, fmt: AdapterFormat = AdapterFormat.AUTO) -> AdapterReport:
@@ -32,7 +35,7 @@ def inspect(directory: Path, fmt: AdapterFormat = AdapterFormat.AUTO) -> Adapter
     if fmt not in (AdapterFormat.AUTO, found):
         raise Rejection(directory.name or str(directory), f"holds a {found.value} adapter, not {fmt.value}")
     return {AdapterFormat.HF: hf.inspect, AdapterFormat.NEMO: nemo.inspect,
-            AdapterFormat.TRTLLM: trtllm.inspect}[found](directory)
+            AdapterFormat.TRTLLM: trtllm.inspect, AdapterFormat.NXD: nxd.inspect}[found](directory)
 
 
 def validate(directory: Path, policy: AdapterPolicy) -> AdapterReport:

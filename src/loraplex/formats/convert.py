@@ -4,12 +4,13 @@ PEFT (vLLM). The written adapter gives the same ΔW = B·A·scale for every modu
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
-from loraplex.formats import detect_format, inspect, nemo, trtllm
-from loraplex.formats.peft_writer import write_peft_adapter
+from loraplex.formats import detect_format, inspect, nemo, nxd, trtllm
+from loraplex.formats.peft_writer import LoraPair, write_peft_adapter
 from loraplex.formats.report import AdapterReport, Rejection
 
 SOURCE_LAYOUTS = """\
@@ -32,6 +33,15 @@ source layouts:
                 heads and head size split QKV and must match model_config.yaml. Read with a restricted
                 unpickler; pre-mcore keys (language_model.encoder), MoE and interleaved-pipeline
                 checkpoints are refused.
+  NxD           AWS Neuron NeuronX Distributed adapter-only checkpoints: dp_rank_00_tp_rank_XX_pp_rank_00.pt
+                per tensor-parallel rank (under <tag>/model/ or <tag>/, with the checkpoint and done
+                markers) or a single-device adapter_model.pt, torch.save'd state dicts read with a
+                restricted unpickler; the LoRA config inside them (lora_config) or as NxD's
+                adapter_config.json (lora_rank beside r). TP slices are joined, replicated K/V kept once,
+                qkv_proj (weight_q/_k/_v or fused weight_qkv) split into q_proj/k_proj/v_proj and
+                gate_up_proj into gate_proj/up_proj with their shared A; alpha/r (alpha/sqrt(r) with
+                rsLoRA) goes into B. Needs --base-config. Pipeline-parallel (pp>1) and xser checkpoints,
+                and the gather that drops query rows, are refused.
   Hugging Face  adapter_config.json with adapter_model.safetensors/.bin: already what runtimes load;
                 nothing to convert.
 
@@ -43,6 +53,16 @@ safetensors metadata records loraplex.converted_from.
 
 class ConversionError(ValueError):
     pass
+
+
+# Each format loraplex converts: how messages name its producer, its reader, and why that needs the base model's
+# config.json.
+READERS: dict[AdapterFormat, tuple[str, Callable[[Path, dict[str, Any]], list[LoraPair]], str]] = {
+    AdapterFormat.TRTLLM: ("TensorRT-LLM", trtllm.read_pairs, "its rows hold only flattened values"),
+    AdapterFormat.NEMO: ("NeMo", nemo.read_pairs,
+                         "its heads, key/value heads and head size say how fused QKV splits"),
+    AdapterFormat.NXD: ("NxD", nxd.read_pairs, "its heads and key/value heads say how qkv_proj splits"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,24 +78,18 @@ def convert(source: Path, out: Path, base_config: dict[str, Any] | None = None) 
         raise ConversionError(f"{out} is not empty; convert writes into a new folder")
     if fmt == AdapterFormat.HF:
         raise ConversionError(f"{source} already holds a Hugging Face PEFT adapter; nothing to convert")
-    if fmt == AdapterFormat.TRTLLM:
-        if base_config is None:
-            raise ConversionError("converting a TensorRT-LLM adapter needs --base-config (the base model's "
-                                  "config.json): its rows hold only flattened values")
-        try:
-            pairs = trtllm.read_pairs(source, base_config)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-            if isinstance(exc, Rejection):
-                raise
-            raise ConversionError(f"the base model's config.json lacks the sizes needed ({exc})") from None
-    elif fmt == AdapterFormat.NEMO:
-        if base_config is None:
-            raise ConversionError("converting a NeMo adapter needs --base-config (the base model's config.json): "
-                                  "its heads, key/value heads and head size say how fused QKV splits")
-        pairs = nemo.read_pairs(source, base_config)
-    else:
-        raise ConversionError(f"{source} holds a {fmt.value} adapter; loraplex converts TensorRT-LLM adapters so "
-                              f"far, not {fmt.value}")
+    if fmt not in READERS:
+        raise ConversionError(f"{source} holds a {fmt.value} adapter, which loraplex does not convert")
+    producer, read, why = READERS[fmt]
+    if base_config is None:
+        raise ConversionError(f"converting a {producer} adapter needs --base-config (the base model's config.json): "
+                              f"{why}")
+    try:
+        pairs = read(source, base_config)
+    except Rejection:
+        raise
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        raise ConversionError(f"the base model's config.json lacks the sizes needed ({exc})") from None
     write_peft_adapter(pairs, out, base_model=base_config.get("_name_or_path") or None,
                        converted_from=fmt.value)
     return Conversion(source_format=fmt, report=inspect(out, AdapterFormat.HF))

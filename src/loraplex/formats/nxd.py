@@ -22,7 +22,7 @@ from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
 from loraplex.formats.safe_pickle import TensorData, UnsafeCheckpoint, read_state_dict
 
 # Until the API names NxD, its reports carry AUTO, which no runtime loads: an NxD checkpoint is only converted.
-FORMAT: AdapterFormat = getattr(AdapterFormat, "NXD", AdapterFormat.AUTO)
+FORMAT = AdapterFormat.NXD
 SINGLE = "adapter_model.pt"  # LoraModel.save_lora, single device
 CONFIG = "adapter_config.json"
 CONFIG_KEY = "lora_config"
