@@ -51,12 +51,7 @@ def make_trtllm_from_peft(adapter: Path, out: Path, storage: str = "float32", do
     config = json.loads((adapter / "adapter_config.json").read_text())
     rank, alpha = config["r"], config["lora_alpha"]
     scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
-    grouped: dict[int, dict[str, dict[str, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
-    with safe_open(adapter / "adapter_model.safetensors", "pt") as file:
-        for key in file.keys():
-            match = PEFT_KEY.match(key)
-            if match is not None:
-                grouped[int(match["layer"])][match["module"]][match["side"]] = file.get_tensor(key)
+    grouped = _peft_factors(adapter)
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[storage]
     rows, config_rows = [], []
     for layer, modules in grouped.items():

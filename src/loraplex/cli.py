@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 from loraplex import __version__
 from loraplex.api.types import AdapterFormat, Runtime
@@ -62,8 +64,20 @@ def _run_sidecar(args: argparse.Namespace) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command line that cannot run; the message is printed and the command exits 2."""
+
+
+def _base_config(command: str, path: Path | None) -> dict[str, Any] | None:
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"loraplex {command}: cannot read --base-config {path}: {exc}") from None
+
+
 def _run_convert(args: argparse.Namespace) -> int:
-    import json
 
     from loraplex.formats import Rejection
     from loraplex.formats.convert import ConversionError, convert
@@ -72,13 +86,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     if not source.is_dir():
         print(f"loraplex convert: {source} is not an adapter folder", file=sys.stderr)
         return 2
-    base_config = None
-    if args.base_config is not None:
-        try:
-            base_config = json.loads(args.base_config.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"loraplex convert: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
-            return 2
+    base_config = _base_config("convert", args.base_config)
     try:
         done = convert(source, args.out, base_config)
     except ConversionError as exc:
@@ -111,7 +119,6 @@ def _run_crds(args: argparse.Namespace) -> int:
 
 
 def _run_validate(args: argparse.Namespace) -> int:
-    import json
     import shutil
     import tempfile
 
@@ -148,13 +155,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     if args.max_rank is not None and args.max_rank < 1:
         print(f"loraplex validate: --max-rank must be at least 1, not {args.max_rank}", file=sys.stderr)
         return 2
-    base_config = None
-    if args.base_config is not None:
-        try:
-            base_config = json.loads(args.base_config.read_text())
-        except (OSError, ValueError) as exc:
-            print(f"loraplex validate: cannot read --base-config {args.base_config}: {exc}", file=sys.stderr)
-            return 2
+    base_config = _base_config("validate", args.base_config)
     policy = AdapterPolicy(
         runtime=runtime, runtime_version=version, max_rank=args.max_rank,
         expected_format=AdapterFormat(args.format), base_config=base_config,
@@ -305,7 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
