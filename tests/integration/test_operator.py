@@ -287,7 +287,6 @@ def test_deletion_waits_for_every_replica_to_unload(cluster, operator):
 
 @pytest.mark.parametrize(("spec", "reason", "phrase"), [
     ({"expectedRank": 128}, "RankTooHigh", "expectedRank 128 exceeds base model 'llama3' lora.maxRank 64"),
-    ({"format": "nemo"}, "FormatNotAllowed", "format nemo is not accepted by base model 'llama3'"),
     ({"source": "s3://Invalid_Bucket/x"}, "InvalidSource", "not a valid bucket name"),
     ({"servedName": "math"}, "DuplicateServedName", "already used by LoraAdapter 'math'"),
 ])
