@@ -125,9 +125,8 @@ def _run_validate(args: argparse.Namespace) -> int:
     from loraplex.api.runtime_capabilities import (
         RUNTIMES,
         capabilities,
-        nim_version_note,
         parse_version,
-        vllm_version_note,
+        version_note,
     )
     from loraplex.formats import AdapterPolicy, Rejection, detect_format
     from loraplex.formats.for_runtime import validate_or_convert
@@ -148,8 +147,7 @@ def _run_validate(args: argparse.Namespace) -> int:
             print(f"loraplex validate: --runtime-version {args.runtime_version!r} is not a version such as 0.32.0 "
                   "(vLLM) or 2.0.5 (NIM)", file=sys.stderr)
             return 2
-    note = vllm_version_note(version) if runtime == Runtime.VLLM else \
-        nim_version_note(version) if runtime == Runtime.NIM else None
+    note = version_note(runtime, version) if runtime else None
     if note and (args.runtime_version is not None or runtime == Runtime.NIM):
         print(f"loraplex validate: {note}", file=sys.stderr)
     if args.max_rank is not None and args.max_rank < 1:

@@ -425,3 +425,23 @@ def test_the_pace_does_not_change_what_is_published(batch_seconds):
 
     cluster = run_in_virtual_time(scenario())
     assert [a["name"] for a in cluster.adapter_set()] == ["a", "b", "c"]
+
+
+async def test_a_base_model_whose_runtime_version_is_assumed_gets_one_warning_until_the_spec_says_it():
+    cluster = Cluster()
+    await cluster.create_base_model(runtime="nim", image="nvcr.io/nim/meta/llama3-8b-instruct:latest")
+    await cluster.reconciler.reconcile_base_model((NS, BASE))  # again: no second warning for the same spec
+    [warning] = [e for e in cluster.api.events() if e["reason"] == "RuntimeVersionAssumed"]
+    assert warning["type"] == "Warning"
+    assert warning["message"].startswith("The NIM version is unknown") and "spec.runtimeVersion" in warning["message"]
+
+    body = cluster.api.objects[base_model_path()]
+    cluster.api.store(base_model_path(), merge(copy.deepcopy(body), {"spec": {"runtimeVersion": "2.0.5"}}))
+    await cluster.base_model_event()
+    assert len([e for e in cluster.api.events() if e["reason"] == "RuntimeVersionAssumed"]) == 1
+
+
+async def test_a_base_model_with_a_known_runtime_version_gets_no_version_warning():
+    cluster = Cluster()
+    await cluster.create_base_model()  # vllm/vllm-openai:v0.11.0
+    assert [e for e in cluster.api.events() if e["reason"] == "RuntimeVersionAssumed"] == []

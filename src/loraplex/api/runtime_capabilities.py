@@ -334,3 +334,12 @@ def vllm_version_note(version: Version | None) -> str | None:
         return (f"vLLM {format_version(version)} is older than loraplex knows; adapters are checked as for "
                 f"{format_version(oldest)}")
     return None
+
+
+def version_note(runtime: Runtime, version: Version | None) -> str | None:
+    """A sentence when the rules a runtime's pods and adapters are judged by rest on an assumed version."""
+    if runtime == Runtime.VLLM:
+        return vllm_version_note(version)
+    if runtime == Runtime.NIM:
+        return nim_version_note(version)
+    return None

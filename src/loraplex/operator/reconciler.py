@@ -14,6 +14,7 @@ from typing import Any
 
 from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.conditions import find
+from loraplex.api.runtime_capabilities import deployed_version, version_note
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
 from loraplex.kube import ApiError, KubeClient
 from loraplex.operator import naming, render
@@ -181,7 +182,16 @@ class Reconciler(ClusterView):
                         await apply_object(self.client, child)
                 except ApiError as exc:
                     problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
+                await self._note_assumed_version(key, body, version_note(
+                    spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)))
         self._base_model_record(key).apply_problem = problem
+
+    async def _note_assumed_version(self, key: Key, body: dict[str, Any], note: str | None) -> None:
+        """Warn once per spec that its runtime version is assumed: the rules it is judged by may be wrong."""
+        record = self._base_model_record(key)
+        if note and note != record.version_note:
+            await post_event(self.client, body, "Warning", "RuntimeVersionAssumed", f"{note[0].upper()}{note[1:]}.")
+        record.version_note = note
 
     async def _sync_adapter_set(self, key: Key) -> None:
         body = self.base_model(key)

@@ -78,6 +78,7 @@ class BaseModelRecord(StatusRecord):
     left_out: frozenset[str] = frozenset()  # uids of accepted adapters that did not fit in the adapter set
     # The adapter set as we last applied it, so echoes of our own writes cost nothing.
     applied_adapter_set: dict[str, Any] | None = None
+    version_note: str | None = None  # the runtime-version assumption we last warned of
     # What the last full reconcile saw of the object: (uid, generation, deletionTimestamp).
     reconciled: tuple[Any, ...] | None = None
     # Who holds each served name among its adapters; None whenever an adapter's claim changes.

@@ -17,8 +17,8 @@ import aiohttp
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.contract import SidecarSettings
-from loraplex.api.runtime_capabilities import adapter_layout, nim_version_note, vllm_version_note
-from loraplex.api.types import ReplicaState, Runtime
+from loraplex.api.runtime_capabilities import adapter_layout, version_note
+from loraplex.api.types import ReplicaState
 from loraplex.sidecar.lifecycle import AdapterLifecycle
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import StatusReporter
@@ -57,8 +57,7 @@ class Agent:
     async def start(self) -> None:
         """Adopt what a previous life of this pod left on the volume: re-verify, never re-download."""
         await asyncio.to_thread(self.store.prepare)
-        version_note = vllm_version_note if self.settings.runtime == Runtime.VLLM else nim_version_note
-        if note := version_note(self.settings.runtime_version):
+        if note := version_note(self.settings.runtime, self.settings.runtime_version):
             logger.warning("%s", note)
         if self.settings.base_config is not None:
             with contextlib.suppress(OSError, ValueError):
