@@ -4,9 +4,13 @@ compare ΔW = B·A·scale per module and layer with the original."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
+import types
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -211,6 +215,7 @@ def make_nemo_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1
 # NeuronX Distributed (docs/formats/nxd.md): NxD's fused qkv_proj and gate_up_proj have one lora_A each, so the
 # reference PEFT adapter shares it first; the checkpoint is then written as nxd.save_checkpoint does.
 NXD_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+NXD_LAYER = re.compile(r".*layers\.(?P<layer>\d+)\.")
 
 
 def nxd_lora_config(peft_config: dict, in_checkpoint: bool) -> dict:
@@ -223,7 +228,8 @@ def nxd_lora_config(peft_config: dict, in_checkpoint: bool) -> dict:
 
 def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1, config_in_checkpoint: bool = True,
                        storage: str = "float32", fuse_qkv: bool = False, gathered: bool = False,
-                       checkpoint_dir: str = "lora_adapter", tag: str = "lora") -> Path:
+                       checkpoint_dir: str = "lora_adapter", tag: str = "lora", xser: bool = False,
+                       pp: int = 1) -> Path:
     """An NxD Llama's LoRA checkpoint, trained at tensor parallelism `tp` and saved with
     nxd.save_checkpoint(checkpoint_dir_str=checkpoint_dir, tag=tag) from the working directory `out`:
 
@@ -235,7 +241,11 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
       first repeated kv_size_multiplier m times; row targets' lora_A cut by columns; gate_up's B the rank's
       gate rows then its up rows; fused weight_qkv the rank's q, k, v rows;
     - `gathered` (merge_sharded_lora=True): every rank writes the rank-order join of those slices, with the GQA
-      tensors' chunk(m)[0] kept, as NxD's all-gather does.
+      tensors' chunk(m)[0] kept, as NxD's all-gather does;
+    - `xser` (use_xser=True): each rank file as NxD's xser save writes it (write_nxd_xser);
+    - `pp` > 1: one file per tp rank and pipeline stage (pp_rank_YY), each holding its stage's layers under their
+      global names. NxD itself cannot save a LoRA adapter with pp>1 (docs/formats/nxd.md §4.3); this is the most
+      convertible form such a checkpoint could take, for the test that it is refused all the same.
 
     The adapter must share lora_A across q/k/v and gate/up (share_fused_lora_a)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -292,13 +302,69 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir.parent / "checkpoint").write_text("1")
     lora_config = nxd_lora_config(config, config_in_checkpoint)
+    per_stage = -(-base_config["num_hidden_layers"] // pp)
     for rank, tensors in enumerate(ranks):
-        state = {key: tensor.contiguous().clone() for key, tensor in tensors.items()}  # each its own storage
-        if config_in_checkpoint:
-            state["lora_config"] = dict(lora_config)
-        torch.save(state, model_dir / f"dp_rank_00_tp_rank_{rank:02d}_pp_rank_00.pt")
+        for stage in range(pp):
+            state = {key: tensor.contiguous().clone() for key, tensor in tensors.items()  # each its own storage
+                     if int(NXD_LAYER.match(key)["layer"]) // per_stage == stage}
+            if config_in_checkpoint:
+                state["lora_config"] = dict(lora_config)
+            path = model_dir / f"dp_rank_00_tp_rank_{rank:02d}_pp_rank_{stage:02d}.pt"
+            if xser:
+                write_nxd_xser(state, path)
+            else:
+                torch.save(state, path)
     if not config_in_checkpoint:
         (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
         (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(lora_config, indent=2, sort_keys=True))
     (model_dir.parent / "done").write_text("1")
     return out
+
+
+class TensorReference:
+    """torch_xla.utils.serialization.TensorReference (pytorch/xla): one attribute, the tensor's id. Pickled under
+    that module path (write_nxd_xser), so the file reads as one torch_xla wrote; torch_xla is not installed."""
+
+    def __init__(self, tid: int):
+        self.tid = tid
+
+
+XSER_MODULE = "torch_xla.utils.serialization"
+TensorReference.__module__ = XSER_MODULE
+
+
+def write_nxd_xser(state: dict, path: Path) -> None:
+    """`state` as NxD's _save with use_xser=True writes it (trainer/checkpoint.py _xser_save_data and
+    _extract_tensor_info_and_update_state_dict): tensors numbered 0, 1, ... in the order the dict yields them,
+    each torch.save'd alone to <path>.tensors/tensor_<tid>.pt; the dict with a TensorReference(tid) in each
+    tensor's place to <path>; {tid: {dtype, shape, expert_model_parallel}} to <path>.info.pt."""
+    folder = path.with_name(f"{path.name}.tensors")
+    folder.mkdir()
+    structure, info = {}, {}
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            tid = len(info)
+            torch.save(value, folder / f"tensor_{tid}.pt")
+            info[tid] = {"dtype": value.dtype, "shape": value.shape, "expert_model_parallel": False}
+            structure[key] = TensorReference(tid)
+        else:
+            structure[key] = value
+    with torch_xla_stand_in():
+        torch.save(structure, path)
+    torch.save(info, path.with_name(f"{path.name}.info.pt"))
+
+
+@contextlib.contextmanager
+def torch_xla_stand_in() -> Iterator[None]:
+    """torch_xla.utils.serialization importable, holding TensorReference, while pickling or unpickling."""
+    names = ("torch_xla", "torch_xla.utils", XSER_MODULE)
+    if any(name in sys.modules for name in names):
+        raise RuntimeError("torch_xla is loaded; the stand-in is only for where it is absent")
+    stand_ins = {name: types.ModuleType(name) for name in names}
+    stand_ins[XSER_MODULE].TensorReference = TensorReference
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name in names:
+            sys.modules.pop(name, None)

@@ -16,7 +16,13 @@ from loraplex.api.types import Runtime
 from loraplex.formats import AdapterPolicy, Rejection, nxd, validate
 from loraplex.formats.peft_writer import write_peft_adapter
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
-from tests.producers import make_nxd_from_peft, peft_delta_weights, share_fused_lora_a
+from tests.producers import (
+    TensorReference,
+    make_nxd_from_peft,
+    peft_delta_weights,
+    share_fused_lora_a,
+    torch_xla_stand_in,
+)
 
 # One K/V head: at tp=2 the GQA layer replicates it (kv_size_multiplier 2), so each rank holds all of K and V.
 ONE_KV_HEAD = {**TINY_LLAMA, "num_key_value_heads": 1}
@@ -52,6 +58,12 @@ CASES = [  # reference, tp, options
     ("one-kv-head", 2, {}),
     ("one-kv-head", 2, {"fuse_qkv": True, "config_in_checkpoint": False}),
     ("rslora", 2, {}),
+    ("gqa", 1, {"xser": True}),
+    ("gqa", 1, {"xser": True, "storage": "bfloat16", "config_in_checkpoint": False}),
+    ("gqa", 2, {"xser": True, "storage": "bfloat16"}),
+    ("gqa", 2, {"xser": True, "fuse_qkv": True, "config_in_checkpoint": False}),
+    ("gqa", 2, {"xser": True, "gathered": True}),
+    ("one-kv-head", 2, {"xser": True}),
 ]
 
 
@@ -146,10 +158,12 @@ def test_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch
     refused(source, r"dp_rank_00_tp_rank_00_pp_rank_00.pt: refused: refers to (posix|nt)\.system")
     assert not (tmp_path / "pwned").exists()
 
-    source = fresh("pipeline", tp=1)
-    shutil.copy(source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt",
-                source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_01.pt")
-    refused(source, "holds pipeline-parallel ranks 00, 01: .* converts only checkpoints saved with pp=1")
+    for name, options in (("pipeline", {}), ("pipeline-xser", {"xser": True})):
+        source = fresh(name, tp=2, pp=2, **options)
+        refused(source, f"{MODEL}: holds pipeline-parallel ranks 00, 01, but NxD cannot save a LoRA adapter with "
+                        r"pp>1: .* \(docs/formats/nxd.md §4.3\); loraplex converts checkpoints saved with pp=1")
+        (source / MODEL / "dp_rank_00_tp_rank_01_pp_rank_01.pt").unlink()  # a stage lacking a tp rank: pp first
+        refused(source, "holds pipeline-parallel ranks 00, 01, but NxD cannot save a LoRA adapter with pp>1")
 
     source = fresh("gathered-replicated-kv", tp=2, reference="one-kv-head", base=ONE_KV_HEAD, gathered=True)
     refused(source, "weight_q holds 16 of the base model's 32 rows: NxD's merge_sharded_lora gather", ONE_KV_HEAD)
@@ -172,9 +186,10 @@ def test_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch
     (source / "lora_adapter" / "lora" / "done").unlink()
     refused(source, "lora_adapter/lora: has a checkpoint marker but no done marker")
 
-    source = fresh("xser", tp=1)
+    source = fresh("stray-tensor-folder", tp=1)
     (source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt.tensors").mkdir()
-    refused(source, "is an xser checkpoint")
+    refused(source, "dp_rank_00_tp_rank_00_pp_rank_00.pt.tensors: sits beside dp_rank_00_tp_rank_00_pp_rank_00.pt, "
+                    "which refers to no xser tensor")
 
     source = fresh("other-base", tp=1)
     refused(source, "o_proj of layer 0 assembles to 32→32, but the base model's config.json gives 16→32",
@@ -184,3 +199,101 @@ def test_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch
     config_path = source / "lora_adapter" / "adapter_config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "r": 8}))
     refused(source, "lora_adapter/adapter_config.json: r=8 differs from lora_rank=4")
+
+
+XSER_RANK = f"{MODEL}/dp_rank_00_tp_rank_01_pp_rank_00.pt"
+
+
+def _restructure(path: Path, change) -> None:
+    """Rewrite an xser rank file's structure (its dict of TensorReferences and lora_config)."""
+    with torch_xla_stand_in():
+        structure = torch.load(path, weights_only=False)
+        torch.save(change(structure), path)
+
+
+def test_xser_tensors_are_found_by_their_id_not_by_the_order_of_keys(tmp_path, references):
+    source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=2, xser=True)
+    with torch_xla_stand_in():
+        structure = torch.load(source / XSER_RANK, weights_only=False)
+    assert isinstance(structure["model.layers.0.self_attn.qkv_proj.lora_A.weight"], TensorReference)
+    assert [ref.tid for ref in structure.values() if isinstance(ref, TensorReference)] == list(range(20))
+    _restructure(source / XSER_RANK, lambda structure: dict(reversed(structure.items())))
+    out = convert(source, tmp_path / "out", TINY_LLAMA)
+    want = peft_delta_weights(references["gqa"])
+    assert all(torch.equal(delta, want[key]) for key, delta in peft_delta_weights(out).items())
+    report = nxd.inspect(source)
+    tensor_files = sorted((source / MODEL).glob("*.pt.tensors/tensor_*.pt"))
+    assert len(tensor_files) == 40 and report.files[1] == XSER_RANK
+    assert report.size_bytes == sum(path.stat().st_size for path in (source / MODEL).rglob("*.pt"))
+
+
+def test_xser_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fresh(name: str, **options) -> Path:
+        return make_nxd_from_peft(references["gqa"], tmp_path / name, TINY_LLAMA, tp=2, xser=True, **options)
+
+    def refused(source: Path, match: str) -> None:
+        with pytest.raises(Rejection, match=match):
+            nxd.read_pairs(source, TINY_LLAMA)
+
+    tensors = f"{XSER_RANK}.tensors"
+    source = fresh("missing-tensor-file")
+    (source / tensors / "tensor_3.pt").unlink()
+    refused(source, f"{tensors}: lacks tensor_3.pt, which holds model.layers.0.self_attn.qkv_proj.lora_B.weight_v: the "
+                    "save did not finish or the folder was copied in part")
+
+    source = fresh("extra-tensor-file")
+    shutil.copy(source / tensors / "tensor_3.pt", source / tensors / "tensor_20.pt")
+    refused(source, f"{tensors}/tensor_20.pt: is named by no key of dp_rank_00_tp_rank_01_pp_rank_00.pt: the folder "
+                    "mixes tensors of another save")
+
+    source = fresh("not-a-tensor-file")
+    (source / tensors / "notes.txt").write_text("hello")
+    refused(source, rf"{tensors}/notes.txt: is not an xser tensor file \(tensor_<id>.pt\)")
+
+    source = fresh("no-tensor-folder")
+    shutil.rmtree(source / tensors)
+    refused(source, f"{XSER_RANK}: is an xser file .* its tensor folder dp_rank_00_tp_rank_01_pp_rank_00.pt.tensors/ "
+                    "is missing")
+
+    source = fresh("first-rank-missing")
+    (source / MODEL / "dp_rank_00_tp_rank_00_pp_rank_00.pt").unlink()
+    refused(source, "lacks the tensor-parallel rank file dp_rank_00_tp_rank_00_pp_rank_00.pt")
+
+    source = fresh("forbidden-global")
+    _restructure(source / XSER_RANK, lambda structure: {**structure, "lora_config": _RunsAShell()})
+    refused(source, rf"{XSER_RANK}: refused: refers to (posix|nt)\.system")
+    assert not (tmp_path / "pwned").exists()
+
+    source = fresh("reference-with-more-than-an-id")
+
+    def widen(structure: dict) -> dict:
+        structure["model.layers.0.mlp.down_proj.lora_A.weight"].path = "/etc/passwd"
+        return structure
+
+    _restructure(source / XSER_RANK, widen)
+    refused(source, f"{XSER_RANK}: refused: has a TensorReference that holds more or other than one tensor id")
+
+    source = fresh("tensor-file-holds-code")
+    with (source / tensors / "tensor_0.pt").open("wb") as file:
+        torch.save(_RunsAShell(), file)
+    refused(source, rf"{tensors}/tensor_0.pt: refused: refers to (posix|nt)\.system")
+
+    source = fresh("tensor-file-holds-a-dict")
+    torch.save({"weight": torch.zeros(4, 32)}, source / tensors / "tensor_0.pt")
+    refused(source, f"{tensors}/tensor_0.pt: refused: holds something other than one tensor")
+
+    source = fresh("info-disagrees")
+    info_path = source / f"{XSER_RANK}.info.pt"
+    info = torch.load(info_path, weights_only=True)
+    info[0]["shape"] = torch.Size([8, 32])
+    torch.save(info, info_path)
+    refused(source, rf"{tensors}/tensor_0.pt: holds a \[4, 32\] float32 tensor, but "
+                    r"dp_rank_00_tp_rank_01_pp_rank_00.pt.info.pt gives \[8, 32\] float32 for "
+                    "model.layers.0.self_attn.qkv_proj.lora_A.weight")
+    info[99] = info.pop(0)
+    torch.save(info, info_path)
+    refused(source, f"{XSER_RANK}.info.pt: describes other tensors than dp_rank_00_tp_rank_01_pp_rank_00.pt refers "
+                    "to")
+

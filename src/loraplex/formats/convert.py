@@ -35,13 +35,15 @@ source layouts:
                 checkpoints are refused.
   NxD           AWS Neuron NeuronX Distributed adapter-only checkpoints: dp_rank_00_tp_rank_XX_pp_rank_00.pt
                 per tensor-parallel rank (under <tag>/model/ or <tag>/, with the checkpoint and done
-                markers) or a single-device adapter_model.pt, torch.save'd state dicts read with a
-                restricted unpickler; the LoRA config inside them (lora_config) or as NxD's
-                adapter_config.json (lora_rank beside r). TP slices are joined, replicated K/V kept once,
-                qkv_proj (weight_q/_k/_v or fused weight_qkv) split into q_proj/k_proj/v_proj and
-                gate_up_proj into gate_proj/up_proj with their shared A; alpha/r (alpha/sqrt(r) with
-                rsLoRA) goes into B. Needs --base-config. Pipeline-parallel (pp>1) and xser checkpoints,
-                and the gather that drops query rows, are refused.
+                markers) or a single-device adapter_model.pt, read with a restricted unpickler. A rank
+                file is a torch.save'd state dict, or with use_xser=True (NXDT's save_xser) the dict with
+                torch_xla TensorReference ids whose tensors sit in <rank file>.tensors/tensor_<id>.pt,
+                checked against <rank file>.info.pt when present. The LoRA config is inside them
+                (lora_config) or in NxD's adapter_config.json (lora_rank beside r). TP slices are joined,
+                replicated K/V kept once, qkv_proj (weight_q/_k/_v or fused weight_qkv) split into
+                q_proj/k_proj/v_proj and gate_up_proj into gate_proj/up_proj with their shared A; alpha/r
+                (alpha/sqrt(r) with rsLoRA) goes into B. Needs --base-config. Pipeline-parallel (pp>1)
+                checkpoints (NxD saves no adapter then) and the gather that drops query rows are refused.
   Hugging Face  adapter_config.json with adapter_model.safetensors/.bin: already what runtimes load;
                 nothing to convert.
 

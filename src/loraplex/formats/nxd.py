@@ -1,14 +1,13 @@
 """AWS Neuron NeuronX Distributed (NxD) LoRA checkpoints, as `nxd.save_checkpoint` and `LoraModel.save_lora` write
-them (docs/formats/nxd.md): one torch.save file per tensor-parallel rank, or one adapter_model.pt, holding the
-adapter's tensors under NxD's module names, with the LoRA config inside (`lora_config`) or in an
-adapter_config.json that is not a PEFT config. Read with the restricted unpickler; reassembled across ranks and
-split into Hugging Face Llama modules for `loraplex convert`.
+them (docs/formats/nxd.md): one torch.save or xser file per tensor-parallel rank, or one adapter_model.pt, holding
+the adapter's tensors under NxD's module names, with the LoRA config inside (`lora_config`) or in an
+adapter_config.json that is not a PEFT config. Files are found and loaded by nxd_files; here they are checked,
+reassembled across ranks and split into Hugging Face Llama modules for `loraplex convert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -17,20 +16,23 @@ from typing import Any
 import numpy as np
 
 from loraplex.api.types import AdapterFormat
+from loraplex.formats.nxd_files import (
+    CONFIG,
+    CONFIG_KEY,
+    checkpoint_bytes,
+    config_file,
+    is_nxd_config,
+    load_rank,
+    locate,
+    rank_files,
+    read_config,
+    single_files,
+)
 from loraplex.formats.peft_writer import LoraPair, bfloat16_to_float32
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import TensorData, UnsafeCheckpoint, read_state_dict
+from loraplex.formats.safe_pickle import TensorData
 
-# Until the API names NxD, its reports carry AUTO, which no runtime loads: an NxD checkpoint is only converted.
 FORMAT = AdapterFormat.NXD
-SINGLE = "adapter_model.pt"  # LoraModel.save_lora, single device
-CONFIG = "adapter_config.json"
-CONFIG_KEY = "lora_config"
-MAX_CONFIG_BYTES = 1024 * 1024
-RANK_FILE = re.compile(r"^dp_rank_(?P<dp>\d+)_tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+)(?:_ep_rank_(?P<ep>\d+))?\.pt$")
-# The rank files sit in <checkpoint_dir>/<tag>/model/ (save_checkpoint) or <lora_save_dir>/<tag>/ (what the
-# LoRA loader reads); the user may point at any of those folders, or at the training's working directory.
-_RANK_GLOBS = ("dp_rank_*.pt", "*/dp_rank_*.pt", "*/*/dp_rank_*.pt", "*/*/*/dp_rank_*.pt")
 _KEY = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<module>\w+)\."
                   r"lora_(?P<side>A|B)\.(?P<part>weight(?:_q|_k|_v|_qkv)?)$")
 # NxD modules that split their output rows across tp ranks (lora_A whole on each rank), and those that split
@@ -44,29 +46,12 @@ _FLOAT_DTYPES = {"float32", "float16", "bfloat16"}
 _QKV_SIDES = ({"A", "weight_q", "weight_k", "weight_v"}, {"A", "weight_qkv"}, {"A", "weight"})
 
 
-def _rank_files(directory: Path) -> list[Path]:
-    found = {path for pattern in _RANK_GLOBS for path in directory.glob(pattern) if RANK_FILE.match(path.name)}
-    return sorted(found)
-
-
-def _single_files(directory: Path) -> list[Path]:
-    return sorted(path for path in (directory / SINGLE, *directory.glob(f"*/{SINGLE}")) if path.is_file())
-
-
-def _is_nxd_config(path: Path) -> bool:
-    try:
-        config = json.loads(path.read_text()) if path.stat().st_size <= MAX_CONFIG_BYTES else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(config, dict) and "lora_rank" in config and "peft_type" not in config
-
-
 def is_nxd(directory: Path) -> bool:
     """Rank files or adapter_model.pt anywhere NxD puts them, or NxD's own adapter_config.json (which has
     lora_rank and no peft_type, so it must not be taken for a PEFT adapter)."""
-    if _rank_files(directory) or _single_files(directory):
+    if rank_files(directory) or single_files(directory):
         return True
-    return any(_is_nxd_config(path) for path in (directory / CONFIG, directory / "lora_adapter" / CONFIG))
+    return any(is_nxd_config(path) for path in (directory / CONFIG, directory / "lora_adapter" / CONFIG))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,96 +75,6 @@ def _same(x: TensorData, y: TensorData) -> bool:
     return x.dtype == y.dtype and np.array_equal(x.array, y.array)
 
 
-def _relative(path: Path, directory: Path) -> str:
-    return str(path.relative_to(directory))
-
-
-def _locate(directory: Path) -> tuple[list[Path], list[str]]:
-    """The files of one checkpoint, in tp order, and their labels; refuses what cannot be converted."""
-    label = directory.name or str(directory)
-    rank_files, singles = _rank_files(directory), _single_files(directory)
-    if not rank_files:
-        if len(singles) > 1:
-            names = ", ".join(_relative(path, directory) for path in singles)
-            raise Rejection(label, f"holds {len(singles)} NxD adapters ({names}); point at the folder of one of them")
-        if not singles:
-            raise Rejection(label, "holds no NxD LoRA checkpoint: expected dp_rank_00_tp_rank_XX_pp_rank_YY.pt rank "
-                                   f"files or {SINGLE}")
-        return singles, [_relative(singles[0], directory)]
-    folders = sorted({path.parent for path in rank_files})
-    if len(folders) > 1:
-        names = ", ".join(_relative(folder, directory) or "." for folder in folders)
-        raise Rejection(label, f"holds {len(folders)} NxD checkpoints ({names}); point at the tag folder of the one "
-                               "to convert")
-    folder = folders[0]
-    if (folder.parent / "checkpoint").is_file() and not (folder.parent / "done").is_file():
-        raise Rejection(_relative(folder.parent, directory) or label,
-                        "has a checkpoint marker but no done marker: the save did not finish on every rank")
-    by_rank: dict[tuple[int, int], Path] = {}
-    for path in rank_files:
-        match = RANK_FILE.match(path.name)
-        assert match is not None
-        name = _relative(path, directory)
-        if match["ep"] is not None:
-            raise Rejection(name, "comes from an expert-parallel run (ep_rank in its name), which NxD's LoRA layers "
-                                  "do not shard and loraplex does not convert")
-        if int(match["dp"]) != 0:
-            raise Rejection(name, "has a data-parallel rank other than 00, which NxD never writes for a model")
-        if (path.parent / f"{path.name}.tensors").is_dir():
-            raise Rejection(name, "is an xser checkpoint (its tensors sit in a .tensors/ folder beside it, behind "
-                                  "torch_xla TensorReference objects); loraplex reads NxD checkpoints saved with "
-                                  "use_xser=False")
-        by_rank[(int(match["tp"]), int(match["pp"]))] = path
-    pipeline = sorted({pp for _, pp in by_rank})
-    if len(pipeline) > 1:
-        raise Rejection(_relative(folder, directory) or label,
-                        f"holds pipeline-parallel ranks {', '.join(f'{pp:02d}' for pp in pipeline)}: NxD does not "
-                        "filter or name LoRA weights correctly with pipeline parallelism above 1, so loraplex "
-                        "converts only checkpoints saved with pp=1")
-    tp_ranks = sorted(tp for tp, _ in by_rank)
-    missing = sorted(set(range(tp_ranks[-1] + 1)) - set(tp_ranks))
-    if missing:
-        names = ", ".join(f"dp_rank_00_tp_rank_{tp:02d}_pp_rank_{pipeline[0]:02d}.pt" for tp in missing)
-        raise Rejection(_relative(folder, directory) or label,
-                        f"lacks the tensor-parallel rank file {names}: every tp rank holds its own slice")
-    files = [by_rank[(tp, pipeline[0])] for tp in tp_ranks]
-    return files, [_relative(path, directory) for path in files]
-
-
-def _load_rank(path: Path, label: str) -> dict[str, Any]:
-    try:
-        return read_state_dict(path)
-    except UnsafeCheckpoint as exc:
-        raise Rejection(label, f"refused: {exc}") from None
-    except OSError as exc:
-        raise Rejection(label, f"could not be read ({exc})") from None
-
-
-def _config_file(directory: Path, first: Path) -> Path | None:
-    """adapter_config.json where NxD writes it (lora_save_dir, relative to the training's working directory):
-    beside the rank files, in a folder above them up to the one given, or in lora_adapter/ under one of those."""
-    folder = first.parent
-    candidates = []
-    while True:
-        candidates += [folder / CONFIG, folder / "lora_adapter" / CONFIG]
-        if folder == directory or directory not in folder.parents:
-            break
-        folder = folder.parent
-    return next((path for path in candidates if path.is_file()), None)
-
-
-def _read_config(path: Path, label: str) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise Rejection(label, f"is {path.stat().st_size} bytes, far above any real adapter config")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejection(label, f"is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise Rejection(label, "must hold a JSON object")
-    return config
-
-
 def _check_config(config: dict[str, Any], source: str) -> None:
     rank = config.get("lora_rank", config.get("r"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
@@ -197,8 +92,8 @@ def _check_config(config: dict[str, Any], source: str) -> None:
 
 
 def _read(directory: Path) -> _Checkpoint:
-    files, labels = _locate(directory)
-    ranks = [_load_rank(path, label) for path, label in zip(files, labels, strict=True)]
+    files, labels = locate(directory)
+    ranks = [load_rank(path, label) for path, label in zip(files, labels, strict=True)]
     configs = [rank.pop(CONFIG_KEY, None) for rank in ranks]
     if configs[0] is not None:
         config, source = configs[0], f"{labels[0]}[{CONFIG_KEY}]"
@@ -206,13 +101,13 @@ def _read(directory: Path) -> _Checkpoint:
             raise Rejection(source, "must be a dict of LoRA settings")
         config = {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in config.items()}
     else:
-        path = _config_file(directory, files[0])
+        path = config_file(directory, files[0])
         if path is None:
             raise Rejection(labels[0], f"has no {CONFIG_KEY} entry and no {CONFIG} was found beside it or in a "
                                        f"lora_adapter/ folder above it (NxD writes it to lora_adapter/{CONFIG} in the "
                                        "training's working directory: copy it next to the checkpoint)")
-        source = _relative(path, directory)
-        config = _read_config(path, source)
+        source = str(path.relative_to(directory))
+        config = read_config(path, source)
     _check_config(config, source)
     for rank, label in zip(ranks, labels, strict=True):
         for key, value in rank.items():
@@ -239,7 +134,7 @@ def _read(directory: Path) -> _Checkpoint:
             raise Rejection(label, f"holds other tensors than {labels[0]} (for example {differing[0]}); the rank "
                                    "files come from different saves")
     return _Checkpoint(ranks=tuple(ranks), labels=tuple(labels), config=config, config_source=source,
-                       size_bytes=sum(path.stat().st_size for path in files))
+                       size_bytes=sum(checkpoint_bytes(path) for path in files))
 
 
 def _grouped(checkpoint: _Checkpoint) -> dict[tuple[int, str, str], dict[str, str]]:

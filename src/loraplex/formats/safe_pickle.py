@@ -250,3 +250,129 @@ def read_state_dict(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024,
             isinstance(k, str) and (isinstance(v, TensorData) or _is_plain(v)) for k, v in loaded.items()):
         raise UnsafeCheckpoint("is not a mapping of names to tensors and plain values")
     return dict(loaded)
+
+
+# ---- torch_xla serialization (xser), which NxD's use_xser=True uses -------------------------------------------
+# Every tensor is its own torch.save file, <file>.tensors/tensor_<tid>.pt, and <file> pickles the structure with a
+# TensorReference(tid) where each tensor was; NxD adds <file>.info.pt, tid → dtype and shape. Of torch_xla, only
+# that one class is let through, as an inert stand-in holding the id; the caller, who knows the folder, resolves it.
+class XserReference:
+    """Stand-in for torch_xla.utils.serialization.TensorReference: the id of the tensor file holding the value."""
+
+    __slots__ = ("tid",)
+
+    def __init__(self, tid: Any) -> None:
+        self.__setstate__({"tid": tid})
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, dict) and state.keys() == {"tid"} and type(state["tid"]) is int
+                and state["tid"] >= 0):
+            raise UnsafeCheckpoint("has a TensorReference that holds more or other than one tensor id")
+        self.tid = state["tid"]
+
+
+def _torch_size(dims: Any) -> tuple[int, ...]:
+    if not isinstance(dims, tuple) or not all(type(d) is int and d >= 0 for d in dims):
+        raise UnsafeCheckpoint("has a torch.Size that is not a tuple of sizes")
+    return dims
+
+
+_XSER_STRUCTURE = {**_ALLOWED_WITH_DATA, ("torch_xla.utils.serialization", "TensorReference"): XserReference}
+# a dtype pickles as the global torch.<name>; it stands in as that name
+_XSER_INFO = {("torch", "Size"): _torch_size, **{("torch", dtype): dtype for dtype in _NUMPY_DTYPES}}
+
+
+class _XserUnpickler(_DataUnpickler):
+    def __init__(self, payload: bytes, archive: zipfile.ZipFile, prefix: str, max_bytes: int,
+                 allowed: dict[tuple[str, str], Any]):
+        super().__init__(payload, archive, prefix, max_bytes)
+        self._xser_allowed = allowed
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self._xser_allowed.get((module, name))
+        if allowed is None:
+            raise UnsafeCheckpoint(f"refers to {module}.{name}, which a plain tensor checkpoint never needs")
+        return allowed
+
+
+def _load_xser_file(path: Path, allowed: dict[tuple[str, str], Any], max_pickle_bytes: int,
+                    max_tensor_bytes: int) -> Any:
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpoint("is not a zip-format torch checkpoint (legacy pickles are refused)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")
+                   or info.filename == "data.pkl"]
+        if len(pickles) != 1:
+            raise UnsafeCheckpoint("does not hold exactly one data.pkl")
+        if pickles[0].file_size > max_pickle_bytes:
+            raise UnsafeCheckpoint(f"has a {pickles[0].file_size}-byte data.pkl, above {max_pickle_bytes}")
+        prefix = pickles[0].filename.removesuffix("data.pkl")
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            raise UnsafeCheckpoint("stores big-endian tensors")
+        try:
+            return _XserUnpickler(archive.read(pickles[0]), archive, prefix, max_tensor_bytes, allowed).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as exc:  # malformed pickles raise anything from IndexError to UnpicklingError
+            raise UnsafeCheckpoint(f"could not be read ({type(exc).__name__}: {exc})") from None
+
+
+def read_xser_structure(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024,
+                        max_tensor_bytes: int = 16 * 1024**3) -> dict[str, Any]:
+    """read_state_dict for the main file of an xser save: a value may also be an XserReference."""
+    loaded = _load_xser_file(path, _XSER_STRUCTURE, max_pickle_bytes, max_tensor_bytes)
+    if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and (isinstance(v, (TensorData, XserReference)) or _is_plain(v))
+            for k, v in loaded.items()):
+        raise UnsafeCheckpoint("is not a mapping of names to tensor references, tensors and plain values")
+    if any(isinstance(v, XserReference) and not hasattr(v, "tid") for v in loaded.values()):
+        raise UnsafeCheckpoint("has a TensorReference without a tensor id")
+    return dict(loaded)
+
+
+def read_xser_tensor(path: Path, max_tensor_bytes: int = 16 * 1024**3) -> TensorData:
+    """The one tensor of an xser tensor file (torch.save of that tensor alone), under read_state_dict's
+    allow-list."""
+    loaded = _load_xser_file(path, _ALLOWED_WITH_DATA, 1024 * 1024, max_tensor_bytes)
+    if not isinstance(loaded, TensorData):
+        raise UnsafeCheckpoint("holds something other than one tensor")
+    return loaded
+
+
+def read_xser_info(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024) -> dict[int, TensorInfo]:
+    """tid → dtype and shape, from the .info.pt NxD writes beside an xser file."""
+    loaded = _load_xser_file(path, _XSER_INFO, max_pickle_bytes, 0)
+    fields = {"dtype", "shape", "expert_model_parallel"}
+    if not isinstance(loaded, dict) or not all(
+            type(tid) is int and isinstance(info, dict) and {"dtype", "shape"} <= info.keys() <= fields
+            and isinstance(info["dtype"], str) and info["dtype"] in _NUMPY_DTYPES and isinstance(info["shape"], tuple)
+            and isinstance(info.get("expert_model_parallel", False), bool) for tid, info in loaded.items()):
+        raise UnsafeCheckpoint("is not a mapping of tensor ids to their dtype and shape")
+    return {tid: TensorInfo(shape=info["shape"], dtype=info["dtype"]) for tid, info in loaded.items()}
+
+
+def read_saved_tensor(payload: bytes, max_tensor_bytes: int = 16 * 1024**3) -> TensorData:
+    """The tensor of a `torch.save` archive of that tensor alone (a chunk of a torch distributed checkpoint, say),
+    read under the same allow-list as read_state_dict."""
+    source = io.BytesIO(payload)
+    if not zipfile.is_zipfile(source):
+        raise UnsafeCheckpoint("is not a zip-format torch.save payload")
+    with zipfile.ZipFile(source) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")
+                   or info.filename == "data.pkl"]
+        if len(pickles) != 1 or pickles[0].file_size > 1024 * 1024:
+            raise UnsafeCheckpoint("does not hold one small data.pkl, as a saved tensor does")
+        prefix = pickles[0].filename.removesuffix("data.pkl")
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            raise UnsafeCheckpoint("stores big-endian tensors")
+        try:
+            loaded = _DataUnpickler(archive.read(pickles[0]), archive, prefix, max_tensor_bytes).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as exc:  # malformed pickles raise anything from IndexError to UnpicklingError
+            raise UnsafeCheckpoint(f"could not be read as a saved tensor ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, TensorData):
+        raise UnsafeCheckpoint("does not hold a single tensor")
+    return loaded

@@ -1,0 +1,215 @@
+"""Where an NxD LoRA checkpoint's files sit and how they load (docs/formats/nxd.md §1): nxd.save_checkpoint's rank
+files, written by torch.save or by torch_xla's xser (use_xser=True), LoraModel.save_lora's adapter_model.pt, and
+NxD's adapter_config.json. Every file goes through the restricted unpickler, so nothing in them runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from loraplex.formats.report import Rejection
+from loraplex.formats.safe_pickle import (
+    TensorData,
+    TensorInfo,
+    UnsafeCheckpoint,
+    XserReference,
+    read_xser_info,
+    read_xser_structure,
+    read_xser_tensor,
+)
+
+SINGLE = "adapter_model.pt"  # LoraModel.save_lora, single device
+CONFIG = "adapter_config.json"
+CONFIG_KEY = "lora_config"
+MAX_CONFIG_BYTES = 1024 * 1024
+RANK_FILE = re.compile(r"^dp_rank_(?P<dp>\d+)_tp_rank_(?P<tp>\d+)_pp_rank_(?P<pp>\d+)(?:_ep_rank_(?P<ep>\d+))?\.pt$")
+# The rank files sit in <checkpoint_dir>/<tag>/model/ (save_checkpoint) or <lora_save_dir>/<tag>/ (what the
+# LoRA loader reads); the user may point at any of those folders, or at the training's working directory.
+_RANK_GLOBS = ("dp_rank_*.pt", "*/dp_rank_*.pt", "*/*/dp_rank_*.pt", "*/*/*/dp_rank_*.pt")
+# xser names a rank file's tensors by the order it met them in (torch_xla serialization._get_tensor_file).
+_TENSOR_FILE = re.compile(r"^tensor_(?P<tid>0|[1-9]\d*)\.pt$")
+
+
+def rank_files(directory: Path) -> list[Path]:
+    found = {path for pattern in _RANK_GLOBS for path in directory.glob(pattern) if RANK_FILE.match(path.name)}
+    return sorted(found)
+
+
+def single_files(directory: Path) -> list[Path]:
+    return sorted(path for path in (directory / SINGLE, *directory.glob(f"*/{SINGLE}")) if path.is_file())
+
+
+def is_nxd_config(path: Path) -> bool:
+    try:
+        config = json.loads(path.read_text()) if path.stat().st_size <= MAX_CONFIG_BYTES else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and "lora_rank" in config and "peft_type" not in config
+
+
+def _relative(path: Path, directory: Path) -> str:
+    return str(path.relative_to(directory))
+
+
+def locate(directory: Path) -> tuple[list[Path], list[str]]:
+    """The files of one checkpoint, in tp order, and their labels; refuses what cannot be converted."""
+    label = directory.name or str(directory)
+    found, singles = rank_files(directory), single_files(directory)
+    if not found:
+        if len(singles) > 1:
+            names = ", ".join(_relative(path, directory) for path in singles)
+            raise Rejection(label, f"holds {len(singles)} NxD adapters ({names}); point at the folder of one of them")
+        if not singles:
+            raise Rejection(label, "holds no NxD LoRA checkpoint: expected dp_rank_00_tp_rank_XX_pp_rank_YY.pt rank "
+                                   f"files or {SINGLE}")
+        return singles, [_relative(singles[0], directory)]
+    folders = sorted({path.parent for path in found})
+    if len(folders) > 1:
+        names = ", ".join(_relative(folder, directory) or "." for folder in folders)
+        raise Rejection(label, f"holds {len(folders)} NxD checkpoints ({names}); point at the tag folder of the one "
+                               "to convert")
+    folder = folders[0]
+    if (folder.parent / "checkpoint").is_file() and not (folder.parent / "done").is_file():
+        raise Rejection(_relative(folder.parent, directory) or label,
+                        "has a checkpoint marker but no done marker: the save did not finish on every rank")
+    by_rank: dict[tuple[int, int], Path] = {}
+    for path in found:
+        match = RANK_FILE.match(path.name)
+        assert match is not None
+        name = _relative(path, directory)
+        if match["ep"] is not None:
+            raise Rejection(name, "comes from an expert-parallel run (ep_rank in its name), which NxD's LoRA layers "
+                                  "do not shard and loraplex does not convert")
+        if int(match["dp"]) != 0:
+            raise Rejection(name, "has a data-parallel rank other than 00, which NxD never writes for a model")
+        by_rank[(int(match["tp"]), int(match["pp"]))] = path
+    pipeline = sorted({pp for _, pp in by_rank})
+    if len(pipeline) > 1:
+        raise Rejection(_relative(folder, directory) or label,
+                        f"holds pipeline-parallel ranks {', '.join(f'{pp:02d}' for pp in pipeline)}, but NxD cannot "
+                        "save a LoRA adapter with pp>1: NxDModel.state_dict() then returns each stage's "
+                        "local_state_dict, past LoraModel's adapter filter and lora_config, and the stages were cut "
+                        "before LoRA was injected, so they hold base weights only (docs/formats/nxd.md §4.3); "
+                        "loraplex converts checkpoints saved with pp=1")
+    tp_ranks = sorted(tp for tp, _ in by_rank)
+    missing = sorted(set(range(tp_ranks[-1] + 1)) - set(tp_ranks))
+    if missing:
+        names = ", ".join(f"dp_rank_00_tp_rank_{tp:02d}_pp_rank_{pipeline[0]:02d}.pt" for tp in missing)
+        raise Rejection(_relative(folder, directory) or label,
+                        f"lacks the tensor-parallel rank file {names}: every tp rank holds its own slice")
+    files = [by_rank[(tp, pipeline[0])] for tp in tp_ranks]
+    return files, [_relative(path, directory) for path in files]
+
+
+def _tensor_folder(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tensors")
+
+
+def _info_file(path: Path) -> Path:
+    return path.with_name(f"{path.name}.info.pt")
+
+
+def load_rank(path: Path, label: str) -> dict[str, Any]:
+    """A rank file's dict, with xser's tensor references replaced by the tensors they name."""
+    structure = _unpickled(read_xser_structure, path, label)
+    references = {key: value.tid for key, value in structure.items() if isinstance(value, XserReference)}
+    if references:
+        return {**structure, **_xser_tensors(path, label, structure, references)}
+    if _tensor_folder(path).exists():
+        raise Rejection(f"{label}.tensors", f"sits beside {path.name}, which refers to no xser tensor: the folder "
+                                            "belongs to another save")
+    return structure
+
+
+def _unpickled(read: Any, path: Path, label: str) -> Any:
+    try:
+        return read(path)
+    except UnsafeCheckpoint as exc:
+        raise Rejection(label, f"refused: {exc}") from None
+    except OSError as exc:
+        raise Rejection(label, f"could not be read ({exc})") from None
+
+
+def _xser_tensors(path: Path, label: str, structure: dict[str, Any], references: dict[str, int]) -> dict[str, Any]:
+    """key → TensorData for each reference, read from <rank file>.tensors/tensor_<tid>.pt by id: the ids, not the
+    order of the keys, say which file is whose."""
+    folder, folder_label = _tensor_folder(path), f"{label}.tensors"
+    if not folder.is_dir():
+        raise Rejection(label, f"is an xser file (it holds tensor references), but its tensor folder {folder.name}/ "
+                               "is missing beside it; copy the folder with it")
+    inline = sorted(key for key, value in structure.items() if isinstance(value, TensorData))
+    if inline:
+        raise Rejection(label, f"holds {inline[0]} as a tensor beside xser tensor references, which NxD never writes")
+    present = {entry.name for entry in folder.iterdir()}
+    strays = sorted(name for name in present if not _TENSOR_FILE.match(name) or not (folder / name).is_file())
+    if strays:
+        raise Rejection(f"{folder_label}/{strays[0]}", "is not an xser tensor file (tensor_<id>.pt)")
+    wanted = {f"tensor_{tid}.pt": key for key, tid in references.items()}
+    lacking = sorted(wanted.keys() - present, key=lambda name: references[wanted[name]])
+    if lacking:
+        raise Rejection(folder_label, f"lacks {lacking[0]}, which holds {wanted[lacking[0]]}: the save did not "
+                                      "finish or the folder was copied in part")
+    unclaimed = sorted(present - wanted.keys())
+    if unclaimed:
+        raise Rejection(f"{folder_label}/{unclaimed[0]}", f"is named by no key of {path.name}: the folder mixes "
+                                                           "tensors of another save")
+    info = _info(path, label, set(references.values()))
+    tensors: dict[int, TensorData] = {}
+    for tid in sorted(set(references.values())):
+        name = f"tensor_{tid}.pt"
+        tensor = _unpickled(read_xser_tensor, folder / name, f"{folder_label}/{name}")
+        expected = info.get(tid)
+        if expected is not None and (expected.dtype, expected.shape) != (tensor.dtype, tensor.array.shape):
+            raise Rejection(f"{folder_label}/{name}",
+                            f"holds a {list(tensor.array.shape)} {tensor.dtype} tensor, but {_info_file(path).name} "
+                            f"gives {list(expected.shape)} {expected.dtype} for {wanted[name]}")
+        tensors[tid] = tensor
+    return {key: tensors[tid] for key, tid in references.items()}
+
+
+def _info(path: Path, label: str, tids: set[int]) -> dict[int, TensorInfo]:
+    """NxD's side file of each tensor's dtype and shape; older NxD releases and torch_xla's own xser.save write
+    none."""
+    info_path = _info_file(path)
+    if not info_path.is_file():
+        return {}
+    info = _unpickled(read_xser_info, info_path, f"{label}.info.pt")
+    if info.keys() != tids:
+        odd = sorted(info.keys() ^ tids)[0]
+        raise Rejection(f"{label}.info.pt", f"describes other tensors than {path.name} refers to (tensor id {odd} "
+                                            "is in one only): they come from different saves")
+    return info
+
+
+def checkpoint_bytes(path: Path) -> int:
+    """A rank file's size with its xser tensor folder and info file, if it has them."""
+    extra = [_info_file(path), *(_tensor_folder(path).glob("tensor_*.pt"))]
+    return path.stat().st_size + sum(file.stat().st_size for file in extra if file.is_file())
+
+
+def config_file(directory: Path, first: Path) -> Path | None:
+    """adapter_config.json where NxD writes it (lora_save_dir, relative to the training's working directory):
+    beside the rank files, in a folder above them up to the one given, or in lora_adapter/ under one of those."""
+    folder = first.parent
+    candidates = []
+    while True:
+        candidates += [folder / CONFIG, folder / "lora_adapter" / CONFIG]
+        if folder == directory or directory not in folder.parents:
+            break
+        folder = folder.parent
+    return next((path for path in candidates if path.is_file()), None)
+
+
+def read_config(path: Path, label: str) -> dict[str, Any]:
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise Rejection(label, f"is {path.stat().st_size} bytes, far above any real adapter config")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejection(label, f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise Rejection(label, "must hold a JSON object")
+    return config
