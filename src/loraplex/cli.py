@@ -128,7 +128,7 @@ def _run_validate(args: argparse.Namespace) -> int:
         parse_version,
         version_note,
     )
-    from loraplex.formats import AdapterPolicy, Rejection, detect_format
+    from loraplex.formats import AdapterPolicy, Rejection, detect_format, nemo2
     from loraplex.formats.for_runtime import validate_or_convert
 
     path: Path = args.path
@@ -164,7 +164,8 @@ def _run_validate(args: argparse.Namespace) -> int:
             directory.mkdir()
             (directory / path.name).symlink_to(path.resolve())
         try:
-            if path.is_dir() and runtime is not None and detect_format(path) in capabilities(runtime).converts:
+            if path.is_dir() and runtime is not None and capabilities(runtime, version).conversion(
+                    detect_format(path), nemo2.is_nemo2(path)) is not None:
                 shutil.copytree(path, directory)  # judged as the sidecar would: converted, and never in place
             elif path.is_dir():
                 directory = path

@@ -154,6 +154,14 @@ class RuntimeCapabilities:
         """What a LoraAdapter may hold for it: what it loads, and what loraplex converts to that."""
         return self.formats | frozenset(self.converts)
 
+    def conversion(self, fmt: AdapterFormat, nemo2: bool = False) -> AdapterFormat | None:
+        """The format loraplex converts an adapter of `fmt` to for this runtime, or None when it loads it as it is.
+        A NeMo 2 checkpoint folder (format nemo, `nemo2`) is converted to Hugging Face PEFT for every runtime:
+        the NIMs that load NeMo adapters document them only as one .nemo file."""
+        if nemo2 and fmt == AdapterFormat.NEMO:
+            return self.converts.get(fmt, AdapterFormat.HF)
+        return self.converts.get(fmt)
+
 
 class NimLimits(enum.StrEnum):
     """How a NIM generation is told lora.maxGpuLoras, lora.maxCpuLoras and lora.maxRank."""

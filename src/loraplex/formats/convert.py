@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
-from loraplex.formats import detect_format, inspect, nemo, nxd, trtllm
+from loraplex.formats import detect_format, inspect, nemo_module, nxd, trtllm
 from loraplex.formats.peft_writer import LoraPair, write_peft_adapter
 from loraplex.formats.report import AdapterReport, Rejection
 
@@ -33,6 +33,17 @@ source layouts:
                 heads and head size split QKV and must match model_config.yaml. Read with a restricted
                 unpickler; pre-mcore keys (language_model.encoder), MoE and interleaved-pipeline
                 checkpoints are refused.
+  NeMo 2        a checkpoint folder of weights/ (a torch distributed checkpoint: .metadata and
+                __<rank>_<n>.distcp files) and context/model.yaml (config: the model's sizes;
+                model_transform: LoRA or CanonicalLoRA with dim, alpha). Only module.*.adapter.* tensors
+                are read: each from its chunks, at the offsets .metadata gives (several per tensor when
+                trained with tensor parallelism), decoder layers unstacked from the leading axis. LoRA's
+                linear_qkv adapter becomes q_proj/k_proj/v_proj (per query group) and linear_fc1's
+                gate_proj/up_proj ([gate; up]), sharing their A; linear_proj is o_proj, linear_fc2
+                down_proj; CanonicalLoRA's adapter_q/k/v/gate/up map one to one. alpha/dim goes into B.
+                Needs --base-config, which must match model.yaml's sizes. .metadata is read with a
+                restricted unpickler and each chunk as a plain tensor; context/io.json and
+                weights/common.pt are never opened. DoRA, MoE and other adapters are refused.
   NxD           AWS Neuron NeuronX Distributed adapter-only checkpoints: dp_rank_00_tp_rank_XX_pp_rank_00.pt
                 per tensor-parallel rank (under <tag>/model/ or <tag>/, with the checkpoint and done
                 markers) or a single-device adapter_model.pt, read with a restricted unpickler. A rank
@@ -61,7 +72,7 @@ class ConversionError(ValueError):
 # config.json.
 READERS: dict[AdapterFormat, tuple[str, Callable[[Path, dict[str, Any]], list[LoraPair]], str]] = {
     AdapterFormat.TRTLLM: ("TensorRT-LLM", trtllm.read_pairs, "its rows hold only flattened values"),
-    AdapterFormat.NEMO: ("NeMo", nemo.read_pairs,
+    AdapterFormat.NEMO: ("NeMo", lambda source, base: nemo_module(source).read_pairs(source, base),
                          "its heads, key/value heads and head size say how fused QKV splits"),
     AdapterFormat.NXD: ("NxD", nxd.read_pairs, "its heads and key/value heads say how qkv_proj splits"),
 }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loraplex.api.runtime_capabilities import capabilities
 from loraplex.api.types import AdapterFormat
-from loraplex.formats import inspect
+from loraplex.formats import inspect, nemo2
 from loraplex.formats.convert import ConversionError, convert
 from loraplex.formats.report import AdapterReport, Rejection
 from loraplex.formats.rules import AdapterPolicy, check
@@ -25,7 +25,7 @@ def validate_or_convert(directory: Path, policy: AdapterPolicy) -> tuple[Adapter
     """
     source = inspect(directory, policy.expected_format or AdapterFormat.AUTO)
     caps = capabilities(policy.runtime, policy.runtime_version) if policy.runtime is not None else None
-    target = caps.converts.get(source.format) if caps is not None else None
+    target = caps.conversion(source.format, nemo2.is_nemo2(directory)) if caps is not None else None
     if target is None:
         check(source, policy)
         return source, None

@@ -110,7 +110,7 @@ def read_pairs(directory: Path, base_config: dict[str, Any], max_bytes: int = 50
     back together, fused QKV split per query group into q/k/v and fused fc1 into gate/up (sharing A)."""
     with _opened(directory, max_bytes, read_values) as (label, _, config, shards):
         adapters = _plan(label, config, shards)
-        sizes = _model_sizes(label, config, base_config)
+        sizes = model_sizes(f"{label}/{CONFIG}", config.model, base_config)
         dtypes = {value.dtype for shard in shards.values() for value in shard.values()}
         if len(dtypes) != 1 or not dtypes <= {"float32", "float16", "bfloat16"}:
             raise Rejection(f"{label}/{WEIGHTS}", f"holds {', '.join(sorted(dtypes))} weights; loraplex converts "
@@ -122,12 +122,12 @@ def read_pairs(directory: Path, base_config: dict[str, Any], max_bytes: int = 50
             if adapter.legacy:
                 raise Rejection(f"{label}/{WEIGHTS}", "holds pre-mcore keys (model.language_model.encoder.layers), "
                                                       "whose fused QKV layout loraplex does not convert")
-            _check_module_shape(label, adapter.weights, sizes)
+            check_module_shape(f"{label}/{WEIGHTS}", adapter.weights, sizes)
             ranks = _ranks(config.tensor_parallel, adapter.stage)
             a = _join([shards[r][adapter.in_key].array for r in ranks], 1 if adapter.module in _INPUT_SPLIT else 0)
             outs = [shards[r][adapter.out_key].array for r in ranks]
-            for module, b in _split_out(adapter.module, outs, sizes):
-                pairs.append(LoraPair(adapter.layer, HF_MODULES[module], a, _scaled(b, scale, bfloat16),
+            for module, b in split_out(adapter.module, outs, sizes):
+                pairs.append(LoraPair(adapter.layer, HF_MODULES[module], a, scaled(b, scale, bfloat16),
                                       bfloat16=bfloat16))
     return pairs
 
@@ -374,9 +374,9 @@ class _Sizes:
     ffn: int
 
 
-def _model_sizes(label: str, config: NemoConfig, base_config: dict[str, Any]) -> _Sizes:
-    """The base model's sizes, which split fused QKV per query group; where model_config.yaml states the same
-    size it must agree."""
+def model_sizes(where: str, model: dict[str, Any], base_config: dict[str, Any]) -> _Sizes:
+    """The base model's sizes, which split fused QKV per query group; where the adapter's model config (`where`,
+    NeMo's names) states the same size it must agree."""
     try:
         hidden, heads = int(base_config["hidden_size"]), int(base_config["num_attention_heads"])
         groups = int(base_config.get("num_key_value_heads") or heads)
@@ -386,7 +386,6 @@ def _model_sizes(label: str, config: NemoConfig, base_config: dict[str, Any]) ->
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
         raise Rejection("config.json", f"of the base model lacks the sizes needed to split NeMo's fused "
                                        f"adapters ({exc})") from None
-    model = config.model
     stated_heads = model.get("num_attention_heads")
     pairs = [
         ("hidden_size", "hidden_size", hidden), ("num_attention_heads", "num_attention_heads", heads),
@@ -400,15 +399,15 @@ def _model_sizes(label: str, config: NemoConfig, base_config: dict[str, Any]) ->
         if stated is None and nemo_key == "kv_channels" and model.get("hidden_size") and stated_heads:
             stated = model["hidden_size"] // stated_heads
         if stated is not None and stated != value:
-            raise Rejection(f"{label}/{CONFIG}", f"says {nemo_key}={stated} but the base model's config.json has "
-                                                 f"{hf_key}={value}; the adapter was trained for another base model")
+            raise Rejection(where, f"says {nemo_key}={stated} but the base model's config.json has {hf_key}="
+                                   f"{value}; the adapter was trained for another base model")
     if heads % groups:
         raise Rejection("config.json", f"of the base model has {heads} attention heads, not a multiple of its "
                                        f"{groups} key/value heads")
     return sizes
 
 
-def _check_module_shape(label: str, weights: LoraWeights, sizes: _Sizes) -> None:
+def check_module_shape(where: str, weights: LoraWeights, sizes: _Sizes) -> None:
     q, kv = sizes.heads * sizes.head_dim, sizes.groups * sizes.head_dim
     expected = {
         "attention_qkv": (sizes.hidden, q + 2 * kv), "attention_dense": (q, sizes.hidden),
@@ -417,17 +416,16 @@ def _check_module_shape(label: str, weights: LoraWeights, sizes: _Sizes) -> None
         "gate_proj": (sizes.hidden, sizes.ffn), "up_proj": (sizes.hidden, sizes.ffn),
     }[weights.module]
     if (weights.in_features, weights.out_features) != expected:
-        raise Rejection(f"{label}/{WEIGHTS}", f"layer {weights.layer} {weights.module} maps {weights.in_features}→"
-                                              f"{weights.out_features} but the base model's config.json gives "
-                                              f"{expected[0]}→{expected[1]}; the adapter was trained for another "
-                                              "base model")
+        raise Rejection(where, f"layer {weights.layer} {weights.module} maps {weights.in_features}→"
+                               f"{weights.out_features} but the base model's config.json gives "
+                               f"{expected[0]}→{expected[1]}; the adapter was trained for another base model")
 
 
 def _join(shards: list[np.ndarray], axis: int) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(shards, axis=axis))
 
 
-def _split_out(module: str, outs: list[np.ndarray], sizes: _Sizes) -> list[tuple[str, np.ndarray]]:
+def split_out(module: str, outs: list[np.ndarray], sizes: _Sizes) -> list[tuple[str, np.ndarray]]:
     """linear_out, whole, as the B of each Hugging Face module it adapts."""
     if module == "mlp_fc1":
         # Each TP rank holds [gate_t; up_t] of its slice of the FFN, so the halves are taken per rank.
@@ -447,7 +445,7 @@ def _split_out(module: str, outs: list[np.ndarray], sizes: _Sizes) -> list[tuple
     ]
 
 
-def _scaled(b: np.ndarray, scale: float, bfloat16: bool) -> np.ndarray:
+def scaled(b: np.ndarray, scale: float, bfloat16: bool) -> np.ndarray:
     if scale == 1.0:
         return b
     if not bfloat16:
