@@ -152,11 +152,14 @@ def test_megatron_metadata_classes_are_read(tmp_path, peft_adapter):
     assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
 
 
-def test_per_layer_keys_convert_like_stacked_ones(tmp_path, checkpoint, peft_adapter):
+def test_per_layer_keys_and_extra_state_convert_like_stacked_ones(tmp_path, checkpoint, peft_adapter):
     def unstack(state: dict[str, torch.Tensor]) -> None:
         for key in [key for key in state if ".adapter." in key]:
             for layer, matrix in enumerate(state.pop(key)):
                 state[key.replace("layers.", f"layers.{layer}.")] = matrix.clone()
+        # TransformerEngine's extra state sits beside the adapter's weights and is no part of it.
+        state["module.decoder.layers.0.self_attention.linear_qkv.adapter.linear_in._extra_state/shard_0_1"] = \
+            torch.zeros(3)
 
     source = resave(copy(checkpoint, tmp_path), unstack)
     assert "module.decoder.layers.3.mlp.linear_fc2.adapter.linear_in.weight" in read_dcp_metadata(

@@ -169,7 +169,7 @@ def _plan(config: Nemo2Config, tensors: dict[str, DcpTensor]) -> list[_Adapter]:
     of rank `dim`, stacked over model.yaml's num_layers."""
     sides: dict[tuple[str, int | None], dict[str, str]] = {}
     for key in sorted(tensors):
-        if not key.startswith("module.") or ".adapter." not in key or key.endswith("_extra_state"):
+        if not key.startswith("module.") or ".adapter." not in key or "_extra_state" in key:
             continue  # optimizer state, the frozen base model, TransformerEngine's extra state
         match = _KEY.match(key)
         part = match and match["part"]
