@@ -14,11 +14,12 @@ from pathlib import Path
 import kubernetes
 import pytest
 
-from loraplex.api.types import AdapterFormat, Runtime
+from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 from loraplex.local.apiproxy import ApiProxy
+from loraplex.operator.runtimes.nim import NimProfile
 from tests.adapters import make_hf_adapter_for, make_nemo_adapter
 from tests.fakes.files import FileServer, self_signed_certificate
-from tests.fakes.runtime import FakeNim
+from tests.fakes.runtime import FakeNim, Switch
 from tests.integration.harness import wait_for
 from tests.integration.sidecar_harness import (
     GROUP,
@@ -382,6 +383,43 @@ def test_nim_serves_nemo_adapters_from_the_peft_folder(writer, volume, sidecar_f
         writer.remove("nemo-math")
         until(sidecar, lambda: writer.replica_status("nemo-math") is None, "removed")
         until(sidecar, lambda: "nemo-math" not in nim.listed, "NIM forgot it")
+    finally:
+        nim.stop()
+
+
+def nim_2x_container_env() -> dict[str, str]:
+    """The environment the operator renders for a NIM 2.x container whose vLLM takes ranks up to 16."""
+    spec = BaseModelDeploymentSpec.model_validate({
+        "model": "meta/llama3", "runtime": "nim", "image": "nvcr.io/nim/meta/llama3:2.0.5",
+        "lora": {"maxGpuLoras": 2, "maxCpuLoras": 4, "maxRank": MAX_LORA_RANK, "refreshIntervalSeconds": 1}})
+    return {e["name"]: e["value"] for e in NimProfile().container(spec)["env"]}
+
+
+@pytest.mark.parametrize("switch", list(Switch))
+def test_nim_2x_serves_adapters_added_after_it_started(writer, volume, sidecar_factory, switch):
+    """NIM 2.x in dynamic LoRA mode, whichever rendered variable switches it on: the sidecar loads through the API
+    where NIM has one, and waits for the watcher where it has not."""
+    (volume / "adapters").mkdir(parents=True)
+    nim = FakeNim.two("meta/llama3", volume / "adapters", nim_2x_container_env(), switch).start()
+    try:
+        writer.runtime = Runtime.NIM
+        sidecar = sidecar_factory(nim, Runtime.NIM, LORAPLEX_RUNTIME_VERSION="2.0.5",
+                                  LORAPLEX_NIM_REFRESH_SECONDS="1")
+        writer.add("math", "s3://adapters/llama3/math")
+        writer.add("too-big-rank", "s3://adapters/llama3/too-big-rank")  # rank 32: passes the sidecar, not NIM
+        until(sidecar, lambda: writer.state("math") == "Loaded" and writer.state("too-big-rank") == "Failed",
+              "one Loaded, one refused by NIM")
+        assert nim.listed == {"math"}
+        refused = writer.replica_status("too-big-rank")
+        assert refused["reason"] == "LoadFailed"
+        if switch == Switch.API:
+            assert refused["message"].startswith("NIM refused to load too-big-rank: LoRA rank 32 is greater than "
+                                                 "max_lora_rank 16.")
+        else:
+            assert "did not list too-big-rank in /v1/models within 8s and serves no load API" in refused["message"]
+        writer.remove("math")
+        until(sidecar, lambda: writer.replica_status("math") is None, "removed")
+        until(sidecar, lambda: "math" not in nim.listed, "NIM forgot it")
     finally:
         nim.stop()
 

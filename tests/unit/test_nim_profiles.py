@@ -12,6 +12,7 @@ import pytest
 from loraplex.api.adapter_set import AdapterLimits
 from loraplex.api.runtime_capabilities import (
     RUNTIMES,
+    NimPickup,
     capabilities,
     deployed_version,
     nim_generation,
@@ -23,7 +24,9 @@ from loraplex.formats.for_runtime import validate_or_convert
 from loraplex.operator import render
 from loraplex.operator.adapters import AdapterView, check_adapter
 from loraplex.operator.settings import OperatorSettings
+from loraplex.sidecar.runtimes import LoadFailed, client_for
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter
+from tests.fakes.runtime import FakeNim, Switch
 from tests.producers import make_nemo_from_peft, share_fused_lora_a
 
 SETTINGS = OperatorSettings(sidecar_image="loraplex/loraplex:test")
@@ -103,7 +106,8 @@ def test_the_unknown_version_row_is_the_table_row_and_vllm_ignores_nim_versions(
 def test_nim_1x_gets_the_nim_max_variables_and_no_passthrough():
     env = inference_env(nim(NIM_1))
     assert (env["NIM_MAX_GPU_LORAS"], env["NIM_MAX_CPU_LORAS"], env["NIM_MAX_LORA_RANK"]) == ("8", "16", "32")
-    assert "NIM_PASSTHROUGH_ARGS" not in env
+    assert "NIM_PASSTHROUGH_ARGS" not in env and "VLLM_ALLOW_RUNTIME_LORA_UPDATING" not in env
+    assert env["NIM_PEFT_REFRESH_INTERVAL"] == "10"
     assert inference_env(nim(LATEST)) == env  # unknown: as 1.x, the pod every earlier loraplex rendered
 
 
@@ -114,11 +118,22 @@ def test_nim_2x_gets_the_limits_as_vllm_arguments():
     assert not {"NIM_MAX_GPU_LORAS", "NIM_MAX_CPU_LORAS", "NIM_MAX_LORA_RANK"} & set(env)
     # 20 is not a value vLLM's --max-lora-rank takes: the next one up is, and loraplex still enforces 20.
     assert shlex.split(env["NIM_PASSTHROUGH_ARGS"]) == [
-        "--max-loras", "8", "--max-cpu-loras", "16", "--max-lora-rank", "32",
+        "--enable-lora", "--max-loras", "8", "--max-cpu-loras", "16", "--max-lora-rank", "32",
         "--max-model-len", "8192", "--chat-template", "a b.jinja"]
     assert (env["NIM_PEFT_SOURCE"], env["NIM_PEFT_REFRESH_INTERVAL"]) == ("/loras", "5")
     assert inference_env(nim(LATEST, runtimeVersion="2.0.5"))["NIM_PASSTHROUGH_ARGS"] == \
-        "--max-loras 8 --max-cpu-loras 16 --max-lora-rank 32"
+        "--enable-lora --max-loras 8 --max-cpu-loras 16 --max-lora-rank 32"
+
+
+@pytest.mark.parametrize("image", [NIM_2, "nvcr.io/nim/meta/llama-3.1-8b-instruct:2.1.4",
+                                   "nvcr.io/nim/meta/llama-3.1-8b-instruct:3.0.0"])
+def test_nim_2x_is_told_both_switches_its_dynamic_lora_mode_may_hang_on(image):
+    # Static mode would never serve an adapter added after the pod started. Which variable turns dynamic mode on
+    # is not established: the watcher's interval and vLLM's runtime LoRA endpoints are both set.
+    env = inference_env(nim(image, lora={"refreshIntervalSeconds": 7}))
+    assert nim_generation(deployed_version(Runtime.NIM, image, None)).pickup == NimPickup.DYNAMIC
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+    assert env["NIM_PEFT_REFRESH_INTERVAL"] == "7"
 
 
 @pytest.mark.parametrize(("image", "overrides", "complaint"), [
@@ -132,6 +147,11 @@ def test_nim_2x_gets_the_limits_as_vllm_arguments():
      "env NIM_PASSTHROUGH_ARGS would replace the one loraplex sets on NIM 2.0.5 (NIM 2.x)"),
     (NIM_2, {"env": [{"name": "NIM_MAX_LORA_RANK", "value": "64"}]},
      "env NIM_MAX_LORA_RANK is a NIM 1.x variable that NIM 2.0.5 (NIM 2.x) does not read"),
+    (NIM_2, {"env": [{"name": "VLLM_ALLOW_RUNTIME_LORA_UPDATING", "value": "False"}]},
+     "env VLLM_ALLOW_RUNTIME_LORA_UPDATING would replace the one loraplex sets on NIM 2.0.5 (NIM 2.x) for its "
+     "dynamic LoRA mode, without which it serves no adapter added after it started"),
+    (NIM_2, {"env": [{"name": "NIM_PEFT_REFRESH_INTERVAL", "value": "0"}]},
+     "env NIM_PEFT_REFRESH_INTERVAL would replace the one loraplex sets on NIM 2.0.5 (NIM 2.x)"),
 ])
 def test_what_a_generation_cannot_do_is_refused(image, overrides, complaint):
     spec = nim(image, **overrides)
@@ -218,3 +238,66 @@ def test_the_sidecar_converts_trtllm_for_nim_2x_only(built, tmp_path):
     again = Path(shutil.copytree(built / "trtllm", tmp_path / "again"))
     with pytest.raises(Rejection, match=r"NIM 2\.x loads trtllm adapters only once loraplex converts them to hf"):
         validate_or_convert(again, sidecar_policy((2, 0, 5), None))
+
+
+# ---- the rendered pod against the NIM double, as the sidecar's client drives it -----------------------------
+
+def static_env(env: dict[str, str]) -> dict[str, str]:
+    """What the 2.x pod was told before loraplex knew of dynamic LoRA mode."""
+    args = [a for a in shlex.split(env["NIM_PASSTHROUGH_ARGS"]) if a != "--enable-lora"]
+    return {**{k: v for k, v in env.items() if k != "VLLM_ALLOW_RUNTIME_LORA_UPDATING"},
+            "NIM_PASSTHROUGH_ARGS": shlex.join(args)}
+
+
+def bare_env(env: dict[str, str]) -> dict[str, str]:
+    """Neither switch: static LoRA mode in either reading."""
+    return {k: v for k, v in static_env(env).items() if k != "NIM_PEFT_REFRESH_INTERVAL"}
+
+
+async def place_after_start(peft: Path, env: dict[str, str], switch: Switch, ranks: dict[str, int],
+                            retire: str | None = None) -> tuple[set[str], str, set[str]]:
+    """What NIM lists once the sidecar's client placed adapters of these ranks after NIM started with one adapter
+    ("early"), the failures it met, and what NIM lists once `retire` is removed again."""
+    make_hf_adapter(peft / "early", rank=8, target_modules=("q_proj", "v_proj"))
+    nim_server = FakeNim.two("meta/llama3", peft, env, switch).start()
+    client = client_for(Runtime.NIM, nim_server.url, "meta/llama3", refresh_interval=0.3, version=(2, 0, 5))
+    try:
+        failures = []
+        for name, rank in ranks.items():
+            make_hf_adapter(peft / name, rank=rank, target_modules=("q_proj", "v_proj"))
+            try:
+                await client.load(name, str(peft / name))
+            except LoadFailed as exc:
+                failures.append(str(exc))
+        served = set(await client.served_adapters())
+        if retire is not None:
+            await client.unload(retire)
+            shutil.rmtree(peft / retire)
+            await client.retired(retire)
+        return served, "; ".join(failures), set(await client.served_adapters())
+    finally:
+        await client.close()
+        nim_server.stop()
+
+
+@pytest.mark.parametrize("switch", list(Switch))
+async def test_nim_2x_serves_and_retires_adapters_added_after_it_started(tmp_path, switch):
+    env = inference_env(nim(NIM_2, lora={"maxGpuLoras": 2, "maxCpuLoras": 4, "maxRank": 16,
+                                         "refreshIntervalSeconds": 1}))
+    served, failure, after = await place_after_start(tmp_path / "loras", env, switch, {"late": 8, "too-big": 64},
+                                                     retire="late")
+    assert served == {"early", "late"}
+    if switch == Switch.API:  # NIM's own sentence
+        assert failure == "NIM refused to load too-big: LoRA rank 64 is greater than max_lora_rank 16."
+    else:  # the watcher skips it in silence
+        assert failure.startswith("NIM did not list too-big in /v1/models within 6s and serves no load API")
+    assert after == {"early"}
+
+
+@pytest.mark.parametrize(("switch", "pod"), [(Switch.API, static_env), (Switch.WATCHER, bare_env)])
+async def test_without_its_switch_nim_2x_never_serves_a_late_adapter_and_the_sidecar_says_so(tmp_path, switch, pod):
+    env = pod(inference_env(nim(NIM_2, lora={"maxRank": 16, "refreshIntervalSeconds": 1})))
+    served, failure, _ = await place_after_start(tmp_path / "loras", env, switch, {"late": 8})
+    assert served == {"early"}  # read once, at start
+    assert failure.startswith("NIM did not list late in /v1/models within 6s and serves no load API: it runs in "
+                              "static LoRA mode")

@@ -171,6 +171,16 @@ class NimLimits(enum.StrEnum):
     VLLM_ARGS = "--max-loras, --max-cpu-loras, --max-lora-rank in NIM_PASSTHROUGH_ARGS"
 
 
+class NimPickup(enum.StrEnum):
+    """How a NIM generation comes to serve adapter folders added to or removed from NIM_PEFT_SOURCE while it runs."""
+
+    # 1.x: it rescans the folder every NIM_PEFT_REFRESH_INTERVAL seconds; there is no load call.
+    REFRESH = "rescans NIM_PEFT_SOURCE"
+    # 2.x: only in its dynamic LoRA mode ("a watcher or the API"); its static mode reads the folder once, at start.
+    # NVIDIA's pages readable here do not say how the mode is switched on (docs/formats/trtllm-and-nim.md §B2).
+    DYNAMIC = "dynamic LoRA"
+
+
 @dataclasses.dataclass(frozen=True)
 class NimGeneration:
     """How NIM behaves from version `since` until the next row's."""
@@ -181,6 +191,7 @@ class NimGeneration:
     # The vLLM its first release bundles, whose flags take the limits: the values --max-lora-rank accepts are
     # vllm_release(vllm).max_lora_ranks, the same in every vLLM its later releases bundle.
     vllm: Version | None = None
+    pickup: NimPickup = NimPickup.REFRESH
 
 
 # What loraplex.formats.convert writes as a Hugging Face PEFT adapter, for runtimes that load only that.
@@ -205,7 +216,7 @@ NIM_GENERATIONS: tuple[NimGeneration, ...] = (
         modules={AdapterFormat.HF: LLAMA_PROJECTIONS},
         layout=AdapterLayout.FOLDER_PER_NAME,
         converts=CONVERTED_TO_PEFT,
-    ), NimLimits.VLLM_ARGS, vllm=(0, 17, 1)),
+    ), NimLimits.VLLM_ARGS, vllm=(0, 17, 1), pickup=NimPickup.DYNAMIC),
 )
 NEWEST_NIM = NIM_GENERATIONS[-1].since
 

@@ -54,7 +54,8 @@ class _StoreEvents(FileSystemEventHandler):
 async def run(settings: SidecarSettings) -> None:
     metrics = SidecarMetrics()
     kube = KubeClient.from_environment()
-    runtime = client_for(settings.runtime, settings.runtime_url, settings.served_model, settings.nim_refresh_seconds)
+    runtime = client_for(settings.runtime, settings.runtime_url, settings.served_model, settings.nim_refresh_seconds,
+                         settings.runtime_version)
     session = default_session()
     reporter = StatusReporter(kube, settings.namespace, settings.pod_name)
     s3 = S3Client(settings.s3_endpoint, settings.s3_region, bool(settings.s3_force_path_style))

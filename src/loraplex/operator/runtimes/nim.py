@@ -1,5 +1,6 @@
-"""NVIDIA NIM for LLMs: adapters are folders under NIM_PEFT_SOURCE, picked up on its refresh interval. How the
-LoRA limits reach it depends on its generation (NIM_GENERATIONS in loraplex.api.runtime_capabilities)."""
+"""NVIDIA NIM for LLMs: adapters are folders under NIM_PEFT_SOURCE. How NIM comes to serve folders added while it
+runs, and how the LoRA limits reach it, depend on its generation (NIM_GENERATIONS in
+loraplex.api.runtime_capabilities)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from loraplex.api.runtime_capabilities import (
     NimGeneration,
     NimLimits,
+    NimPickup,
     capabilities,
     deployed_version,
     nim_generation,
@@ -21,6 +23,13 @@ from loraplex.operator.runtimes.vllm import runtime_max_rank
 
 PASSTHROUGH = "NIM_PASSTHROUGH_ARGS"
 NIM_1_LIMITS = ("NIM_MAX_GPU_LORAS", "NIM_MAX_CPU_LORAS", "NIM_MAX_LORA_RANK")
+# NIM 2.x serves folders added after its start only in its dynamic LoRA mode, which is "a watcher or the API"; how
+# that mode is switched on is not established (docs/formats/trtllm-and-nim.md §B2). loraplex sets what either
+# reading needs, each harmless if the other is the switch: NIM_PEFT_REFRESH_INTERVAL, a 2.x variable, for a watcher
+# that rescans NIM_PEFT_SOURCE as 1.x did, and this one for vLLM's runtime LoRA endpoints, which vLLM serves only
+# with it set.
+RUNTIME_LORA_UPDATES = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+DYNAMIC_MODE_ENV = ("NIM_PEFT_REFRESH_INTERVAL", RUNTIME_LORA_UPDATES)
 
 
 def generation(spec: BaseModelDeploymentSpec) -> NimGeneration:
@@ -43,6 +52,10 @@ def _vllm_args_problems(spec: BaseModelDeploymentSpec, row: NimGeneration, label
         elif variable.name in NIM_1_LIMITS:
             found.append(f"env {variable.name} is a NIM 1.x variable that {label} does not read; loraplex passes "
                          "lora.maxGpuLoras, lora.maxCpuLoras and lora.maxRank to it as vLLM arguments")
+        elif variable.name in DYNAMIC_MODE_ENV and row.pickup == NimPickup.DYNAMIC:
+            found.append(f"env {variable.name} would replace the one loraplex sets on {label} for its dynamic LoRA "
+                         "mode, without which it serves no adapter added after it started (lora.refreshIntervalSeconds "
+                         "sets the interval)")
     return found
 
 
@@ -79,13 +92,18 @@ class NimProfile:
             # NIM 2.x dropped the NIM_MAX_* variables for vLLM's own flags (2.0.0 reference/1.x-migration-guide,
             # advanced-use-cases/finetune-lora). reference/advanced-configuration ranks NIM_PASSTHROUGH_ARGS
             # above NIM_* variables and NIM's defaults, so these win without replacing the image's command.
+            # NIM passes --enable-lora itself; saying it again costs nothing and keeps LoRA on if it only does so
+            # for some profiles.
             args = [
+                "--enable-lora",
                 "--max-loras", str(spec.lora.max_gpu_loras),
                 "--max-cpu-loras", str(spec.lora.max_cpu_loras),
                 "--max-lora-rank", str(runtime_max_rank(spec.lora.max_rank, row.vllm)),
                 *(spec.runtime_args or []),
             ]
             env.append(env_var(PASSTHROUGH, shlex.join(args)))
+        if row.pickup == NimPickup.DYNAMIC:
+            env.append(env_var(RUNTIME_LORA_UPDATES, "True"))
         return {
             "name": "inference",
             "image": spec.image,
