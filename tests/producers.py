@@ -228,8 +228,9 @@ def nxd_lora_config(peft_config: dict, in_checkpoint: bool) -> dict:
 
 def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1, config_in_checkpoint: bool = True,
                        storage: str = "float32", fuse_qkv: bool = False, gathered: bool = False,
-                       checkpoint_dir: str = "lora_adapter", tag: str = "lora", xser: bool = False,
-                       pp: int = 1) -> Path:
+                       checkpoint_dir: str = "lora_adapter", tag: str | None = None, xser: bool = False,
+                       pp: int = 1, lightning: bool = False, zero1: bool = False,
+                       hyper_parameters: dict | None = None) -> Path:
     """An NxD Llama's LoRA checkpoint, trained at tensor parallelism `tp` and saved with
     nxd.save_checkpoint(checkpoint_dir_str=checkpoint_dir, tag=tag) from the working directory `out`:
 
@@ -245,7 +246,12 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
     - `xser` (use_xser=True): each rank file as NxD's xser save writes it (write_nxd_xser);
     - `pp` > 1: one file per tp rank and pipeline stage (pp_rank_YY), each holding its stage's layers under their
       global names. NxD itself cannot save a LoRA adapter with pp>1 (docs/formats/nxd.md §4.3); this is the most
-      convertible form such a checkpoint could take, for the test that it is refused all the same.
+      convertible form such a checkpoint could take, for the test that it is refused all the same;
+    - `lightning`: instead, Lightning's ModelCheckpoint through NxD's NeuronCheckpointIO
+      (write_nxd_lightning_rank) into <checkpoint_dir>/<tag, by default epoch=0-step=20.ckpt>/, the rank's dict
+      under "state_dict" of a whole Lightning checkpoint dict; `zero1` (optimizer_config zero_one_enabled) adds
+      _dp_rank_ZZ to each name and has two data-parallel ranks save; `hyper_parameters` goes into the dict as
+      save_hyperparameters() puts it.
 
     The adapter must share lora_A across q/k/v and gate/up (share_fused_lora_a)."""
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -298,17 +304,27 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
             if key in gqa_keys:
                 joined[key] = joined[key].chunk(multiplier, 0)[0]
         ranks = [dict(joined) for _ in range(tp)]
-    model_dir = out / checkpoint_dir / tag / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    (model_dir.parent / "checkpoint").write_text("1")
     lora_config = nxd_lora_config(config, config_in_checkpoint)
     per_stage = -(-base_config["num_hidden_layers"] // pp)
+    if lightning:
+        save_dir = out / checkpoint_dir / (tag or "epoch=0-step=20.ckpt")
+        save_dir.mkdir(parents=True)
+    else:
+        model_dir = out / checkpoint_dir / (tag or "lora") / "model"
+        model_dir.mkdir(parents=True, exist_ok=True)
+        (model_dir.parent / "checkpoint").write_text("1")
     for rank, tensors in enumerate(ranks):
         for stage in range(pp):
             state = {key: tensor.contiguous().clone() for key, tensor in tensors.items()  # each its own storage
                      if int(NXD_LAYER.match(key)["layer"]) // per_stage == stage}
             if config_in_checkpoint:
                 state["lora_config"] = dict(lora_config)
+            if lightning:
+                for dp_rank in (0, 1) if zero1 else (None,):
+                    name = f"tp_rank_{rank:02d}_pp_rank_{stage:02d}" + (f"_dp_rank_{dp_rank:02d}" if zero1 else "")
+                    write_nxd_lightning_rank(lightning_checkpoint(state, zero1, hyper_parameters), save_dir / name,
+                                             xser)
+                continue
             path = model_dir / f"dp_rank_00_tp_rank_{rank:02d}_pp_rank_{stage:02d}.pt"
             if xser:
                 write_nxd_xser(state, path)
@@ -317,8 +333,77 @@ def make_nxd_from_peft(adapter: Path, out: Path, base_config: dict, tp: int = 1,
     if not config_in_checkpoint:
         (out / "lora_adapter").mkdir(parents=True, exist_ok=True)
         (out / "lora_adapter" / "adapter_config.json").write_text(json.dumps(lora_config, indent=2, sort_keys=True))
-    (model_dir.parent / "done").write_text("1")
+    if not lightning:
+        (model_dir.parent / "done").write_text("1")
     return out
+
+
+def lightning_checkpoint(state: dict, zero1: bool, hyper_parameters: dict | None) -> dict:
+    """What Lightning's dump_checkpoint hands NeuronCheckpointIO when the module is NxD's NeuronLTModule: its
+    state_dict() is NxDModel's, so `state` (LoraModel's adapter dict) sits under "state_dict" unprefixed, beside
+    the loops' counters, ModelCheckpoint's state (tensors), the optimizer's (AdamW moments by parameter index;
+    ZeRO-1 adds shape_info, torch.Size values) and LambdaLR's."""
+    trained = [tensor for tensor in state.values() if isinstance(tensor, torch.Tensor)]
+    progress = {"ready": 20, "started": 20, "processed": 20, "completed": 20}
+    score = torch.tensor(20.0)
+    moments = {index: {"step": torch.tensor(20.0), "exp_avg": torch.full_like(tensor, 1e-3),
+                       "exp_avg_sq": torch.full_like(tensor, 1e-6)} for index, tensor in enumerate(trained)}
+    optimizer = {"state": moments,
+                 "param_groups": [{"lr": 5e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.01,
+                                   "amsgrad": False, "foreach": None, "maximize": False, "capturable": False,
+                                   "differentiable": False, "fused": None, "params": list(range(len(trained)))}]}
+    if zero1:
+        optimizer["shape_info"] = {index: tensor.shape for index, tensor in enumerate(trained)}
+    checkpoint = {
+        "epoch": 0, "global_step": 20, "pytorch-lightning_version": "2.5.1", "state_dict": state,
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_loop.state_dict": {"_batches_that_stepped": 20},
+                               "epoch_loop.batch_progress": {"total": dict(progress), "current": dict(progress),
+                                                             "is_last_batch": False}},
+                  "validate_loop": {"state_dict": {}}, "test_loop": {"state_dict": {}},
+                  "predict_loop": {"state_dict": {}}},
+        "callbacks": {"ModelCheckpoint{'monitor': 'global_step', 'mode': 'max', 'every_n_train_steps': 20, "
+                      "'every_n_epochs': 0, 'train_time_interval': None}": {
+                          "monitor": "global_step", "best_model_score": score.clone(), "current_score": score.clone(),
+                          "best_model_path": "ckpt/epoch=0-step=20.ckpt", "dirpath": "ckpt",
+                          "best_k_models": {"ckpt/epoch=0-step=20.ckpt": score.clone()},
+                          "kth_best_model_path": "ckpt/epoch=0-step=20.ckpt", "kth_value": score.clone(),
+                          "last_model_path": ""}},
+        "optimizer_states": [optimizer],
+        "lr_schedulers": [{"base_lrs": [5e-4], "last_epoch": 20, "_step_count": 21, "_get_lr_called_within_step": False,
+                           "_last_lr": [4.8e-4], "lr_lambdas": [None]}],
+    }
+    if hyper_parameters is not None:
+        checkpoint.update(hparams_name="kwargs", hyper_parameters=hyper_parameters)
+    return checkpoint
+
+
+def write_nxd_lightning_rank(checkpoint: dict, path: Path, xser: bool) -> None:
+    """NxD parallel_layers/checkpointing.py save(): without xser, torch.save of the whole dict (tensors on the CPU)
+    to <path>/checkpoint.pt; with xser, torch_xla's xser.save to <path>: every (XLA) tensor, wherever it sits, is
+    numbered in the order the walk meets it and saved alone to <path>.tensors/tensor_<id>.pt, and <path> holds the
+    dict with a TensorReference in its place. No .info.pt: that is nxd.save_checkpoint's addition."""
+    if not xser:
+        path.mkdir()
+        torch.save(checkpoint, path / "checkpoint.pt")
+        return
+    folder = path.with_name(f"{path.name}.tensors")
+    folder.mkdir()
+    count = iter(range(1 << 30))
+
+    def rewrite(value):
+        if isinstance(value, torch.Tensor):
+            tid = next(count)
+            torch.save(value.clone(), folder / f"tensor_{tid}.pt")
+            return TensorReference(tid)
+        if isinstance(value, dict):
+            return {key: rewrite(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [rewrite(item) for item in value]
+        return value
+
+    structure = rewrite(checkpoint)
+    with torch_xla_stand_in():
+        torch.save(structure, path)
 
 
 class TensorReference:

@@ -125,6 +125,9 @@ CASES = (
     ProducerCase("nxd-xser-tp1", NXD, nxd(xser=True), TIED),
     ProducerCase("nxd-xser-tp2-bfloat16", NXD, nxd(tp=2, xser=True, storage="bfloat16"), TIED, rounded=True),
     ProducerCase("nxd-single-adapter-model-pt", NXD, nxd_single_adapter_model_pt, TIED),
+    ProducerCase("nxd-lightning-tp2", NXD, nxd(tp=2, lightning=True), TIED),
+    ProducerCase("nxd-lightning-xser-tp2-zero1-bfloat16", NXD,
+                 nxd(tp=2, lightning=True, xser=True, zero1=True, storage="bfloat16"), TIED, rounded=True),
 )
 # Not here, as loraplex refuses them: NxD with pp>1 (NxD cannot save it: docs/formats/nxd.md §4.3), and NxD at
 # tp 4 over this model's 2 K/V heads (NxD then reorders Q heads per chip generation, which is not recorded).

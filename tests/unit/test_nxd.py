@@ -4,9 +4,12 @@ what cannot be converted is refused in a sentence."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,14 @@ CASES = [  # reference, tp, options
     ("gqa", 2, {"xser": True, "fuse_qkv": True, "config_in_checkpoint": False}),
     ("gqa", 2, {"xser": True, "gathered": True}),
     ("one-kv-head", 2, {"xser": True}),
+    # Lightning's ModelCheckpoint through NxD's NeuronCheckpointIO: the whole Lightning dict per rank
+    ("gqa", 1, {"lightning": True}),
+    ("gqa", 2, {"lightning": True, "storage": "bfloat16"}),
+    ("gqa", 2, {"lightning": True, "config_in_checkpoint": False, "zero1": True}),
+    ("gqa", 1, {"lightning": True, "xser": True}),
+    ("gqa", 2, {"lightning": True, "xser": True, "storage": "bfloat16", "zero1": True}),
+    ("gqa", 2, {"lightning": True, "xser": True, "gathered": True, "fuse_qkv": True}),
+    ("one-kv-head", 2, {"lightning": True, "xser": True}),
 ]
 
 
@@ -297,3 +308,133 @@ def test_xser_refusals_name_the_file_and_the_reason(tmp_path, references, monkey
     refused(source, f"{XSER_RANK}.info.pt: describes other tensors than dp_rank_00_tp_rank_01_pp_rank_00.pt refers "
                     "to")
 
+
+
+LIGHTNING = "checkpoints/epoch=0-step=20.ckpt"
+
+
+@contextlib.contextmanager
+def omegaconf_stand_in():
+    """A class pickled as omegaconf.dictconfig.DictConfig (Lightning's hparams_type), omegaconf not installed."""
+    module = types.ModuleType("omegaconf.dictconfig")
+    module.DictConfig = type("DictConfig", (dict,), {"__module__": "omegaconf.dictconfig"})
+    sys.modules.update({"omegaconf": types.ModuleType("omegaconf"), "omegaconf.dictconfig": module})
+    try:
+        yield module.DictConfig
+    finally:
+        for name in ("omegaconf", "omegaconf.dictconfig"):
+            sys.modules.pop(name, None)
+
+
+@pytest.mark.parametrize("xser", [False, True], ids=["plain", "xser"])
+def test_lightning_entries_around_the_state_dict_are_skipped_without_running_them(tmp_path, references, monkeypatch,
+                                                                                   xser):
+    """Hyper-parameters may hold any object of the user's: outside state_dict, what the allow-list lacks is neither
+    imported nor called; the adapter still converts exactly. Data-parallel ranks other than 00 are not read."""
+    monkeypatch.chdir(tmp_path)
+    with omegaconf_stand_in() as dict_config:
+        source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=2, lightning=True, xser=xser,
+                                    zero1=True, checkpoint_dir="checkpoints",
+                                    hyper_parameters={"hparams_type": dict_config, "config": dict_config(lr=5e-4),
+                                                      "callback": _RunsAShell()})
+    assert "omegaconf" not in sys.modules
+    for dp_01 in (source / LIGHTNING).glob("tp_rank_*_dp_rank_01*"):  # ZeRO-1's other replica: never opened
+        shutil.rmtree(dp_01) if dp_01.is_dir() else dp_01.write_bytes(b"not read")
+    out = convert(source / "checkpoints", tmp_path / "out", TINY_LLAMA)
+    assert not (tmp_path / "pwned").exists() and "omegaconf" not in sys.modules
+    want = peft_delta_weights(references["gqa"])
+    assert all(torch.equal(delta, want[key]) for key, delta in peft_delta_weights(out).items())
+    name = "tp_rank_01_pp_rank_00_dp_rank_00" + ("" if xser else "/checkpoint.pt")
+    assert nxd.inspect(source).files[1] == f"{LIGHTNING}/{name}"
+
+
+def _rewrite_lightning(path: Path, change) -> None:
+    with torch_xla_stand_in():
+        checkpoint = torch.load(path, weights_only=False)
+        change(checkpoint)
+        torch.save(checkpoint, path)
+
+
+def test_lightning_refusals_name_the_file_and_the_reason(tmp_path, references, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fresh(name: str, **options) -> Path:
+        options = {"tp": 2, "lightning": True, "checkpoint_dir": "checkpoints", **options}
+        return make_nxd_from_peft(references["gqa"], tmp_path / name, TINY_LLAMA, **options) / LIGHTNING
+
+    def refused(source: Path, match: str) -> None:
+        with pytest.raises(Rejection, match=match):
+            nxd.read_pairs(source, TINY_LLAMA)
+
+    rank_1 = "tp_rank_01_pp_rank_00/checkpoint.pt"
+    source = fresh("first-rank-missing")
+    shutil.rmtree(source / "tp_rank_00_pp_rank_00")
+    refused(source, r"epoch=0-step=20.ckpt: lacks the tensor-parallel rank file tp_rank_00_pp_rank_00/checkpoint.pt: "
+                    "every tp rank holds its own slice")
+    source = fresh("first-rank-missing-zero1", xser=True, zero1=True)
+    (source / "tp_rank_00_pp_rank_00_dp_rank_00").unlink()
+    refused(source, "lacks the tensor-parallel rank file tp_rank_00_pp_rank_00_dp_rank_00: every tp rank")
+
+    for name, options in (("pipeline", {}), ("pipeline-xser", {"xser": True})):
+        refused(fresh(name, pp=2, **options), "epoch=0-step=20.ckpt: holds pipeline-parallel ranks 00, 01, but NxD "
+                                              "cannot save a LoRA adapter with pp>1")
+
+    source = fresh("foreign-global-in-state-dict")
+    _rewrite_lightning(source / rank_1, lambda checkpoint: checkpoint["state_dict"]["lora_config"].update(
+        target_modules=_RunsAShell()))
+    refused(source, rf"{rank_1}: refused: has state_dict entry 'lora_config' built by (posix|nt)\.system, which a "
+                    "state dict of tensors never needs; refused without running it")
+    source = fresh("foreign-global-in-state-dict-xser", xser=True)
+    _rewrite_lightning(source / "tp_rank_01_pp_rank_00", lambda checkpoint: checkpoint["state_dict"].update(
+        {"model.layers.0.mlp.down_proj.lora_A.weight": _RunsAShell()}))
+    refused(source, r"tp_rank_01_pp_rank_00: refused: has state_dict entry 'model.layers.0.mlp.down_proj.lora_A."
+                    r"weight' built by (posix|nt)\.system")
+    assert not (tmp_path / "pwned").exists()
+
+    source = fresh("no-state-dict")
+    _rewrite_lightning(source / rank_1, lambda checkpoint: checkpoint.pop("state_dict"))
+    refused(source, f"{rank_1}: holds no state_dict entry, so it is not a Lightning checkpoint of a model")
+
+    def base_model_only(checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {"model.embed_tokens.weight": torch.zeros(8, 32),
+                                    "model.layers.0.mlp.down_proj.weight": torch.zeros(32, 64)}
+
+    source = fresh("no-adapter")
+    for rank in (0, 1):
+        _rewrite_lightning(source / f"tp_rank_{rank:02d}_pp_rank_00/checkpoint.pt", base_model_only)
+    refused(source, "tp_rank_00_pp_rank_00/checkpoint.pt: holds no LoRA tensor: none of its 2 keys "
+                    r"\(such as model.embed_tokens.weight\) has lora_ in its name")
+
+    source = fresh("with-base", xser=False)
+    _rewrite_lightning(source / rank_1, lambda checkpoint: checkpoint["state_dict"].update(
+        {"model.layers.0.mlp.down_proj.base_layer.weight": torch.zeros(32, 64)}))
+    refused(source, f"{rank_1}: holds model.layers.0.mlp.down_proj.base_layer.weight, a full copy of a base weight "
+                    r"\(save_lora_base=True\)")
+
+    source = fresh("xser-missing-adapter-tensor", xser=True)
+    first_adapter_tensor = "tensor_0.pt"  # state_dict comes before the optimizer's moments
+    (source / "tp_rank_01_pp_rank_00.tensors" / first_adapter_tensor).unlink()
+    refused(source, "tp_rank_01_pp_rank_00.tensors: lacks tensor_0.pt, which holds "
+                    "model.layers.0.self_attn.qkv_proj.lora_A.weight")
+    source = fresh("xser-foreign-tensor-file", xser=True)
+    shutil.copy(source / "tp_rank_01_pp_rank_00.tensors" / "tensor_0.pt",
+                source / "tp_rank_01_pp_rank_00.tensors" / "tensor_9999.pt")
+    refused(source, "tp_rank_01_pp_rank_00.tensors/tensor_9999.pt: is named by no key of tp_rank_01_pp_rank_00: "
+                    "the folder mixes tensors of another save")
+
+
+def test_lightning_xser_needs_only_the_state_dicts_tensor_files(tmp_path, references):
+    """Tensors outside state_dict (optimizer moments, ModelCheckpoint's scores) have files too; losing those does
+    not matter, the ids the file names elsewhere only keep the folder check exact."""
+    source = make_nxd_from_peft(references["gqa"], tmp_path / "work", TINY_LLAMA, tp=1, lightning=True, xser=True)
+    folder = source / "lora_adapter/epoch=0-step=20.ckpt/tp_rank_00_pp_rank_00.tensors"
+    with torch_xla_stand_in():
+        checkpoint = torch.load(folder.with_suffix(""), weights_only=False)
+    adapter_ids = {ref.tid for ref in checkpoint["state_dict"].values() if isinstance(ref, TensorReference)}
+    assert len(adapter_ids) == 20 and len(list(folder.iterdir())) > 60
+    for path in folder.iterdir():
+        if int(path.stem.removeprefix("tensor_")) not in adapter_ids:
+            path.unlink()
+    out = convert(source, tmp_path / "out", TINY_LLAMA)
+    want = peft_delta_weights(references["gqa"])
+    assert all(torch.equal(delta, want[key]) for key, delta in peft_delta_weights(out).items())

@@ -49,7 +49,11 @@ source layouts:
                 markers) or a single-device adapter_model.pt, read with a restricted unpickler. A rank
                 file is a torch.save'd state dict, or with use_xser=True (NXDT's save_xser) the dict with
                 torch_xla TensorReference ids whose tensors sit in <rank file>.tensors/tensor_<id>.pt,
-                checked against <rank file>.info.pt when present. The LoRA config is inside them
+                checked against <rank file>.info.pt when present. Lightning's NeuronCheckpointIO writes
+                <name>.ckpt/tp_rank_XX_pp_rank_00/checkpoint.pt, or with its default xser the file
+                tp_rank_XX_pp_rank_00 beside its .tensors/ folder (_dp_rank_ZZ added with ZeRO-1; dp rank
+                00's is read): the whole Lightning dict, of which only state_dict is used; globals in the
+                other entries become inert stand-ins and never run. The LoRA config is inside the files
                 (lora_config) or in NxD's adapter_config.json (lora_rank beside r). TP slices are joined,
                 replicated K/V kept once, qkv_proj (weight_q/_k/_v or fused weight_qkv) split into
                 q_proj/k_proj/v_proj and gate_up_proj into gate_proj/up_proj with their shared A; alpha/r

@@ -22,6 +22,7 @@ from loraplex.formats.nxd_files import (
     checkpoint_bytes,
     config_file,
     is_nxd_config,
+    lightning_files,
     load_rank,
     locate,
     rank_files,
@@ -47,9 +48,9 @@ _QKV_SIDES = ({"A", "weight_q", "weight_k", "weight_v"}, {"A", "weight_qkv"}, {"
 
 
 def is_nxd(directory: Path) -> bool:
-    """Rank files or adapter_model.pt anywhere NxD puts them, or NxD's own adapter_config.json (which has
-    lora_rank and no peft_type, so it must not be taken for a PEFT adapter)."""
-    if rank_files(directory) or single_files(directory):
+    """Rank files (nxd.save_checkpoint's or Lightning's) or adapter_model.pt anywhere NxD puts them, or NxD's own
+    adapter_config.json (which has lora_rank and no peft_type, so it must not be taken for a PEFT adapter)."""
+    if rank_files(directory) or lightning_files(directory) or single_files(directory):
         return True
     return any(is_nxd_config(path) for path in (directory / CONFIG, directory / "lora_adapter" / CONFIG))
 
@@ -95,6 +96,10 @@ def _read(directory: Path) -> _Checkpoint:
     files, labels = locate(directory)
     ranks = [load_rank(path, label) for path, label in zip(files, labels, strict=True)]
     configs = [rank.pop(CONFIG_KEY, None) for rank in ranks]
+    if ranks[0] and not any("lora_" in key for key in ranks[0]):
+        raise Rejection(labels[0], f"holds no LoRA tensor: none of its {len(ranks[0])} keys (such as "
+                                   f"{next(iter(ranks[0]))}) has lora_ in its name, so the model was saved without "
+                                   "its LoRA layers")
     if configs[0] is not None:
         config, source = configs[0], f"{labels[0]}[{CONFIG_KEY}]"
         if not isinstance(config, dict):

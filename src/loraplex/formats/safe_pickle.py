@@ -352,6 +352,139 @@ def read_xser_info(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024) -> dict
     return {tid: TensorInfo(shape=info["shape"], dtype=info["dtype"]) for tid, info in loaded.items()}
 
 
+# ---- A Lightning checkpoint written by NxD's NeuronCheckpointIO (parallel_layers/checkpointing.py save) ----------
+# The file is Lightning's whole checkpoint dict: the adapter under "state_dict", beside loop counters, callback and
+# optimizer states, and possibly hyper-parameters holding any object of the user's. Globals outside the allow-list
+# resolve to inert stand-ins that record their arguments and run nothing (nothing is imported, no code of the file
+# is called), so the entries around the state dict are skipped; the state dict itself must be made of allowed parts.
+class ForeignObject:
+    """Stand-in for a global the allow-list lacks, and for whatever it builds: holds what it was given, does
+    nothing with it."""
+
+    global_name = ""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> ForeignObject:
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.parts = [args, kwargs]
+
+    def __setstate__(self, state: Any) -> None:
+        self.__dict__.setdefault("parts", []).append(state)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.__dict__.setdefault("parts", []).append((key, value))
+
+    def append(self, value: Any) -> None:
+        self.__dict__.setdefault("parts", []).append(value)
+
+    def extend(self, values: Any) -> None:
+        self.__dict__.setdefault("parts", []).extend(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class LightningCheckpoint:
+    state_dict: dict[str, Any] | None  # None when the file has no state_dict entry
+    tids: frozenset[int]  # every xser tensor id the file refers to, in or outside the state dict
+
+
+def _all_references(value: Any) -> set[int]:
+    found: set[int] = set()
+    seen: set[int] = set()
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, XserReference):
+            found.add(item.tid)
+        elif isinstance(item, dict):
+            pending += [*item.keys(), *item.values()]
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            pending += list(item)
+        elif isinstance(item, ForeignObject):
+            pending += item.__dict__.get("parts", [])
+    return found
+
+
+class _LightningUnpickler(_XserUnpickler):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._stand_ins: dict[tuple[str, str], type[ForeignObject]] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = self._xser_allowed.get((module, name))
+        if allowed is not None:
+            return allowed
+        if (module, name) not in self._stand_ins:
+            self._stand_ins[(module, name)] = type(name, (ForeignObject,), {"global_name": f"{module}.{name}"})
+        return self._stand_ins[(module, name)]
+
+
+_LIGHTNING = {**_XSER_STRUCTURE, ("torch", "Size"): _torch_size}  # torch.Size: ZeRO-1's shape_info
+
+
+def read_lightning_checkpoint(path: Path, max_pickle_bytes: int = 64 * 1024 * 1024,
+                              max_tensor_bytes: int = 16 * 1024**3) -> LightningCheckpoint:
+    """The state dict of a Lightning checkpoint (plain torch.save, or xser's main file with TensorReferences), and
+    every xser tensor id the whole file names. Raises UnsafeCheckpoint when the state dict holds anything but
+    tensors, references and plain values."""
+    if not zipfile.is_zipfile(path):
+        raise UnsafeCheckpoint("is not a zip-format torch checkpoint (legacy pickles are refused)")
+    with zipfile.ZipFile(path) as archive:
+        pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")
+                   or info.filename == "data.pkl"]
+        if len(pickles) != 1:
+            raise UnsafeCheckpoint("does not hold exactly one data.pkl")
+        if pickles[0].file_size > max_pickle_bytes:
+            raise UnsafeCheckpoint(f"has a {pickles[0].file_size}-byte data.pkl, above {max_pickle_bytes}")
+        prefix = pickles[0].filename.removesuffix("data.pkl")
+        byteorder = f"{prefix}byteorder"
+        if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
+            raise UnsafeCheckpoint("stores big-endian tensors")
+        try:
+            loaded = _LightningUnpickler(archive.read(pickles[0]), archive, prefix, max_tensor_bytes,
+                                         _LIGHTNING).load()
+        except UnsafeCheckpoint:
+            raise
+        except Exception as exc:  # malformed pickles raise anything from IndexError to UnpicklingError
+            raise UnsafeCheckpoint(f"could not be read ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict):
+        raise UnsafeCheckpoint("is not a Lightning checkpoint (its top level is not a dict)")
+    tids = frozenset(_all_references(loaded))
+    state = loaded.get("state_dict")
+    if state is None:
+        return LightningCheckpoint(None, tids)
+    if isinstance(state, ForeignObject):
+        raise UnsafeCheckpoint(f"has a state_dict built by {state.global_name}, which loraplex does not run")
+    if not isinstance(state, dict):
+        raise UnsafeCheckpoint("has a state_dict that is not a dict")
+    try:
+        for key, value in state.items():
+            foreign = _first_foreign(value)
+            if foreign is not None:
+                raise UnsafeCheckpoint(f"has state_dict entry {key!r} built by {foreign}, which a state dict of "
+                                       "tensors never needs; refused without running it")
+            if not (isinstance(key, str) and (isinstance(value, (TensorData, XserReference)) or _is_plain(value))):
+                raise UnsafeCheckpoint(f"has state_dict entry {key!r}, which is neither a tensor nor a plain value")
+    except RecursionError:
+        raise UnsafeCheckpoint("has a state_dict entry that contains itself") from None
+    return LightningCheckpoint(dict(state), tids)
+
+
+def _first_foreign(value: Any) -> str | None:
+    if isinstance(value, ForeignObject):
+        return value.global_name
+    if isinstance(value, type) and issubclass(value, ForeignObject):
+        return value.global_name
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return next((name for name in map(_first_foreign, value) if name is not None), None)
+    return None
+
+
 def read_saved_tensor(payload: bytes, max_tensor_bytes: int = 16 * 1024**3) -> TensorData:
     """The tensor of a `torch.save` archive of that tensor alone (a chunk of a torch distributed checkpoint, say),
     read under the same allow-list as read_state_dict."""
