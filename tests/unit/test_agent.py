@@ -66,7 +66,7 @@ class ServingRuntime:
 
 
 class LatestEntries:
-    """What the StatusReporter would have written last, per adapter."""
+    """What the ReplicaReporter would have written last, per adapter."""
 
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, Any] | None] = {}
@@ -74,7 +74,7 @@ class LatestEntries:
     def set(self, adapter: str, entry: ReplicaAdapterStatus | None) -> None:
         self.entries[adapter] = entry.to_wire() if entry is not None else None
 
-    def reassert(self) -> None:
+    def drop_unclaimed(self, keep: set[str]) -> None:
         pass
 
     def state(self, adapter: str) -> str | None:
