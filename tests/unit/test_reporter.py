@@ -28,7 +28,8 @@ class FakeReplicaApi:
         self.requests: list[tuple[str, str, Any]] = []
         self.failures = 0  # the next writes answered with 503
         self._versions = itertools.count(1)
-        self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.version = 0  # the newest resource version
+        self._events: asyncio.Queue[tuple[dict[str, Any], int]] = asyncio.Queue()
 
     def writes(self) -> list[tuple[str, str, Any]]:
         return [r for r in self.requests if r[0] in ("POST", "PATCH")]
@@ -44,9 +45,10 @@ class FakeReplicaApi:
             raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
 
     def _store(self, body: dict[str, Any], event: str) -> dict[str, Any]:
-        body["metadata"]["resourceVersion"] = str(next(self._versions))
+        self.version = next(self._versions)
+        body["metadata"]["resourceVersion"] = str(self.version)
         self.object = body
-        self._events.put_nowait({"type": event, "object": copy.deepcopy(body)})
+        self._events.put_nowait(({"type": event, "object": copy.deepcopy(body)}, self.version))
         return copy.deepcopy(body)
 
     async def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -74,18 +76,22 @@ class FakeReplicaApi:
         await self._request("LIST", path)
         assert field_selector == f"metadata.name={POD}"
         items = [copy.deepcopy(self.object)] if self.object else []
-        return {"items": items, "metadata": {"resourceVersion": "0"}}
+        return {"items": items, "metadata": {"resourceVersion": str(self.version)}}
 
     async def watch(self, path: str, resource_version: str, **_: Any) -> AsyncIterator[dict[str, Any]]:
+        """Events after `resource_version` (a deletion's own version is the one after the object's last)."""
         self.requests.append(("WATCH", path, None))
         while True:
-            yield await self._events.get()
+            event, version = await self._events.get()
+            if version > int(resource_version):
+                yield event
 
     def delete(self) -> None:
         """Someone deletes the LoraReplica (the garbage collector would, were the pod gone)."""
         assert self.object is not None
         gone, self.object = self.object, None
-        self._events.put_nowait({"type": "DELETED", "object": gone})
+        self.version = next(self._versions)
+        self._events.put_nowait(({"type": "DELETED", "object": gone}, self.version))
 
     def edit(self, patch: dict[str, Any]) -> None:
         assert self.object is not None
@@ -197,6 +203,21 @@ def test_a_patch_carries_only_what_changed_and_null_removes_an_entry():
         [(method, _, patch)] = api.requests[before:]
         assert (method, patch["status"]["adapters"]) == ("PATCH", {"code": None})
         assert list(api.adapters()) == ["math"] and api.object["status"]["loaded"] == 1
+
+    in_virtual_time(scenario)
+
+
+def test_an_entry_written_again_loses_the_fields_it_no_longer_has():
+    async def scenario(api: FakeReplicaApi, sidecar: Sidecar) -> None:
+        sidecar.reporter.set("math", entry("Pending", message="Waiting for a download slot.", bytes_done=0))
+        await asyncio.sleep(1)
+        sidecar.reporter.set("math", entry("Loaded", rank=8))
+        await asyncio.sleep(1)
+        assert {k: v for k, v in api.adapters()["math"].items() if k != "updated"} == {
+            "state": "Loaded", "observedGeneration": 1, "rank": 8}  # a merge patch alone would keep the message
+        patch = api.writes()[-1][2]["status"]["adapters"]["math"]
+        assert (patch["message"], patch["bytesDone"], patch["state"]) == (None, None, "Loaded")
+        assert "observedGeneration" not in patch  # unchanged: not sent
 
     in_virtual_time(scenario)
 

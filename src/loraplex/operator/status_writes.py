@@ -8,20 +8,8 @@ from typing import Any
 from loraplex.api.conditions import merge_conditions, utc_now
 from loraplex.api.types import API_VERSION
 from loraplex.kube import KubeClient, NotFound, resource_path
+from loraplex.kube.merge_patch import merge_difference
 from loraplex.operator.records import StatusRecord
-
-
-def merge_difference(current: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """The JSON merge patch (RFC 7386) that turns `current` into `wanted`: only what differs, null for a key
-    `wanted` lacks (a pod's entry in replicaStatus once it is gone, a field an entry no longer has)."""
-    patch: dict[str, Any] = {key: None for key in current if key not in wanted}
-    for key, value in wanted.items():
-        if isinstance(value, dict) and isinstance(current.get(key), dict):
-            if difference := merge_difference(current[key], value):
-                patch[key] = difference
-        elif current.get(key) != value:
-            patch[key] = value
-    return patch
 
 
 async def write_status(client: KubeClient, record: StatusRecord, plural: str, body: dict[str, Any],

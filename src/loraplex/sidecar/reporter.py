@@ -25,6 +25,7 @@ from loraplex.api.types import (
     ReplicaState,
 )
 from loraplex.kube import ApiError, Conflict, KubeClient, NotFound, resource_path
+from loraplex.kube.merge_patch import merge_difference
 
 logger = logging.getLogger(__name__)
 OUTCOMES = frozenset({ReplicaState.LOADED, ReplicaState.FAILED})
@@ -160,16 +161,21 @@ class ReplicaReporter:
         if self._written is None:
             await self._create()
         assert self._written is not None
-        changed: dict[str, Wire | None] = {}
+        changed: dict[str, Wire | None] = {}  # adapter -> its entry as it will be (None: removed)
+        patch: dict[str, Wire | None] = {}
         for name in adapters:
             entry = self._latest.get(name)
             wire = entry.to_wire() if entry is not None else None
-            if self._written.get(name) != wire:
-                changed[name] = wire
+            held = self._written.get(name)
+            if held == wire:
+                continue
+            changed[name] = wire
+            # A merge patch merges an entry field by field: fields it no longer has go as null.
+            patch[name] = merge_difference(held, wire) if held is not None and wire is not None else wire
         counts = self._counts()
         if not changed and counts == self._written_counts:
             return
-        status: dict[str, Any] = {"adapters": changed}
+        status: dict[str, Any] = {"adapters": patch}
         if counts != self._written_counts:
             status["loaded"], status["failed"] = counts
         try:
@@ -225,13 +231,17 @@ class ReplicaReporter:
                 self._written, self._written_counts = _reported(obj)
                 self._remember_version(obj)
                 for name, wire in self._written.items():
-                    if name in self._latest:
-                        self._dirty.add(name)  # reported before the first read: compare once written
-                        continue
                     try:
-                        self._latest[name] = ReplicaAdapterStatus.model_validate(wire)
+                        held = ReplicaAdapterStatus.model_validate(wire)
                     except ValueError:
                         self._dirty.add(name)  # another loraplex version's entry: remove it
+                        continue
+                    mine = self._latest.get(name)
+                    if mine is None and name in self._set_since_start:
+                        self._dirty.add(name)  # removed before the first read
+                    elif mine is None or _unstamped(mine) == _unstamped(held):
+                        self._latest[name] = held  # what it says is still true: keep it, and when it was said
+                        self._dirty.discard(name)
             if self._keep is not None:
                 self.drop_unclaimed(self._keep)
             if self._dirty or self._latest:
