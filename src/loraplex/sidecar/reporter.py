@@ -17,13 +17,7 @@ import logging
 from typing import Any
 
 from loraplex.api.conditions import utc_now
-from loraplex.api.types import (
-    API_VERSION,
-    BASE_MODEL_LABEL,
-    LORA_REPLICA,
-    ReplicaAdapterStatus,
-    ReplicaState,
-)
+from loraplex.api.types import API_VERSION, BASE_MODEL_LABEL, LORA_REPLICA, ReplicaAdapterStatus, ReplicaState
 from loraplex.kube import ApiError, Conflict, KubeClient, NotFound, resource_path
 from loraplex.kube.merge_patch import merge_difference
 
@@ -55,7 +49,6 @@ class ReplicaReporter:
         self._observed = asyncio.Event()  # the object's state was read once: adopt it before writing
         self._wake = asyncio.Event()
         self._timer: asyncio.TimerHandle | None = None  # wakes the loop when paced progress is due
-        self.writes = 0  # requests that changed the object (creations and patches), for metrics and tests
 
     @property
     def path(self) -> str:
@@ -76,9 +69,6 @@ class ReplicaReporter:
             self._latest[adapter] = entry.model_copy(update={"updated": utc_now()})
         self._dirty.add(adapter)
         self._wake.set()
-
-    def entries(self) -> dict[str, ReplicaAdapterStatus]:
-        return dict(self._latest)
 
     def drop_unclaimed(self, keep: set[str]) -> None:
         """After the first adapter set: remove what a previous life of this pod reported about adapters that
@@ -184,7 +174,6 @@ class ReplicaReporter:
             logger.warning("LoraReplica %s/%s is gone; creating it again", self.namespace, self.pod_name)
             self._lost()
             raise
-        self.writes += 1
         self._remember_version(written)
         for name, wire in changed.items():
             if wire is None:
@@ -207,7 +196,6 @@ class ReplicaReporter:
         except Conflict:
             created = await self.client.get(self.path)  # made meanwhile (a previous life): take what it holds
         else:
-            self.writes += 1
             self._remember_version(created)
         self._written, self._written_counts = _reported(created)
 
