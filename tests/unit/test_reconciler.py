@@ -13,7 +13,7 @@ import pytest
 
 from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.types import API_VERSION
-from loraplex.kube import Conflict, NotFound, resource_path
+from loraplex.kube import ApiError, Conflict, NotFound, resource_path
 from loraplex.operator.adapters import FINALIZER
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.reconciler import Reconciler
@@ -354,6 +354,24 @@ async def test_a_report_of_a_pod_that_is_not_live_is_ignored_and_a_gone_pod_leav
     await cluster.reconciler.refresh_adapters((NS, BASE))
     assert list(cluster.status("math")["replicaStatus"]) == ["pod-a"]
     assert cluster.status("math")["replicas"] == 1
+
+
+async def test_a_report_whose_status_write_failed_is_decided_again_when_retried():
+    cluster = Cluster()
+    cluster.add_replica("pod-a")
+    await cluster.create_base_model()
+    await cluster.create_adapter("math")
+    patch = cluster.api.merge_patch
+
+    async def refused(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
+
+    cluster.api.merge_patch = refused  # type: ignore[method-assign]
+    with pytest.raises(ApiError):
+        await cluster.report("pod-a", {"math": "Loaded"})
+    cluster.api.merge_patch = patch  # type: ignore[method-assign]
+    await cluster.report_event("pod-a")  # what handlers.py's retry runs: the same report again
+    assert cluster.status("math")["phase"] == "Ready"
 
 
 async def test_a_deleted_adapter_is_released_then_forgotten():

@@ -295,16 +295,17 @@ class Reconciler(ClusterView):
         """A replica's LoraReplica changed (`adapters`: its status.adapters) or is gone (None): decide again
         the adapters whose entries differ from what we last saw of that pod, and no other."""
         namespace = base[0]
-        before = self._seen_reports.pop((namespace, pod), {})
-        after = adapters or {}
-        if adapters is not None:
-            self._seen_reports[(namespace, pod)] = dict(after)
-        if pod not in self.live_replicas(base):
-            return  # a report of a pod that is gone or not yet seen: the pod's own event refreshes everything
-        for name in sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)):
-            view = self.adapters.find(namespace, name)
-            if view is not None:
-                await self._reconcile_adapter(view)
+        before, after = self._seen_reports.get((namespace, pod), {}), adapters or {}
+        # A report of a pod that is gone or not yet seen counts for nothing: the pod's own event refreshes all.
+        if pod in self.live_replicas(base):
+            for name in sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)):
+                if (view := self.adapters.find(namespace, name)) is not None:
+                    await self._reconcile_adapter(view)
+        # Only once decided: a failed run is retried (handlers.py) and must find the same difference again.
+        if adapters is None:
+            self._seen_reports.pop((namespace, pod), None)
+        else:
+            self._seen_reports[(namespace, pod)] = dict(adapters)
 
     async def refresh_adapters(self, key: Key) -> None:
         """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
