@@ -46,12 +46,13 @@ def token_subject(token: str) -> str:
 
 
 class LoraAdapterWatch:
-    """Every LoraAdapter of a namespace as the API has it now, kept current by a list and a watch in a thread
-    of its own, so that waiting for thousands of them to change costs one stream rather than a list per poll."""
+    """Every LoraAdapter (or other loraplex object: `plural`) of a namespace as the API has it now, kept current
+    by a list and a watch in a thread of its own, so that waiting for thousands of them to change costs one
+    stream rather than a list per poll."""
 
-    def __init__(self, client: kubernetes.client.ApiClient, namespace: str):
+    def __init__(self, client: kubernetes.client.ApiClient, namespace: str, plural: str = "loraadapters"):
         self.custom = kubernetes.client.CustomObjectsApi(client)
-        self.namespace = namespace
+        self.namespace, self.plural = namespace, plural
         self.objects: dict[str, dict[str, Any]] = {}
         self.resource_version = ""
         self.stopped = False
@@ -59,7 +60,7 @@ class LoraAdapterWatch:
         self.thread = threading.Thread(target=self._follow, name="lora-adapter-watch", daemon=True)
 
     def start(self) -> LoraAdapterWatch:
-        listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters")
+        listed = self.custom.list_namespaced_custom_object(GROUP, VERSION, self.namespace, self.plural)
         self.objects = {item["metadata"]["name"]: item for item in listed["items"]}
         self.resource_version = listed["metadata"]["resourceVersion"]
         self.thread.start()
@@ -79,7 +80,7 @@ class LoraAdapterWatch:
             # The raw stream rather than kubernetes.watch, so that stop() can end it at once: an open watch
             # would hold kube-apiserver's shutdown for its whole grace period.
             self.stream = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, self.namespace, "loraadapters", watch=True, resource_version=self.resource_version,
+                GROUP, VERSION, self.namespace, self.plural, watch=True, resource_version=self.resource_version,
                 allow_watch_bookmarks=True, timeout_seconds=300, _preload_content=False)
             try:
                 for line in self.stream:

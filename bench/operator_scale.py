@@ -6,7 +6,7 @@ Runs the real operator, signed in as the chart's ServiceAccount with exactly the
 real Kubernetes control plane (loraplex.local: etcd, kube-apiserver, controller-manager, scheduler) with no
 kubelet. The Deployment controller makes each base model's pod from the operator's Deployment; it stays
 Pending, and bench/simulated_replicas.py plays its sidecar: it follows the adapter-set ConfigMap and reports
-each adapter Loaded by merge patch, as the real sidecar does (its own cost is measured in the sidecar
+each adapter Loaded in the pod's LoraReplica, as the real sidecar does (its own cost is measured in the sidecar
 benchmarks). What is measured is the operator: time until every adapter is Ready, its peak RSS, and the API
 requests it made per adapter, counted per client, verb and resource by an API proxy that only the
 operator talks through (kopf's requests and loraplex's own client's alike); this script's creates and the

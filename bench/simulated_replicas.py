@@ -1,7 +1,8 @@
 """Stand-ins for the inference pods' sidecars in bench/operator_scale.py. The pods are real: the Deployment
 controller makes them from the operator's Deployments, and with no kubelet they stay Pending, which the
 operator counts as replicas. For every pod, this follows its base model's adapter-set ConfigMap and reports
-each adapter in it Loaded on that pod, by merge patch of the LoraAdapter's status, as the real sidecar does.
+each adapter in it Loaded on that pod in the pod's LoraReplica, as the real sidecar does: the object is
+created once, then every round's new adapters go in one merge patch of its status.
 
     python bench/simulated_replicas.py KUBECONFIG NAMESPACE MODEL [MODEL ...]
 
@@ -25,16 +26,30 @@ GROUP, VERSION = "loraplex.io", "v1alpha1"
 BASE_MODEL_LABEL = "loraplex.io/base-model"
 
 
-async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, namespace: str, pod: str, adapter: str,
-                 generation: int, reported: set[tuple[str, int]]) -> None:
-    patch = {"status": {"replicaStatus": {pod: {"state": "Loaded", "observedGeneration": generation,
-                                                "format": "hf", "rank": 8}}}}
-    async with limit, session.patch(
-            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/loraadapters/{adapter}/status",
-            data=json.dumps(patch), headers={"Content-Type": "application/merge-patch+json"}) as response:
-        await response.read()
-        if response.status >= 400:
-            reported.discard((adapter, generation))  # the next round tries again
+async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, namespace: str, pod: dict[str, Any],
+                 base_model: str, adapters: list[tuple[str, int]], reported: set[tuple[str, int]]) -> None:
+    meta = pod["metadata"]
+    replicas = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/lorareplicas"
+    body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraReplica",
+            "metadata": {"name": meta["name"], "labels": {BASE_MODEL_LABEL: base_model},
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
+                                              "uid": meta["uid"]}]},
+            "spec": {"baseModel": base_model}}
+    entries = {adapter: {"state": "Loaded", "observedGeneration": generation, "format": "hf", "rank": 8}
+               for adapter, generation in adapters}
+    patch = {"status": {"adapters": entries}}
+    async with limit:
+        async with session.post(replicas, data=json.dumps(body), headers={"Content-Type": "application/json"}
+                                ) as response:
+            await response.read()
+            created = response.status in (201, 409)
+        if created:
+            async with session.patch(f"{replicas}/{meta['name']}/status", data=json.dumps(patch),
+                                     headers={"Content-Type": "application/merge-patch+json"}) as response:
+                await response.read()
+                created = response.status < 400
+        if not created:
+            reported.difference_update(adapters)  # the next round tries again
 
 
 async def main(config: dict[str, Any], namespace: str, base_models: list[str]) -> None:
@@ -62,10 +77,10 @@ async def main(config: dict[str, Any], namespace: str, base_models: list[str]) -
                     if meta["labels"][BASE_MODEL_LABEL] != name or meta.get("deletionTimestamp"):
                         continue
                     done = reported.setdefault(meta["name"], set())
-                    for adapter, generation in sorted(wanted - done):
-                        done.add((adapter, generation))
-                        task = asyncio.create_task(report(session, limit, namespace, meta["name"], adapter,
-                                                          generation, done))
+                    new = sorted(wanted - done)
+                    if new:
+                        done.update(new)
+                        task = asyncio.create_task(report(session, limit, namespace, pod, name, new, done))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)

@@ -200,6 +200,10 @@ class LocalStack:
     def base_model(self, name: str) -> dict[str, Any]:
         return self._custom("basemodeldeployments", name)
 
+    def replica_report(self, pod: str) -> dict[str, Any]:
+        """The LoraReplica the pod's sidecar reports into."""
+        return self._custom("lorareplicas", pod)
+
     def phase(self, name: str) -> str | None:
         return (self.adapter(name).get("status") or {}).get("phase")
 

@@ -154,8 +154,13 @@ def test_each_sidecar_talks_to_the_api_as_its_own_service_account(stack):
         assert pod["spec"]["serviceAccountName"] == "tiny-llama-loraplex"
         token_volume = next(v for v in pod["spec"]["volumes"] if v["name"].startswith("kube-api-access-"))
         assert any("serviceAccountToken" in source for source in token_volume["projected"]["sources"])
-    report = stack.adapter("math")["status"]["replicaStatus"]
-    assert set(report) == set(pods(stack))  # each replica wrote its own entry, with its own token
+    uids = {pod["metadata"]["name"]: pod["metadata"]["uid"] for pod in stack.pods("tiny-llama")}
+    for pod, uid in uids.items():  # each replica wrote its own report, with its own token, owned by its pod
+        report = stack.replica_report(pod)
+        assert [owner["uid"] for owner in report["metadata"]["ownerReferences"]] == [uid]
+        assert report["status"]["adapters"]["math"]["state"] == "Loaded"
+    # The operator aggregates the reports into the adapter's status.
+    assert set(stack.adapter("math")["status"]["replicaStatus"]) == set(pods(stack))
 
 
 def test_each_adapter_serves_its_own_weights(stack, artifacts):

@@ -158,11 +158,23 @@ class Cluster:
         return next((c for c in (obj.get("status") or {}).get("conditions") or [] if c["type"] == type_), None)
 
     def report(self, adapter: str, pod: str, state: str | None, **fields: Any) -> None:
-        """What a replica's sidecar writes: its own key in status.replicaStatus (None removes it)."""
+        """What a replica's sidecar writes: the adapter's entry in its pod's LoraReplica (None removes it),
+        creating the LoraReplica, owned by the pod, the first time."""
         generation = self.adapter(adapter)["metadata"]["generation"]
         entry = None if state is None else {"state": state, "observedGeneration": generation, **fields}
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "loraadapters", adapter,
-                                                          {"status": {"replicaStatus": {pod: entry}}})
+        meta = self.core.read_namespaced_pod(pod, self.namespace).metadata
+        base_model = meta.labels[BASE_MODEL_LABEL]
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "lorareplicas", {
+                "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraReplica",
+                "metadata": {"name": pod, "labels": {BASE_MODEL_LABEL: base_model},
+                             "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod, "uid": meta.uid}]},
+                "spec": {"baseModel": base_model}})
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "lorareplicas", pod,
+                                                          {"status": {"adapters": {adapter: entry}}})
 
     def replicas(self, base_model: str = "llama3") -> list[str]:
         """The names of the base model's pods that count as replicas: neither terminating nor finished.

@@ -1,6 +1,7 @@
 """Run the real `loraplex sidecar` process against the real control plane, a real S3 server and a runtime
 (real vLLM, or a NIM double). The sidecar signs in as its own ServiceAccount, with the Role the operator
-renders for it, so a right the sidecar needs and the Role lacks shows up as a refusal in its log."""
+renders for it, so a right the sidecar needs and the Role lacks shows up as a refusal in its log. Its pod is a
+real Pod object that is never scheduled, so the LoraReplica it reports into has a live owner."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ class SidecarIdentity:
     user: str
     token: str
     kubeconfig: Path
+    pod_uid: str
 
     def api_client(self) -> kubernetes.client.ApiClient:
         configuration = kubernetes.client.Configuration()
@@ -95,14 +97,26 @@ def install_sidecar_identity(api_client: kubernetes.client.ApiClient, control_pl
     user = f"system:serviceaccount:{namespace}:{account}"
     token = service_account_token(api_client, namespace, account)
     path = control_plane.write_kubeconfig(kubeconfig, token, user, namespace=namespace)
-    identity = SidecarIdentity(namespace, owner, user, token, path)
+    pod_uid = create_unscheduled_pod(api_client, namespace, account)
+    identity = SidecarIdentity(namespace, owner, user, token, path, pod_uid)
     # The authorizer learns of a new RoleBinding from its own watch; a sidecar started before that would be
     # refused once and retry, which the tests count as a failure.
     adapter_set = ChildNames(BASE_MODEL).adapter_set
-    wait_for(lambda: allowed(api_client, user, namespace, "patch", "loraadapters", GROUP, "status")
+    wait_for(lambda: allowed(api_client, user, namespace, "patch", "lorareplicas", GROUP, "status")
              and allowed(api_client, user, namespace, "watch", "configmaps", "", name=adapter_set),
              what="the sidecar's RoleBinding to take effect")
     return identity
+
+
+def create_unscheduled_pod(api_client: kubernetes.client.ApiClient, namespace: str, account: str) -> str:
+    """The Pod the sidecar runs "in": it owns the sidecar's LoraReplica. A node selector no node matches keeps it
+    Pending, whatever nodes the cluster has. Returns its uid, which the Downward API would give the sidecar."""
+    pod = kubernetes.client.CoreV1Api(api_client).create_namespaced_pod(namespace, {
+        "metadata": {"name": POD, "labels": {"loraplex.io/base-model": BASE_MODEL}},
+        "spec": {"nodeSelector": {"loraplex.io/no-such-node": "true"}, "serviceAccountName": account,
+                 "automountServiceAccountToken": False,
+                 "containers": [{"name": "inference", "image": "vllm/vllm-openai:v0.11.0"}]}})
+    return str(pod.metadata.uid)
 
 
 def allowed(api_client: kubernetes.client.ApiClient, user: str, namespace: str, verb: str, resource: str,
@@ -163,40 +177,51 @@ class AdapterSetWriter:
     def adapter(self, name: str) -> dict[str, Any]:
         return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "loraadapters", name)
 
+    def report(self, pod: str = POD) -> dict[str, Any] | None:
+        """The pod's LoraReplica, where its sidecar reports; None until the sidecar created it."""
+        try:
+            return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.namespace, "lorareplicas", pod)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     def replica_status(self, name: str, pod: str = POD) -> dict[str, Any] | None:
-        return replica_entry(self.adapter(name), pod)
+        return replica_entry(self.report(pod) or {}, name)
 
     def state(self, name: str) -> str | None:
         entry = self.replica_status(name)
         return entry.get("state") if entry else None
 
 
-def replica_entry(adapter: dict[str, Any], pod: str = POD) -> dict[str, Any] | None:
-    return ((adapter.get("status") or {}).get("replicaStatus") or {}).get(pod)
+def replica_entry(report: dict[str, Any], adapter: str) -> dict[str, Any] | None:
+    """One adapter's entry in a LoraReplica."""
+    return ((report.get("status") or {}).get("adapters") or {}).get(adapter)
 
 
-def watch_adapter(api_client: kubernetes.client.ApiClient, namespace: str, name: str, resource_version: str,
-                  seen: list[dict[str, Any]], timeout_seconds: int = 60) -> None:
-    """Append every version of LoraAdapter `name` after `resource_version` to `seen`, until it is Loaded or
-    Failed (or the watch times out). Meant for a thread of its own."""
+def watch_report(api_client: kubernetes.client.ApiClient, namespace: str, adapter: str, resource_version: str,
+                 seen: list[dict[str, Any]], timeout_seconds: int = 60) -> None:
+    """Append every version of the pod's LoraReplica after `resource_version` to `seen`, until it says `adapter`
+    is Loaded or Failed (or the watch times out). Meant for a thread of its own."""
     custom = kubernetes.client.CustomObjectsApi(api_client)
     stream = kubernetes.watch.Watch().stream(
-        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "loraadapters",
-        field_selector=f"metadata.name={name}", resource_version=resource_version, timeout_seconds=timeout_seconds)
+        custom.list_namespaced_custom_object, GROUP, VERSION, namespace, "lorareplicas",
+        field_selector=f"metadata.name={POD}", resource_version=resource_version, timeout_seconds=timeout_seconds)
     for event in stream:
         seen.append(event["object"])
-        if (replica_entry(event["object"]) or {}).get("state") in ("Loaded", "Failed"):
+        if (replica_entry(event["object"], adapter) or {}).get("state") in ("Loaded", "Failed"):
             return
 
 
 class SidecarProcess(LoraplexProcess):
     def __init__(self, kubeconfig: Path, namespace: str, volume: Path, runtime: Runtime, runtime_url: str, log: Path,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, pod_uid: str = ""):
         super().__init__(log)
         self.port = free_port()
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
         self.env = {
             **inherited, "KUBECONFIG": str(kubeconfig), "POD_NAME": POD, "POD_NAMESPACE": namespace,
+            "POD_UID": pod_uid, "LORAPLEX_BASE_MODEL": BASE_MODEL,
             "LORAPLEX_ADAPTER_SET": ChildNames(BASE_MODEL).adapter_set, "LORAPLEX_RUNTIME": runtime.value,
             "LORAPLEX_RUNTIME_URL": runtime_url, "LORAPLEX_SERVED_MODEL": "meta/llama3",
             "LORAPLEX_VOLUME_DIR": str(volume), "LORAPLEX_PEFT_DIR": str(volume / "adapters"),

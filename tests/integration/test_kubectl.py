@@ -185,6 +185,7 @@ def test_short_names_and_category_come_from_discovery(kubectl):
     assert rows["basemodeldeployments"]["SHORTNAMES"] == "bmd"
     assert rows["basemodeldeployments"]["CATEGORIES"] == "loraplex"
     assert rows["loraadapters"]["KIND"] == "LoraAdapter" and rows["loraadapters"]["NAMESPACED"] == "true"
+    assert rows["lorareplicas"]["SHORTNAMES"] == "lorarep" and rows["lorareplicas"]["CATEGORIES"] == "loraplex"
 
     kubectl("apply", "-f", str(QUICKSTART))
     assert kubectl("get", "bmd", "-o", "name").stdout.split() == ["basemodeldeployment.loraplex.io/llama3-8b"]

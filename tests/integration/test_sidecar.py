@@ -4,10 +4,12 @@ with the Role the operator renders."""
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,7 +33,7 @@ from tests.integration.sidecar_harness import (
     install_sidecar_identity,
     replica_entry,
     upload_folder,
-    watch_adapter,
+    watch_report,
 )
 from tests.producers import make_trtllm_from_peft
 from tests.vllm_server import BLOCK_SIZE, MAX_LORA_RANK, VllmServer, prompt_tokens, reference_tokens
@@ -102,7 +104,7 @@ def sidecar_factory(identity, volume, tmp_path, moto) -> Iterator:
               **env: str) -> SidecarProcess:
         process = SidecarProcess(kubeconfig or identity.kubeconfig, identity.namespace, volume, mode, runtime.url,
                                  tmp_path / f"sidecar-{len(started)}.log",
-                                 {"AWS_ENDPOINT_URL_S3": moto.url, **env}).start()
+                                 {"AWS_ENDPOINT_URL_S3": moto.url, **env}, pod_uid=identity.pod_uid).start()
         started.append(process)
         return process
 
@@ -206,7 +208,7 @@ def test_update_in_place_serves_the_new_weights_not_cached_old_ones(writer, vllm
     assert [p.name for p in (volume / "adapters" / "math").iterdir()] == [second.name]
 
     writer.remove("math")
-    until(sidecar, lambda: writer.replica_status("math") is None, "replicaStatus entry removed")
+    until(sidecar, lambda: writer.replica_status("math") is None, "the report's entry removed")
     assert "math" not in vllm.adapters()
     assert not (volume / "adapters" / "math").exists()
     assert not (volume / "state" / "math.json").exists()
@@ -336,10 +338,10 @@ def test_progress_is_reported_while_downloading(writer, vllm, sidecar_factory, t
     files = FileServer(served, cert, key).start()
     files.bytes_per_second = 1.5 * 1024 * 1024  # about two seconds for the 3 MB adapter
     custom = kubernetes.client.CustomObjectsApi(api_client)
-    since = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "loraadapters")["metadata"][
+    since = custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "lorareplicas")["metadata"][
         "resourceVersion"]
     seen: list[dict] = []
-    watcher = threading.Thread(target=watch_adapter, args=(api_client, namespace, "big", since, seen), daemon=True)
+    watcher = threading.Thread(target=watch_report, args=(api_client, namespace, "big", since, seen), daemon=True)
     watcher.start()
     try:
         sidecar = sidecar_factory(vllm, SSL_CERT_FILE=str(cert))
@@ -348,7 +350,7 @@ def test_progress_is_reported_while_downloading(writer, vllm, sidecar_factory, t
         watcher.join(timeout=30)
     finally:
         files.stop()
-    reports = [replica_entry(obj) or {} for obj in seen]
+    reports = [replica_entry(obj, "big") or {} for obj in seen]
     assert reports and reports[-1]["state"] == "Loaded", [r.get("state") for r in reports]
     partial = [r for r in reports
                if r.get("state") == "Downloading" and 0 < r.get("bytesDone", 0) < r.get("bytesTotal", 0)]
@@ -514,7 +516,7 @@ def test_watch_survives_disconnects_and_credentials_stay_secret(writer, vllm, si
 
 
 def test_sidecar_token_is_refused_what_its_role_does_not_grant(identity, api_client, namespace, writer):
-    """The Role is least privilege: its adapter set and adapters' status, nothing else."""
+    """The Role is least privilege: its adapter set and its LoraReplica, nothing else."""
     writer.add("math", "s3://adapters/llama3/math")
     core = kubernetes.client.CoreV1Api(api_client)
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "mistral-adapters"}, "data": {"a": "b"}})
@@ -524,10 +526,15 @@ def test_sidecar_token_is_refused_what_its_role_does_not_grant(identity, api_cli
     with identity.api_client() as client:
         as_sidecar_core = kubernetes.client.CoreV1Api(client)
         as_sidecar_custom = kubernetes.client.CustomObjectsApi(client)
-        # What it may do, for contrast: read its adapter set, report on an adapter.
+        # What it may do, for contrast: read its adapter set, create its report and report in it.
         assert as_sidecar_core.read_namespaced_config_map("llama3-adapters", namespace).data
+        as_sidecar_custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "lorareplicas", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraReplica",
+            "metadata": {"name": "llama3-0", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Pod", "name": "llama3-0", "uid": identity.pod_uid}]},
+            "spec": {"baseModel": "llama3"}})
         as_sidecar_custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, "loraadapters", "math", {"status": {"replicaStatus": {"llama3-0": {
+            GROUP, VERSION, namespace, "lorareplicas", "llama3-0", {"status": {"adapters": {"math": {
                 "state": "Pending"}}}})
 
         refused = {
@@ -546,8 +553,15 @@ def test_sidecar_token_is_refused_what_its_role_does_not_grant(identity, api_cli
                 GROUP, VERSION, namespace, "loraadapters", "math"),
             "change its base model": lambda: as_sidecar_custom.patch_namespaced_custom_object(
                 GROUP, VERSION, namespace, "basemodeldeployments", "llama3", {"spec": {"replicas": 9}}),
+            "patch an adapter's status": lambda: as_sidecar_custom.patch_namespaced_custom_object_status(
+                GROUP, VERSION, namespace, "loraadapters", "math", {"status": {"replicaStatus": {"llama3-0": {
+                    "state": "Pending"}}}}),
+            "delete its report": lambda: as_sidecar_custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, "lorareplicas", "llama3-0"),
+            "change its report's spec": lambda: as_sidecar_custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, "lorareplicas", "llama3-0", {"spec": {"baseModel": "mistral"}}),
             "report in another namespace": lambda: as_sidecar_custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, "default", "loraadapters", "math", {"status": {}}),
+                GROUP, VERSION, "default", "lorareplicas", "llama3-0", {"status": {}}),
             "read pods": lambda: as_sidecar_core.list_namespaced_pod(namespace),
         }
         statuses = {}
@@ -559,3 +573,50 @@ def test_sidecar_token_is_refused_what_its_role_does_not_grant(identity, api_cli
                 statuses[what] = exc.status
     assert statuses == dict.fromkeys(refused, 403)
     assert writer.adapter("math")["spec"]["source"] == "s3://adapters/llama3/math"
+
+
+def sidecar_requests(proxy: ApiProxy) -> collections.Counter[tuple[str, str, str]]:
+    """Every request through the proxy, which only the sidecar talks through."""
+    return collections.Counter(proxy.counts)
+
+
+def test_at_rest_the_sidecar_sends_nothing_and_repairs_its_report_only_when_it_is_lost(
+        writer, vllm, sidecar_factory, control_plane, identity, tmp_path, api_client, namespace):
+    proxy = ApiProxy(control_plane.url, control_plane.ca_file).start()
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    try:
+        through_proxy = proxy.write_kubeconfig(tmp_path / "proxied.kubeconfig", identity.token, namespace)
+        sidecar = sidecar_factory(vllm, kubeconfig=through_proxy)
+        for name in MANY:
+            writer.add(name, f"s3://adapters/llama3/{name}")
+        until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in MANY), "every adapter Loaded")
+        report = writer.report()
+        assert report["metadata"]["ownerReferences"] == [
+            {"apiVersion": "v1", "kind": "Pod", "name": "llama3-0", "uid": identity.pod_uid}]
+        assert report["metadata"]["labels"] == {"loraplex.io/base-model": "llama3"}
+        assert (report["spec"], report["status"]["loaded"], report["status"]["failed"]) == (
+            {"baseModel": "llama3"}, len(MANY), 0)
+        time.sleep(1)  # the echo of its last write reaches its watch
+        loading = sidecar_requests(proxy)
+        time.sleep(20)  # at rest: nothing changes, so nothing is sent (its watches stay open for minutes)
+        assert sidecar_requests(proxy) - loading == collections.Counter()
+        writes = sum(n for (_, verb, resource), n in loading.items()
+                     if verb in ("create", "patch") and resource.startswith("lorareplicas"))
+        assert writes <= 4 * len(MANY), loading  # about Pending, Downloading, Validating, Loaded for each
+
+        # Someone deletes the report: the sidecar creates it again with every entry.
+        custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, "lorareplicas", "llama3-0")
+        until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in MANY), "the report recreated")
+        # Someone edits it: the sidecar writes back what it holds.
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, "lorareplicas", "llama3-0", {
+            "status": {"adapters": {MANY[0]: None, "ghost": {"state": "Loaded"}}}})
+        until(sidecar, lambda: writer.state(MANY[0]) == "Loaded" and writer.replica_status("ghost") is None,
+              "the report repaired")
+        assert set(vllm.adapters()) >= set(MANY)  # a report repair does not touch the runtime
+
+        # Its pod goes: the garbage collector deletes the report with it.
+        sidecar.stop()
+        kubernetes.client.CoreV1Api(api_client).delete_namespaced_pod("llama3-0", namespace, grace_period_seconds=0)
+        wait_for(lambda: writer.report() is None, timeout=60, what="the report deleted with its pod")
+    finally:
+        proxy.stop()

@@ -95,10 +95,11 @@ def conditions(update):
 
 
 def test_status_ready_when_every_live_replica_loaded_the_current_generation():
-    view = adapter(status={"replicaStatus": {
+    entries = {
         "pod-a": replica("Loaded", format="hf", rank=16, targetModules=["q_proj"], sizeBytes=100),
-        "pod-b": replica("Loaded", format="hf", rank=16, targetModules=["q_proj"], sizeBytes=100)}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"])
+        "pod-b": replica("Loaded", format="hf", rank=16, targetModules=["q_proj"], sizeBytes=100)}
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"], entries)
     assert update.phase == "Ready"
     assert update.status["readyReplicas"] == 2 and update.status["replicas"] == 2
     assert (update.status["format"], update.status["rank"], update.status["sizeBytes"]) == ("hf", 16, 100)
@@ -110,21 +111,24 @@ def test_status_ready_when_every_live_replica_loaded_the_current_generation():
 
 def test_status_says_an_adapter_was_converted_and_from_what():
     loaded = replica("Loaded", format="hf", convertedFrom="trtllm", rank=8, targetModules=["q_proj"], sizeBytes=9)
-    view = adapter(status={"replicaStatus": {"pod-a": loaded}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    entries = {"pod-a": loaded}
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"], entries)
     assert (update.status["format"], update.status["convertedFrom"]) == ("hf", "trtllm")
 
 
 def test_old_generation_reports_do_not_count():
-    view = adapter(generation=2, status={"replicaStatus": {"pod-a": replica("Loaded", generation=1)}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    entries = {"pod-a": replica("Loaded", generation=1)}
+    view = adapter(generation=2)
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"], entries)
     assert update.phase == "Loading"
     assert update.status["readyReplicas"] == 0
 
 
 def test_partial_rollout_is_loading():
-    view = adapter(status={"replicaStatus": {"pod-a": replica("Loaded"), "pod-b": replica("Downloading")}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"])
+    entries = {"pod-a": replica("Loaded"), "pod-b": replica("Downloading")}
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"], entries)
     assert update.phase == "Loading"
     assert conditions(update)["Ready"] == ("False", "Loading")
     assert "1 of 2" in update.status["conditions"][2]["message"]
@@ -139,8 +143,9 @@ def test_partial_rollout_is_loading():
 ])
 def test_a_replica_failure_fails_the_adapter_with_its_reason(reason, validated, synced):
     message = "adapter_config.json: r=128 exceeds this base model's maxLoraRank 64"
-    view = adapter(status={"replicaStatus": {"pod-a": replica("Failed", reason=reason, message=message)}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    entries = {"pod-a": replica("Failed", reason=reason, message=message)}
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"], entries)
     assert update.phase == "Failed"
     ready = update.status["conditions"][2]
     assert (ready["status"], ready["reason"]) == ("False", reason)
@@ -149,44 +154,44 @@ def test_a_replica_failure_fails_the_adapter_with_its_reason(reason, validated, 
     assert conditions(update)["Synced"][0] == synced
 
 
-def test_reports_from_gone_pods_are_pruned_and_not_counted():
-    view = adapter(status={"replicaStatus": {"pod-a": replica("Loaded"), "pod-old": replica("Failed")}})
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
-    assert update.stale_replicas == ["pod-old"]
+def test_reports_from_gone_pods_are_neither_shown_nor_counted():
+    entries = {"pod-a": replica("Loaded"), "pod-old": replica("Failed")}
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"], entries)
+    assert list(update.status["replicaStatus"]) == ["pod-a"]
     assert update.phase == "Ready"
 
 
 def test_missing_base_model_leaves_the_adapter_pending_with_the_reason():
     view = adapter()
-    update = adapter_status(view, check_adapter(view, None, [view]), [])
+    update = adapter_status(view, check_adapter(view, None, [view]), [], {})
     assert update.phase == "Pending"
     assert conditions(update)["Ready"] == ("False", "BaseModelNotFound")
 
 
 def test_no_replicas_is_pending():
     view = adapter()
-    update = adapter_status(view, check_adapter(view, base(replicas=0), [view]), [])
+    update = adapter_status(view, check_adapter(view, base(replicas=0), [view]), [], {})
     assert update.phase == "Pending"
     assert conditions(update)["Ready"] == ("False", "NoReplicas")
 
 
 def test_rejected_spec_is_failed_without_touching_replicas():
     view = adapter(expectedRank=128)
-    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"])
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a"], {})
     assert update.phase == "Failed"
     assert conditions(update)["Validated"] == ("False", "RankTooHigh")
 
 
 def test_deletion_waits_for_live_replicas_to_drop_the_adapter():
-    holding = adapter(deleting=True, status={"replicaStatus": {"pod-a": replica("Unloading"),
-                                                               "pod-dead": replica("Loaded")}})
-    update = adapter_status(holding, check_adapter(holding, base(), [holding]), ["pod-a"])
+    entries = {"pod-a": replica("Unloading"), "pod-dead": replica("Loaded")}
+    holding = adapter(deleting=True)
+    update = adapter_status(holding, check_adapter(holding, base(), [holding]), ["pod-a"], entries)
     assert update.phase == "Terminating"
     assert "pod-a" in update.status["conditions"][2]["message"]
-    assert not cleanup_done(holding, ["pod-a"])
-    assert cleanup_done(holding, ["pod-b"])  # the pod that held it is gone
-    released = adapter(deleting=True, status={"replicaStatus": {}})
-    assert cleanup_done(released, ["pod-a"])
+    assert not cleanup_done(["pod-a"], entries)
+    assert cleanup_done(["pod-b"], entries)  # the pod that held it is gone
+    assert cleanup_done(["pod-a"], {})
 
 
 def test_base_model_status_counts_replicas_and_adapters():

@@ -17,9 +17,11 @@ from loraplex.api.contract import SidecarSettings
 from loraplex.api.types import AdapterFormat, ReplicaAdapterStatus, Runtime
 from loraplex.sidecar import slots
 from loraplex.sidecar.agent import Agent
+from loraplex.sidecar.reporter import ReplicaReporter
 from loraplex.sidecar.runtimes import LoadFailed, RuntimeUnavailable
 from loraplex.sources import Downloader
 from tests.adapters import make_hf_adapter
+from tests.unit.test_reporter import FakeReplicaApi
 
 PEFT_DIR = "/peft/adapters"
 
@@ -66,7 +68,7 @@ class ServingRuntime:
 
 
 class LatestEntries:
-    """What the StatusReporter would have written last, per adapter."""
+    """What the ReplicaReporter would have written last, per adapter."""
 
     def __init__(self) -> None:
         self.entries: dict[str, dict[str, Any] | None] = {}
@@ -74,7 +76,7 @@ class LatestEntries:
     def set(self, adapter: str, entry: ReplicaAdapterStatus | None) -> None:
         self.entries[adapter] = entry.to_wire() if entry is not None else None
 
-    def reassert(self) -> None:
+    def drop_unclaimed(self, keep: set[str]) -> None:
         pass
 
     def state(self, adapter: str) -> str | None:
@@ -91,10 +93,10 @@ def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Replica:
-    def __init__(self, tmp_path: Path, store: Path, runtime: ServingRuntime | None = None):
+    def __init__(self, tmp_path: Path, store: Path, runtime: ServingRuntime | None = None, reporter: Any = None):
         self.store, self.volume = store, tmp_path / "volume"
         self.runtime = runtime or ServingRuntime()
-        self.reporter = LatestEntries()
+        self.reporter = reporter or LatestEntries()
         self.settings = SidecarSettings(
             pod_name="pod-0", namespace="default", adapter_set="base-adapters", runtime=Runtime.VLLM,
             runtime_url="http://127.0.0.1:1", served_model="base", volume_dir=self.volume, peft_dir=PEFT_DIR,
@@ -114,6 +116,8 @@ class Replica:
         downloader.fetch = counted_fetch  # type: ignore[method-assign]
         self.agent = Agent(self.settings, self.reporter, self.runtime, downloader)  # type: ignore[arg-type]
         self.tasks = [asyncio.create_task(self.agent.run()), asyncio.create_task(self.agent.watch_runtime())]
+        if isinstance(self.reporter, ReplicaReporter):
+            self.tasks += [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.reporter.watch())]
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -240,3 +244,33 @@ async def test_a_restarted_sidecar_adopts_what_is_on_the_volume_without_fetching
         again.want(math="math")
         await until(lambda: again.reporter.state("math") == "Loaded", "math adopted")
         assert again.fetches == 0 and len(runtime.loads) == loads  # served already, from the recorded generation
+
+
+async def test_loading_many_adapters_takes_far_fewer_report_writes_and_a_restart_none(tmp_path, adapters):
+    """The real reporter on an in-memory API server (20 ms a request): the writes a sidecar makes into its
+    LoraReplica while it loads 30 adapters, and after a restart that finds them all on the volume."""
+    names = [f"m{index:02}" for index in range(30)]
+    api = FakeReplicaApi()
+
+    def reporter() -> ReplicaReporter:
+        return ReplicaReporter(api, "default", "llama3-0", "pod-uid", "llama3")  # type: ignore[arg-type]
+
+    def all_loaded() -> bool:
+        return len(api.adapters()) == len(names) and all(e["state"] == "Loaded" for e in api.adapters().values())
+
+    runtime = ServingRuntime()
+    async with Replica(tmp_path, adapters, runtime, reporter()) as replica:
+        replica.want(**dict.fromkeys(names, "math"))
+        await until(all_loaded, "every adapter Loaded in the LoraReplica")
+        await asyncio.sleep(0.5)
+        loading = len(api.writes())
+        # One write per adapter and state (Pending, Validating, Loaded at least) would be 90 or more.
+        assert loading < len(names), f"{loading} writes for {len(names)} adapters"
+        await asyncio.sleep(1)
+        assert len(api.writes()) == loading  # at rest
+    async with Replica(tmp_path, adapters, runtime, reporter()) as again:
+        again.want(**dict.fromkeys(names, "math"))
+        await until(lambda: again.agent.initial_sync_done, "the restarted sidecar's initial sync")
+        await asyncio.sleep(0.5)
+        assert api.writes()[loading:] == []  # every entry it would write is already there
+        assert all_loaded()

@@ -19,10 +19,12 @@ from loraplex.operator.adapters import ACCEPTED, AdapterView, adapter_status, cl
 from loraplex.operator.settings import OperatorSettings
 from loraplex.sidecar.store import VolumeStore
 
-POD = {"POD_NAME": "llama3-0", "POD_NAMESPACE": "team-a"}
-MINIMAL = {**POD, "LORAPLEX_ADAPTER_SET": "llama3-adapters", "LORAPLEX_RUNTIME": "vllm",
-           "LORAPLEX_RUNTIME_URL": "http://127.0.0.1:8000", "LORAPLEX_SERVED_MODEL": "meta/llama3",
-           "LORAPLEX_VOLUME_DIR": "/var/lib/loraplex", "LORAPLEX_PEFT_DIR": "/loras"}
+POD = {"POD_NAME": "llama3-0", "POD_NAMESPACE": "team-a", "POD_UID": "0b6c6c62-uid"}
+FROM_THE_POD = len(downward_api_env())  # the first entries of the sidecar's environment
+MINIMAL = {**POD, "LORAPLEX_BASE_MODEL": "llama3", "LORAPLEX_ADAPTER_SET": "llama3-adapters",
+           "LORAPLEX_RUNTIME": "vllm", "LORAPLEX_RUNTIME_URL": "http://127.0.0.1:8000",
+           "LORAPLEX_SERVED_MODEL": "meta/llama3", "LORAPLEX_VOLUME_DIR": "/var/lib/loraplex",
+           "LORAPLEX_PEFT_DIR": "/loras"}
 
 
 def rendered_env(spec: dict) -> list[dict]:
@@ -44,9 +46,9 @@ def rendered_env(spec: dict) -> list[dict]:
 ])
 def test_what_the_operator_renders_is_what_the_sidecar_reads(spec):
     env = rendered_env(spec)
-    assert env[:2] == downward_api_env()
-    settings = SidecarSettings.from_env({**POD, **{e["name"]: e["value"] for e in env[2:]}})
-    assert settings.to_env() == env[2:]
+    assert env[:FROM_THE_POD] == downward_api_env()
+    settings = SidecarSettings.from_env({**POD, **{e["name"]: e["value"] for e in env[FROM_THE_POD:]}})
+    assert settings.to_env() == env[FROM_THE_POD:]
     assert (settings.pod_name, settings.namespace) == ("llama3-0", "team-a")
     assert settings.http_port == SIDECAR_PORT
     assert settings.volume_dir == Path("/var/lib/loraplex")
@@ -54,20 +56,21 @@ def test_what_the_operator_renders_is_what_the_sidecar_reads(spec):
 
 def test_every_setting_survives_the_round_trip():
     settings = SidecarSettings(
-        pod_name="p", namespace="n", base_model="llama3", adapter_set="a", runtime=Runtime.NIM,
+        pod_name="p", namespace="n", pod_uid="u", base_model="llama3", adapter_set="a", runtime=Runtime.NIM,
         runtime_version=(1, 2, 3), runtime_url="http://127.0.0.1:9", served_model="m", peft_dir="/loras",
         volume_dir=Path("/v"), nim_refresh_seconds=2.5, max_concurrent_downloads=7, log_level="debug", http_port=9191,
         volume_limit="3Gi", s3_endpoint="http://s3", s3_region="r", s3_force_path_style=False,
         store_root=Path("/store"), base_config=Path("/etc/config.json"), log_format="json",
-        reassert_seconds=0.5, runtime_poll_seconds=0.3, local_rescan_seconds=3600)
+        runtime_poll_seconds=0.3, local_rescan_seconds=3600)
     env = {e["name"]: e["value"] for e in settings.to_env()}
-    assert SidecarSettings.from_env({**env, "POD_NAME": "p", "POD_NAMESPACE": "n"}) == settings
+    assert SidecarSettings.from_env({**env, "POD_NAME": "p", "POD_NAMESPACE": "n", "POD_UID": "u"}) == settings
     assert settings.volume_limit_bytes == 3 * 1024**3
 
 
 def test_tuning_knobs_at_their_defaults_are_not_rendered():
     names = {e["name"] for e in SidecarSettings.from_env(MINIMAL).to_env()}
-    assert not names & {"LORAPLEX_REASSERT_SECONDS", "LORAPLEX_RUNTIME_POLL_SECONDS", "POD_NAME", "POD_NAMESPACE"}
+    assert not names & {"LORAPLEX_RUNTIME_POLL_SECONDS", "LORAPLEX_LOCAL_RESCAN_SECONDS", "POD_NAME", "POD_NAMESPACE",
+                        "POD_UID"}
 
 
 def test_missing_variables_are_all_named():
@@ -95,7 +98,7 @@ def test_a_malformed_variable_is_named_with_its_value(name, value, expected):
 
 def test_the_runtime_sees_the_folder_the_sidecar_installs_into(tmp_path):
     env = rendered_env({"model": "m", "runtime": "vllm", "image": "vllm/vllm-openai:v0.11.0"})
-    settings = SidecarSettings.from_env({**POD, **{e["name"]: e["value"] for e in env[2:]}})
+    settings = SidecarSettings.from_env({**POD, **{e["name"]: e["value"] for e in env[FROM_THE_POD:]}})
     assert VolumeStore(tmp_path).adapters == tmp_path / ADAPTERS_SUBPATH
     owner = {"metadata": {"name": "llama3", "namespace": "team-a", "uid": "u"}}
     deployment = render.render_deployment(owner, BaseModelDeploymentSpec.model_validate(
@@ -120,10 +123,10 @@ def test_replica_entries_go_on_the_wire_in_camel_case_without_empty_fields():
     assert entry.to_wire() == {"state": "Downloading", "observedGeneration": 2, "bytesDone": 10}
 
 
-def adapter(replica_status, deleting=False):
+def adapter(deleting=False):
     body = {"metadata": {"name": "math", "namespace": "ns", "uid": "u", "generation": 1,
                          "creationTimestamp": "2026-01-01T00:00:00Z"},
-            "spec": {"baseModel": "llama3", "source": "s3://bucket/math"}, "status": {"replicaStatus": replica_status}}
+            "spec": {"baseModel": "llama3", "source": "s3://bucket/math"}}
     if deleting:
         body["metadata"]["deletionTimestamp"] = "2026-01-02T00:00:00Z"
     return AdapterView.from_body(body)
@@ -136,10 +139,10 @@ MALFORMED = [{"state": "Exploded", "observedGeneration": 1}, {"state": "Loaded",
 
 @pytest.mark.parametrize("bad", MALFORMED)
 def test_the_operator_skips_a_malformed_replica_entry(bad):
-    view = adapter({"pod-a": LOADED, "pod-b": bad, "pod-gone": bad})
-    assert set(replica_reports(view)) == {"pod-a"}
-    update = adapter_status(view, ACCEPTED, ["pod-a", "pod-b"])
+    entries = {"pod-a": LOADED, "pod-b": bad, "pod-gone": bad}
+    assert set(replica_reports(entries)) == {"pod-a"}
+    update = adapter_status(adapter(), ACCEPTED, ["pod-a", "pod-b"], entries)
     assert (update.phase, update.status["readyReplicas"], update.status["rank"]) == ("Loading", 1, 8)
-    assert update.stale_replicas == ["pod-gone"]  # pruned whatever it holds
-    assert cleanup_done(adapter({"pod-b": bad}, deleting=True), ["pod-b"])
-    assert not cleanup_done(adapter({"pod-a": LOADED, "pod-b": bad}, deleting=True), ["pod-a", "pod-b"])
+    assert list(update.status["replicaStatus"]) == ["pod-a"]  # only what parses, of live pods
+    assert cleanup_done(["pod-b"], {"pod-b": bad})
+    assert not cleanup_done(["pod-a", "pod-b"], {"pod-a": LOADED, "pod-b": bad})

@@ -7,18 +7,18 @@ import asyncio
 import copy
 import itertools
 import json
-import selectors
 from typing import Any
 
 import pytest
 
 from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.types import API_VERSION
-from loraplex.kube import Conflict, NotFound, resource_path
+from loraplex.kube import ApiError, Conflict, NotFound, resource_path
 from loraplex.operator.adapters import FINALIZER
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.reconciler import Reconciler
 from loraplex.operator.settings import OperatorSettings
+from tests.fakes.virtual_time import run_in_virtual_time
 
 NS = "ns"
 BASE = "llama3"
@@ -111,6 +111,10 @@ def adapter_path(name: str) -> str:
     return resource_path(API_VERSION, "loraadapters", NS, name)
 
 
+def replica_path(pod: str) -> str:
+    return resource_path(API_VERSION, "lorareplicas", NS, pod)
+
+
 def base_model_path(name: str = BASE) -> str:
     return resource_path(API_VERSION, "basemodeldeployments", NS, name)
 
@@ -121,7 +125,7 @@ class Cluster:
     def __init__(self, settings: OperatorSettings = SETTINGS) -> None:
         self.api = FakeApiServer()
         self.indices: dict[str, dict[Any, list[Any]]] = {
-            "base_model_index": {}, "replica_index": {}, "deployment_index": {}}
+            "base_model_index": {}, "replica_index": {}, "replica_report_index": {}, "deployment_index": {}}
         self.reconciler = Reconciler(self.api, settings, self.indices)  # type: ignore[arg-type]
         self._clock = itertools.count(1)
 
@@ -167,12 +171,28 @@ class Cluster:
     def add_replica(self, pod: str) -> None:
         self.indices["replica_index"].setdefault((NS, BASE), []).append((pod, None))
 
-    def report(self, adapter: str, pod: str, state: str) -> None:
-        """A sidecar writes its replica's entry into the adapter's status."""
-        current = self.api.objects[adapter_path(adapter)]
-        entry = {"state": state, "observedGeneration": current["metadata"]["generation"]}
-        self.api.store(adapter_path(adapter),
-                       merge(copy.deepcopy(current), {"status": {"replicaStatus": {pod: entry}}}))
+    def remove_replica(self, pod: str) -> None:
+        self.indices["replica_index"][(NS, BASE)].remove((pod, None))
+
+    async def report(self, pod: str, states: dict[str, str | None]) -> None:
+        """A sidecar patches its pod's LoraReplica (a state of None removes the adapter's entry), and kopf
+        delivers the event after updating its index. The sidecar's write is not the operator's request."""
+        path = replica_path(pod)
+        current = self.api.objects.get(path) or {
+            "apiVersion": API_VERSION, "kind": "LoraReplica", "metadata": {"name": pod, "namespace": NS},
+            "spec": {"baseModel": BASE}}
+        entries = {adapter: None if state is None else {
+            "state": state, "observedGeneration": self.api.objects[adapter_path(adapter)]["metadata"]["generation"]}
+            for adapter, state in states.items()}
+        self.api.store(path, merge(copy.deepcopy(current), {"status": {"adapters": entries}}))
+        await self.report_event(pod)
+
+    async def report_event(self, pod: str) -> None:
+        body = self.api.objects.get(replica_path(pod))
+        adapters = None if body is None else copy.deepcopy((body.get("status") or {}).get("adapters") or {})
+        reports = [r for r in self.indices["replica_report_index"].get((NS, BASE), []) if r[0] != pod]
+        self.indices["replica_report_index"][(NS, BASE)] = reports + ([(pod, adapters)] if body else [])
+        await self.reconciler.report_changed((NS, BASE), pod, adapters)
 
     def adapter_set(self) -> list[dict[str, Any]]:
         [configmap] = [o for o in self.api.objects.values() if o.get("kind") == "ConfigMap"]
@@ -269,18 +289,89 @@ async def test_an_adapter_is_ready_once_every_live_replica_reports_it_loaded():
     await cluster.create_adapter("math")
     assert cluster.status("math")["phase"] == "Loading"
 
-    cluster.report("math", "pod-a", "Loaded")
-    await cluster.adapter_event("math")
+    await cluster.report("pod-a", {"math": "Loaded"})
     assert (cluster.status("math")["phase"], cluster.status("math")["readyReplicas"]) == ("Loading", 1)
     assert cluster.condition("math", "Ready")["message"] == "Loaded on 1 of 2 replica(s)."
+    assert cluster.status("math")["replicaStatus"] == {"pod-a": {"state": "Loaded", "observedGeneration": 1}}
 
-    cluster.report("math", "pod-b", "Loaded")
-    await cluster.adapter_event("math")
+    await cluster.report("pod-b", {"math": "Loaded"})
+    await cluster.adapter_event("math")  # the echo of our status write brings the phase to the base model
     assert cluster.status("math")["phase"] == "Ready"
+    assert set(cluster.status("math")["replicaStatus"]) == {"pod-a", "pod-b"}
     assert cluster.condition("math", "Ready")["status"] == "True"
     assert any(e["reason"] == "Loaded" and e["message"].startswith("Ready:") for e in cluster.api.events())
     base_status = cluster.api.objects[base_model_path()]["status"]
     assert (base_status["adapters"], base_status["adaptersReady"]) == (1, 1)
+
+
+async def test_a_report_costs_one_status_write_per_changed_adapter_and_nothing_at_rest():
+    cluster = Cluster()
+    cluster.add_replica("pod-a")
+    cluster.add_replica("pod-b")
+    await cluster.create_base_model()
+    names = [f"a{i:02}" for i in range(20)]
+    for name in names:
+        await cluster.create_adapter(name)
+    await cluster.settle(*names)
+    before = len(cluster.api.writes())
+
+    await cluster.report("pod-a", dict.fromkeys(names, "Loaded"))  # one sidecar write, 20 adapters changed
+    assert sorted(path for _, path, _ in cluster.api.writes()[before:]) == [
+        adapter_path(name) + "/status" for name in names]
+    await cluster.settle(*names)
+    before = len(cluster.api.writes())
+    await cluster.report("pod-b", {"a07": "Downloading"})  # one adapter changed: one write
+    assert [path for _, path, _ in cluster.api.writes()[before:]] == [adapter_path("a07") + "/status"]
+    await cluster.settle(*names)
+
+    # At rest: the same reports again (a re-list, a resync) and a full resync write nothing.
+    before = len(cluster.api.writes())
+    for pod in ("pod-a", "pod-b"):
+        await cluster.report_event(pod)
+    cluster.reconciler.forget_shortcuts()
+    await cluster.reconciler.load_adapters()
+    await cluster.reconciler.reconcile_base_model((NS, BASE))
+    await cluster.settle(*names)
+    assert cluster.api.writes()[before:] == []
+
+
+async def test_a_report_of_a_pod_that_is_not_live_is_ignored_and_a_gone_pod_leaves_the_status():
+    cluster = Cluster()
+    cluster.add_replica("pod-a")
+    cluster.add_replica("pod-b")
+    await cluster.create_base_model()
+    await cluster.create_adapter("math")
+    await cluster.report("pod-a", {"math": "Loaded"})
+    await cluster.report("pod-b", {"math": "Loaded"})
+    await cluster.settle("math")
+    before = len(cluster.api.writes())
+
+    await cluster.report("pod-old", {"math": "Failed"})  # its pod is gone: its report is not counted
+    assert cluster.api.writes()[before:] == []
+    assert cluster.status("math")["phase"] == "Ready"
+
+    cluster.remove_replica("pod-b")  # kopf's pod event
+    await cluster.reconciler.refresh_adapters((NS, BASE))
+    assert list(cluster.status("math")["replicaStatus"]) == ["pod-a"]
+    assert cluster.status("math")["replicas"] == 1
+
+
+async def test_a_report_whose_status_write_failed_is_decided_again_when_retried():
+    cluster = Cluster()
+    cluster.add_replica("pod-a")
+    await cluster.create_base_model()
+    await cluster.create_adapter("math")
+    patch = cluster.api.merge_patch
+
+    async def refused(path: str, body: dict[str, Any]) -> dict[str, Any]:
+        raise ApiError(503, "ServiceUnavailable", "the API server is restarting")
+
+    cluster.api.merge_patch = refused  # type: ignore[method-assign]
+    with pytest.raises(ApiError):
+        await cluster.report("pod-a", {"math": "Loaded"})
+    cluster.api.merge_patch = patch  # type: ignore[method-assign]
+    await cluster.report_event("pod-a")  # what handlers.py's retry runs: the same report again
+    assert cluster.status("math")["phase"] == "Ready"
 
 
 async def test_a_deleted_adapter_is_released_then_forgotten():
@@ -288,7 +379,7 @@ async def test_a_deleted_adapter_is_released_then_forgotten():
     cluster.add_replica("pod-a")
     await cluster.create_base_model()
     await cluster.create_adapter("math")
-    cluster.report("math", "pod-a", "Loaded")
+    await cluster.report("pod-a", {"math": "Loaded"})
     await cluster.adapter_event("math")
     assert (NS, "math") in cluster.reconciler.adapter_records
 
@@ -301,9 +392,9 @@ async def test_a_deleted_adapter_is_released_then_forgotten():
     assert cluster.status("math")["phase"] == "Terminating"
     assert FINALIZER in cluster.api.objects[path]["metadata"]["finalizers"]
 
-    cluster.api.store(path, merge(copy.deepcopy(cluster.api.objects[path]),
-                                  {"status": {"replicaStatus": {"pod-a": None}}}))  # the sidecar unloaded it
-    await cluster.adapter_event("math")
+    await cluster.report("pod-a", {"math": "Unloading"})
+    assert FINALIZER in cluster.api.objects[path]["metadata"]["finalizers"]
+    await cluster.report("pod-a", {"math": None})  # the sidecar unloaded it
     assert not cluster.api.objects[path]["metadata"].get("finalizers")
 
     cluster.api.objects.pop(path)  # the API server removes it once no finalizer is left
@@ -333,51 +424,6 @@ async def test_an_invalid_base_model_spec_is_reported_and_nothing_is_applied():
                       if c["type"] == "Reconciled")
     assert (reconciled["status"], reconciled["reason"]) == ("False", "InvalidSpec")
     assert "spec.replicas" in reconciled["message"]
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    """An event loop whose clock jumps ahead whenever it would otherwise wait for a timer."""
-
-    def __init__(self) -> None:
-        super().__init__(selectors.DefaultSelector())
-        self.now = 0.0
-        real = self._selector  # type: ignore[attr-defined]
-        loop = self
-
-        class Skipping(selectors.BaseSelector):
-            def select(self, timeout: float | None = None) -> Any:
-                ready = real.select(0)
-                if not ready and timeout:
-                    loop.now += timeout
-                return ready
-
-            def register(self, *args: Any, **kwargs: Any) -> Any:
-                return real.register(*args, **kwargs)
-
-            def unregister(self, *args: Any, **kwargs: Any) -> Any:
-                return real.unregister(*args, **kwargs)
-
-            def modify(self, *args: Any, **kwargs: Any) -> Any:
-                return real.modify(*args, **kwargs)
-
-            def get_map(self) -> Any:
-                return real.get_map()
-
-            def close(self) -> None:
-                real.close()
-
-        self._selector = Skipping()  # type: ignore[attr-defined]
-
-    def time(self) -> float:
-        return self.now
-
-
-def run_in_virtual_time(coroutine: Any) -> Any:
-    loop = VirtualTimeLoop()
-    try:
-        return loop.run_until_complete(coroutine)
-    finally:
-        loop.close()
 
 
 def test_a_burst_of_adapters_is_published_in_a_few_adapter_set_writes():

@@ -198,8 +198,9 @@ def test_sidecar_role_is_least_privilege():
     assert role["rules"] == [
         {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["llama3-adapters"],
          "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["loraplex.io"], "resources": ["loraadapters/status"], "verbs": ["get", "patch"]},
-    ]
+        {"apiGroups": ["loraplex.io"], "resources": ["lorareplicas"], "verbs": ["get", "list", "watch", "create"]},
+        {"apiGroups": ["loraplex.io"], "resources": ["lorareplicas/status"], "verbs": ["get", "patch"]},
+    ]  # nothing on LoraAdapters: the operator writes their status from the LoraReplicas
     binding = render.render_sidecar_role_binding(owner())
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "llama3-loraplex", "namespace": "team-a"}]
     assert binding["roleRef"]["name"] == role["metadata"]["name"]

@@ -1,9 +1,9 @@
 """What the operator and the sidecar in every inference pod agree on, so both import it from one place.
 
 The operator renders the sidecar's environment, volumes and port from a BaseModelDeployment (render.py); the
-sidecar reads that environment back (SidecarSettings.from_env). Each sidecar reports into its LoraAdapters'
-status.replicaStatus as ReplicaAdapterStatus (types.py), which the operator parses back. The adapter set
-ConfigMap, the remaining part of the contract, is adapter_set.py.
+sidecar reads that environment back (SidecarSettings.from_env). Each sidecar reports into the LoraReplica named
+after its pod, one ReplicaAdapterStatus (types.py) per adapter, which the operator parses back. The adapter
+set ConfigMap, the remaining part of the contract, is adapter_set.py.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ BASE_CONFIG_DIR = "/etc/loraplex/base-model"  # where the sidecar mounts lora.ba
 BASE_CONFIG_FILE = "config.json"  # that ConfigMap's key, and the file's name under BASE_CONFIG_DIR
 
 # The pod's own identity comes from the Downward API: variable name -> pod field.
-_DOWNWARD_API = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}
+# The uid makes the pod the owner of its LoraReplica, so the garbage collector deletes the report with the pod.
+_DOWNWARD_API = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_UID": "metadata.uid"}
 
 
 class SettingsError(ValueError):
@@ -104,7 +105,8 @@ class SidecarSettings:
     # Filled in by the pod (downward_api_env), so to_env() never renders them.
     pod_name: str = field(default="", metadata=_env("POD_NAME", required=True))
     namespace: str = field(default="", metadata=_env("POD_NAMESPACE", required=True))
-    base_model: str | None = field(default=None, metadata=_env("LORAPLEX_BASE_MODEL"))
+    pod_uid: str = field(default="", metadata=_env("POD_UID", required=True))
+    base_model: str = field(default="", metadata=_env("LORAPLEX_BASE_MODEL", required=True))
     adapter_set: str = field(metadata=_env("LORAPLEX_ADAPTER_SET", required=True))  # ConfigMap name
     runtime: Runtime = field(metadata=_env("LORAPLEX_RUNTIME", _RUNTIME, required=True))
     # None: unknown, judged as the newest version loraplex knows
@@ -127,8 +129,6 @@ class SidecarSettings:
     store_root: Path | None = field(default=None, metadata=_env("LORAPLEX_ADAPTER_STORE", _PATH))
     base_config: Path | None = field(default=None, metadata=_env("LORAPLEX_BASE_CONFIG", _PATH))
     log_format: str = field(default="text", metadata=_env("LORAPLEX_LOG_FORMAT"))
-    reassert_seconds: float = field(
-        default=60.0, metadata=_env("LORAPLEX_REASSERT_SECONDS", _SECONDS, tuning=True))
     runtime_poll_seconds: float = field(
         default=2.0, metadata=_env("LORAPLEX_RUNTIME_POLL_SECONDS", _SECONDS, tuning=True))
     local_rescan_seconds: float = field(

@@ -1,8 +1,8 @@
-"""The loraplex API: spec and status of BaseModelDeployment and LoraAdapter.
+"""The loraplex API: spec and status of BaseModelDeployment, LoraAdapter and LoraReplica.
 
 These pydantic models are the single source of truth: `loraplex.api.crds` turns them into the
 CustomResourceDefinitions in `crds/`, the operator parses custom resources with them, and the
-sidecar reads the desired adapter set the operator renders from them. Both kinds stay in this one file,
+sidecar reads the desired adapter set the operator renders from them. Every kind stays in this one file,
 longer than the others, because it is read as the schema: top to bottom, it is what `crds/` says.
 """
 
@@ -17,6 +17,8 @@ from pydantic.alias_generators import to_camel
 GROUP = "loraplex.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
+# On every inference pod and every LoraReplica: which BaseModelDeployment they belong to.
+BASE_MODEL_LABEL = f"{GROUP}/base-model"
 
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # A served name is both the model name clients send and, for NIM, a folder name under the PEFT source.
@@ -320,7 +322,8 @@ class FailureReason(enum.StrEnum):
 
 
 class ReplicaAdapterStatus(Model):
-    """One replica's view of one adapter, written by that replica's sidecar."""
+    """One replica's view of one adapter: written by that replica's sidecar into its LoraReplica, and copied
+    by the operator into the LoraAdapter's status.replicaStatus."""
 
     state: ReplicaState = Field(description="Pending, Downloading, Validating, Loaded, Failed or Unloading.")
     reason: str | None = Field(default=None, description="CamelCase reason when Failed.")
@@ -360,9 +363,24 @@ class LoraAdapterStatus(Model):
     replicas: int | None = Field(default=None, description="Replicas of the base model.")
     ready_replicas: int | None = Field(default=None, description="Replicas serving this adapter.")
     replica_status: dict[str, ReplicaAdapterStatus] | None = Field(
-        default=None, description="Per-replica state keyed by pod name, written by each pod's sidecar."
+        default=None, description="Per-replica state keyed by pod name, as each pod's LoraReplica reports it."
     )
     conditions: list[Condition] | None = Field(default=None, description="Validated, Synced and Ready.")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoraReplica: one per inference pod, written by that pod's sidecar only
+
+
+class LoraReplicaSpec(Model):
+    base_model: str = Field(pattern=DNS_LABEL, description="BaseModelDeployment (same namespace) the pod serves.")
+
+
+class LoraReplicaStatus(Model):
+    adapters: dict[str, ReplicaAdapterStatus] | None = Field(
+        default=None, description="This pod's state of each adapter, keyed by LoraAdapter name.")
+    loaded: int | None = Field(default=None, description="Adapters Loaded on this pod.")
+    failed: int | None = Field(default=None, description="Adapters that Failed on this pod.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,4 +449,23 @@ LORA_ADAPTER = ResourceDefinition(
     ],
 )
 
-RESOURCES = [BASE_MODEL_DEPLOYMENT, LORA_ADAPTER]
+LORA_REPLICA = ResourceDefinition(
+    kind="LoraReplica",
+    plural="lorareplicas",
+    singular="lorareplica",
+    short_names=["lorarep"],
+    description=(
+        "What one inference pod holds: its sidecar's state of every adapter of its base model, named after the "
+        "pod and deleted with it. The operator aggregates these reports into each LoraAdapter's status."
+    ),
+    spec=LoraReplicaSpec,
+    status=LoraReplicaStatus,
+    printer_columns=[
+        {"name": "Base-Model", "type": "string", "jsonPath": ".spec.baseModel"},
+        {"name": "Loaded", "type": "integer", "jsonPath": ".status.loaded"},
+        {"name": "Failed", "type": "integer", "jsonPath": ".status.failed"},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ],
+)
+
+RESOURCES = [BASE_MODEL_DEPLOYMENT, LORA_ADAPTER, LORA_REPLICA]

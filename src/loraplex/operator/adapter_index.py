@@ -71,6 +71,10 @@ class AdapterIndex:
         """Whether the adapter (namespace, name) is in the index; iterating the index yields base models."""
         return (namespace, name) in self._base_of
 
+    def find(self, namespace: str, name: str) -> AdapterView | None:
+        base = self._base_of.get((namespace, name))
+        return None if base is None else self._by_base[base].get(name)
+
     def get(self, base: Key, default: Any = ()) -> ValuesView[AdapterView] | Any:
         views = self._by_base.get(base)
         return views.values() if views else default

@@ -1,10 +1,11 @@
 """Pure decisions about LoraAdapters: is one acceptable, which ones form a base model's desired set,
-and what each one's status should say given what the replicas reported.
+and what each one's status should say given what the replicas reported in their LoraReplicas.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic
@@ -181,18 +182,17 @@ _SYNC_FAILURES = {FailureReason.DOWNLOAD_FAILED.value, FailureReason.SOURCE_NOT_
 @dataclasses.dataclass(frozen=True)
 class AdapterStatusUpdate:
     status: dict[str, Any]  # every operator-owned status field, conditions without transition times
-    stale_replicas: list[str]  # replicaStatus keys of pods that no longer exist
 
     @property
     def phase(self) -> str:
         return self.status["phase"]
 
 
-def replica_reports(adapter: AdapterView) -> dict[str, ReplicaAdapterStatus]:
-    """The replicas' entries in status.replicaStatus by pod name. An entry that does not parse (a sidecar of
-    another loraplex version wrote it) is left out rather than failing the whole adapter."""
+def replica_reports(entries: Mapping[str, Any]) -> dict[str, ReplicaAdapterStatus]:
+    """One adapter's entries in the replicas' LoraReplicas, parsed, by pod name. An entry that does not parse
+    (a sidecar of another loraplex version wrote it) is left out rather than failing the whole adapter."""
     reports = {}
-    for pod, entry in (adapter.status.get("replicaStatus") or {}).items():
+    for pod, entry in entries.items():
         try:
             reports[pod] = ReplicaAdapterStatus.model_validate(entry)
         except pydantic.ValidationError:
@@ -200,11 +200,12 @@ def replica_reports(adapter: AdapterView) -> dict[str, ReplicaAdapterStatus]:
     return reports
 
 
-def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str]) -> AdapterStatusUpdate:
+def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str],
+                   entries: Mapping[str, Any]) -> AdapterStatusUpdate:
+    """The status of `adapter` given its entries in the replicas' LoraReplicas (`entries`, by pod name); only
+    live replicas count, and only theirs are shown in status.replicaStatus."""
     generation = adapter.generation
-    # Gone pods' entries are pruned whatever they hold, so stale counts the raw keys.
-    stale = sorted(pod for pod in adapter.status.get("replicaStatus") or {} if pod not in live_replicas)
-    reported = replica_reports(adapter)
+    reported = {pod: entry for pod, entry in replica_reports(entries).items() if pod in live_replicas}
     current = {pod: entry for pod, entry in reported.items()
                if pod in live_replicas and entry.observed_generation == generation}
     loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
@@ -217,7 +218,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
                 condition("Ready", *ready, generation)]
 
     if adapter.deleting:
-        holding = sorted(pod for pod in reported if pod in live_replicas)
+        holding = sorted(reported)
         message = (f"Unloading from {len(holding)} replica(s): {', '.join(holding)}." if holding
                    else "Removed from every replica.")
         phase = AdapterPhase.TERMINATING
@@ -266,11 +267,11 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         format=detected.format if detected else None, converted_from=detected.converted_from if detected else None,
         rank=detected.rank if detected else None,
         target_modules=detected.target_modules if detected else None,
-        size_bytes=detected.size_bytes if detected else None)
-    return AdapterStatusUpdate(status=status.to_patch(), stale_replicas=stale)
+        size_bytes=detected.size_bytes if detected else None, replica_status=reported or None)
+    return AdapterStatusUpdate(status=status.to_patch())
 
 
-def cleanup_done(adapter: AdapterView, live_replicas: list[str]) -> bool:
+def cleanup_done(live_replicas: list[str], entries: Mapping[str, Any]) -> bool:
     """True once no live replica still reports holding the adapter (sidecars drop their entry)."""
-    reported = replica_reports(adapter)
+    reported = replica_reports(entries)
     return not any(pod in reported for pod in live_replicas)

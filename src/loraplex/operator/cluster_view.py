@@ -1,5 +1,5 @@
-"""What the operator knows of the cluster: kopf's indices of base models, replicas and Deployments,
-and its own index of LoraAdapters, with the lookups every decision starts from."""
+"""What the operator knows of the cluster: kopf's indices of base models, replicas, their LoraReplica reports and
+Deployments, and its own index of LoraAdapters, with the lookups every decision starts from."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ class ClusterView:
         self.base_models = indices["base_model_index"]
         self.adapters = AdapterIndex()
         self.replicas = indices["replica_index"]
+        self.reports = indices["replica_report_index"]  # (namespace, base model) -> [(pod, {adapter: entry})]
         self.deployments = indices["deployment_index"]
 
     def base_model(self, key: Key) -> dict[str, Any] | None:
@@ -63,6 +64,10 @@ class ClusterView:
 
     def live_replicas(self, key: Key) -> list[str]:
         return sorted(name for name, _ in self.replicas.get(key, ()))
+
+    def adapter_entries(self, key: Key, adapter: str) -> dict[str, Any]:
+        """One adapter's entries in the LoraReplicas of base model `key`, by pod name."""
+        return {pod: adapters[adapter] for pod, adapters in self.reports.get(key, ()) if adapter in adapters}
 
     def replica_problems(self, key: Key) -> dict[str, str]:
         return {name: problem for name, problem in self.replicas.get(key, ()) if problem is not None}

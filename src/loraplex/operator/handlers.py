@@ -14,7 +14,7 @@ from typing import Any
 
 import kopf
 
-from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, VERSION
+from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, LORA_REPLICA, VERSION
 from loraplex.kube import KubeClient
 from loraplex.operator.base_models import replica_problem
 from loraplex.operator.metrics import OperatorMetrics
@@ -62,6 +62,13 @@ def replica_index(namespace: str, name: str, labels: Any, meta: Any, status: Any
     if meta.get("deletionTimestamp") or status.get("phase") in ("Succeeded", "Failed"):
         return None
     return {(namespace, labels[BASE_MODEL_LABEL]): (name, replica_problem(_plain(status)))}
+
+
+@kopf.index(GROUP, VERSION, LORA_REPLICA.plural)
+def replica_report_index(namespace: str, name: str, spec: Any, status: Any, **_: Any
+                         ) -> dict[Key, tuple[str, dict[str, Any]]]:
+    """Each pod's report by its base model: one object per pod, so a kopf index stays small."""
+    return {(namespace, spec.get("baseModel") or ""): (name, dict(status.get("adapters") or {}))}
 
 
 @kopf.index("apps", "v1", "deployments", when=_owned)
@@ -184,6 +191,15 @@ async def replica_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) 
         await memo.reconciler.refresh_base_model_status(key)
 
     await _guarded(memo, ("replicas", key), refresh)
+
+
+@kopf.on.event(GROUP, VERSION, LORA_REPLICA.plural)
+async def replica_report_event(type: str | None, namespace: str, name: str, spec: Any, status: Any,
+                               memo: kopf.Memo, **_: Any) -> None:
+    base = (namespace, spec.get("baseModel") or "")
+    adapters = None if type == "DELETED" else dict(status.get("adapters") or {})
+    await _guarded(memo, ("report", (namespace, name)),
+                   lambda: memo.reconciler.report_changed(base, name, adapters))
 
 
 async def owned_object_event(namespace: str, meta: Any, memo: kopf.Memo, **_: Any) -> None:

@@ -7,9 +7,8 @@ import dataclasses
 import re
 from typing import Any
 
-from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, GROUP
+from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, BASE_MODEL_LABEL
 
-BASE_MODEL_LABEL = f"{GROUP}/base-model"
 MANAGED_BY = "loraplex"
 
 

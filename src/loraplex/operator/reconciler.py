@@ -52,6 +52,7 @@ class Reconciler(ClusterView):
         self._locks: dict[Hashable, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.base_model_records: dict[Key, BaseModelRecord] = {}
         self.adapter_records: dict[Key, AdapterRecord] = {}
+        self._seen_reports: dict[Key, dict[str, Any]] = {}  # (namespace, pod) -> its status.adapters, last seen
         self._base_model_runs = Coalescer(self._reconcile_base_model)
         self._owned_runs = Coalescer(self._converge_owned)
         # Every write of an adapter set carries the whole set (and reaches every replica's sidecar), so a
@@ -288,6 +289,24 @@ class Reconciler(ClusterView):
         for rival in rivals:
             await self._reconcile_adapter(rival)
 
+    # ---- LoraReplica: what each replica reports ----------------------------------------------------
+
+    async def report_changed(self, base: Key, pod: str, adapters: dict[str, Any] | None) -> None:
+        """A replica's LoraReplica changed (`adapters`: its status.adapters) or is gone (None): decide again
+        the adapters whose entries differ from what we last saw of that pod, and no other."""
+        namespace = base[0]
+        before, after = self._seen_reports.get((namespace, pod), {}), adapters or {}
+        # A report of a pod that is gone or not yet seen counts for nothing: the pod's own event refreshes all.
+        if pod in self.live_replicas(base):
+            for name in sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)):
+                if (view := self.adapters.find(namespace, name)) is not None:
+                    await self._reconcile_adapter(view)
+        # Only once decided: a failed run is retried (handlers.py) and must find the same difference again.
+        if adapters is None:
+            self._seen_reports.pop((namespace, pod), None)
+        else:
+            self._seen_reports[(namespace, pod)] = dict(adapters)
+
     async def refresh_adapters(self, key: Key) -> None:
         """Recompute the status of every adapter of one base model (limits, replicas or pods changed)."""
         for view in self.adapters_of(key):
@@ -311,16 +330,15 @@ class Reconciler(ClusterView):
             if verdict.accepted and base_record is not None and view.uid in base_record.left_out:
                 verdict = adapter_set_full(base_key[1], self.settings.adapter_set_max_bytes)
             replicas = self.live_replicas(base_key) if view.base_model else []
-            update = adapter_status(view, verdict, replicas)
-            patch_extra = {"replicaStatus": {pod: None for pod in update.stale_replicas}} \
-                if update.stale_replicas else {}
+            entries = self.adapter_entries(base_key, view.name) if view.base_model else {}
+            update = adapter_status(view, verdict, replicas, entries)
             adapter_body = {"metadata": {"namespace": view.namespace, "name": view.name},
                             "status": view.status}
             previous_phase = record.known_status(view.status).get("phase")
-            await write_status(self.client, record, LORA_ADAPTER.plural, adapter_body, update.status, patch_extra)
+            await write_status(self.client, record, LORA_ADAPTER.plural, adapter_body, update.status)
             if update.phase != previous_phase:
                 await self._announce_phase(view, update.phase, update.status)
-            if view.deleting and FINALIZER in view.finalizers and cleanup_done(view, replicas):
+            if view.deleting and FINALIZER in view.finalizers and cleanup_done(replicas, entries):
                 await set_finalizer(self.client, view, present=False)
             return update.phase
 

@@ -23,7 +23,7 @@ from loraplex.api.contract import (
 from loraplex.api.runtime_capabilities import capabilities, deployed_version
 from loraplex.api.types import (
     GROUP,
-    LORA_ADAPTER,
+    LORA_REPLICA,
     AdapterFormat,
     BaseModelDeploymentSpec,
     ComputeResources,
@@ -271,7 +271,10 @@ def render_sidecar_role(owner: dict[str, Any]) -> dict[str, Any]:
         "rules": [
             {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": [names.adapter_set],
              "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [GROUP], "resources": [f"{LORA_ADAPTER.plural}/status"], "verbs": ["get", "patch"]},
+            # Its own LoraReplica: created when missing, watched by name, its status patched. A pod's name is
+            # known only once it exists, so the rules cannot name it.
+            {"apiGroups": [GROUP], "resources": [LORA_REPLICA.plural], "verbs": ["get", "list", "watch", "create"]},
+            {"apiGroups": [GROUP], "resources": [f"{LORA_REPLICA.plural}/status"], "verbs": ["get", "patch"]},
         ],
     }
 

@@ -21,7 +21,7 @@ from loraplex.api.runtime_capabilities import adapter_layout, version_note
 from loraplex.api.types import ReplicaState
 from loraplex.sidecar.lifecycle import AdapterLifecycle
 from loraplex.sidecar.metrics import SidecarMetrics
-from loraplex.sidecar.reporter import StatusReporter
+from loraplex.sidecar.reporter import ReplicaReporter
 from loraplex.sidecar.runtimes import RuntimeClient, RuntimeUnavailable
 from loraplex.sidecar.slots import AdapterSlot, Remove, Sync, Worker
 from loraplex.sidecar.store import VolumeStore
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 
 class Agent:
-    def __init__(self, settings: SidecarSettings, reporter: StatusReporter, runtime: RuntimeClient,
+    def __init__(self, settings: SidecarSettings, reporter: ReplicaReporter, runtime: RuntimeClient,
                  downloader: Downloader, metrics: SidecarMetrics | None = None):
         self.settings = settings
         self.reporter = reporter
@@ -46,6 +46,7 @@ class Agent:
         self.slots: dict[str, AdapterSlot] = {}
         self._local_store_moved = asyncio.Event()
         self.initial_sync_done = False
+        self._reported_since_start = False
 
     def slot(self, name: str) -> AdapterSlot:
         if name not in self.slots:
@@ -113,6 +114,12 @@ class Agent:
     def converge(self) -> None:
         if self.adapter_set is None:
             return  # never act on "nothing" before the first adapter set arrives
+        if not self._reported_since_start:
+            # What a previous life of this pod reported of adapters no longer in the set is removed now;
+            # the rest is overwritten as each one is checked again.
+            self._reported_since_start = True
+            self.reporter.drop_unclaimed({a.name for a in self.adapter_set.adapters}
+                                         | {slot.reported_as for slot in self.slots.values() if slot.reported_as})
         now = time.monotonic()
         for slot in list(self.slots.values()):
             if slot.desired is not None:
@@ -224,11 +231,6 @@ class Agent:
                 counts[slot.state] += 1
         for state, count in counts.items():
             self.metrics.adapters.labels(state=state.value).set(count)
-
-    async def reassert_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.reassert_seconds)
-            self.reporter.reassert()
 
 
 def default_session() -> aiohttp.ClientSession:

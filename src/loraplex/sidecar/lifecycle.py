@@ -18,7 +18,7 @@ from loraplex.api.types import FailureReason, ReplicaAdapterStatus, ReplicaState
 from loraplex.formats import AdapterPolicy, Rejection
 from loraplex.formats.for_runtime import validate_or_convert
 from loraplex.sidecar.metrics import SidecarMetrics
-from loraplex.sidecar.reporter import StatusReporter
+from loraplex.sidecar.reporter import ReplicaReporter
 from loraplex.sidecar.runtimes import LoadFailed, RuntimeClient, RuntimeUnavailable
 from loraplex.sidecar.slots import AdapterSlot
 from loraplex.sidecar.store import InstalledAdapter, VolumeStore, files_of
@@ -29,7 +29,7 @@ PROGRESS_INTERVAL = 1.0
 
 
 class AdapterLifecycle:
-    def __init__(self, settings: SidecarSettings, store: VolumeStore, reporter: StatusReporter,
+    def __init__(self, settings: SidecarSettings, store: VolumeStore, reporter: ReplicaReporter,
                  runtime: RuntimeClient, downloader: Downloader, metrics: SidecarMetrics,
                  wake: Callable[[], None]):
         self.settings, self.store, self.reporter = settings, store, reporter

@@ -16,7 +16,7 @@ from loraplex.kube import KubeClient
 from loraplex.sidecar.agent import Agent, default_session
 from loraplex.sidecar.desired import follow_adapter_set
 from loraplex.sidecar.metrics import SidecarMetrics
-from loraplex.sidecar.reporter import StatusReporter
+from loraplex.sidecar.reporter import ReplicaReporter
 from loraplex.sidecar.runtimes import client_for
 from loraplex.sources import Downloader
 from loraplex.sources.s3 import S3Client
@@ -57,7 +57,7 @@ async def run(settings: SidecarSettings) -> None:
     runtime = client_for(settings.runtime, settings.runtime_url, settings.served_model, settings.nim_refresh_seconds,
                          settings.runtime_version)
     session = default_session()
-    reporter = StatusReporter(kube, settings.namespace, settings.pod_name)
+    reporter = ReplicaReporter(kube, settings.namespace, settings.pod_name, settings.pod_uid, settings.base_model)
     s3 = S3Client(settings.s3_endpoint, settings.s3_region, bool(settings.s3_force_path_style))
     agent = Agent(settings, reporter, runtime, Downloader(session, s3=s3, store_root=settings.store_root), metrics)
 
@@ -75,7 +75,7 @@ async def run(settings: SidecarSettings) -> None:
         asyncio.create_task(agent.run(), name="agent"),
         asyncio.create_task(reporter.run(), name="reporter"),
         asyncio.create_task(agent.watch_runtime(), name="runtime-watch"),
-        asyncio.create_task(agent.reassert_forever(), name="reassert"),
+        asyncio.create_task(reporter.watch(), name="report-watch"),
         asyncio.create_task(agent.watch_local_store(), name="local-store"),
         asyncio.create_task(follow_adapter_set(kube, settings.namespace, settings.adapter_set, agent.on_adapter_set),
                             name="adapter-set"),
