@@ -162,7 +162,12 @@ class Cluster:
         creating the LoraReplica, owned by the pod, the first time."""
         generation = self.adapter(adapter)["metadata"]["generation"]
         entry = None if state is None else {"state": state, "observedGeneration": generation, **fields}
-        meta = self.core.read_namespaced_pod(pod, self.namespace).metadata
+        try:
+            meta = self.core.read_namespaced_pod(pod, self.namespace).metadata
+        except ApiException as exc:
+            if exc.status == 404 and entry is None:
+                return  # a pod that is gone reports nothing: its LoraReplica goes with it
+            raise
         base_model = meta.labels[BASE_MODEL_LABEL]
         try:
             self.custom.create_namespaced_custom_object(GROUP, VERSION, self.namespace, "lorareplicas", {
