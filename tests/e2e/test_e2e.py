@@ -46,7 +46,9 @@ def stack(tmp_path_factory, artifacts, control_plane) -> Iterator[LocalStack]:
     local.stop()
 
 
-def manifest(stack: LocalStack, replicas: int = 2, adapters: dict[str, str] | None = None) -> str:
+def manifest(stack: LocalStack, replicas: int = 2, adapters: dict[str, str] | None = None,
+             placed: dict[str, int] | None = None) -> str:
+    """The base model and its adapters (name -> folder); `placed` gives some of them a replica count."""
     docs = [
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3"},
          "stringData": {"AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret"}},
@@ -64,7 +66,7 @@ def manifest(stack: LocalStack, replicas: int = 2, adapters: dict[str, str] | No
     for name, folder in (adapters or {}).items():
         docs.append({"apiVersion": "loraplex.io/v1alpha1", "kind": "LoraAdapter", "metadata": {"name": name},
                      "spec": {"baseModel": "tiny-llama", "source": f"s3://demo-adapters/tiny-llama/{folder}/",
-                              "format": "hf"}})
+                              "format": "hf", **({"replicas": placed[name]} if name in (placed or {}) else {})}})
     return yaml.safe_dump_all(docs)
 
 
@@ -237,6 +239,37 @@ def test_scaling_up_gives_the_new_replica_every_adapter(stack, artifacts):
     for pod in pods(stack):
         assert sorted(stack.served(pod)) == ["math", "pubmedqa", "squad", "tiny-llama"]
     assert vllm_tokens(stack, pods(stack)[-1], "squad") == direct(artifacts, "squad")
+
+
+def holders(stack: LocalStack, adapter: str) -> list[str]:
+    """The running pods whose LoraReplica reports `adapter` Loaded."""
+    return [pod for pod in pods(stack) if ((stack.replica_report(pod).get("status") or {}).get("adapters") or {})
+            .get(adapter, {}).get("state") == "Loaded"]
+
+
+def test_an_adapter_on_one_replica_is_on_exactly_one_pod_and_moves_when_that_pod_is_deleted(stack, artifacts):
+    everything = {**ADAPTERS, "math": "pubmedqa", "pubmedqa": "pubmedqa", "solo": "math"}
+    apply(stack, manifest(stack, replicas=3, adapters=everything, placed={"solo": 1}))
+    wait_for(lambda: stack.phase("solo") == "Ready", 300, "solo Ready", stack.log_tail)
+    status = stack.adapter("solo")["status"]
+    [holder] = status["placedOn"]
+    assert (status["ready"], status["wantedReplicas"]) == ("1/1", 1)
+    assert holders(stack, "solo") == [holder]
+    for pod in pods(stack):  # only its pod serves it; the others neither hold nor report it
+        assert ("solo" in stack.served(pod)) == (pod == holder)
+        assert ("solo" in (stack.replica_report(pod).get("status") or {}).get("adapters", {})) == (pod == holder)
+    assert "1/1" in stack.kubectl("get", "lora", "solo")
+    assert vllm_tokens(stack, holder, "solo") == direct(artifacts, "math")
+
+    stack.kubectl("delete", "pod", holder, "--wait=false")
+    wait_for(lambda: holder not in pods(stack) and len(pods(stack)) == 3, 120, "a replacement pod", stack.log_tail)
+    wait_for(lambda: stack.phase("solo") == "Ready" and stack.adapter("solo")["status"]["placedOn"] != [holder],
+             300, "solo Ready again on another pod", stack.log_tail)
+    [moved_to] = stack.adapter("solo")["status"]["placedOn"]
+    assert moved_to in pods(stack) and holders(stack, "solo") == [moved_to]
+    assert vllm_tokens(stack, moved_to, "solo") == direct(artifacts, "math")
+    wait_for(lambda: ready_everywhere(stack, ["math", "squad", "pubmedqa"], 3), 300,
+             "every-replica adapters Ready on the replacement too", stack.log_tail)
 
 
 def test_deleting_an_adapter_unloads_it_everywhere_and_releases_the_finalizer(stack):

@@ -3,6 +3,7 @@ columns, find the kinds by short name and category, wait for Ready, delete and w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -63,15 +64,15 @@ def test_apply_examples_then_read_status_columns(kubectl, operator, cluster):
 
     def adapters_listed() -> str | None:
         out = kubectl("get", "lora").stdout
-        return out if out.count("Loading") == 2 and " 2 " in out else None
+        return out if out.count("Loading") == 2 and " 0/2 " in out else None
 
     table = wait_for(adapters_listed, what="kubectl get lora to show phases", log=operator.log)
     header = table.splitlines()[0].split()
-    assert header == ["NAME", "BASE-MODEL", "SERVED-NAME", "PHASE", "READY", "REPLICAS", "AGE"]
+    assert header == ["NAME", "BASE-MODEL", "SERVED-NAME", "PHASE", "READY", "AGE"]
     rows = {line.split()[0]: line.split() for line in table.splitlines()[1:]}
-    assert rows["llama3-math"][1:6] == ["llama3-8b", "llama3-8b-math", "Loading", "0", "2"]
+    assert rows["llama3-math"][1:5] == ["llama3-8b", "llama3-8b-math", "Loading", "0/2"]  # ready/wanted
     wide = kubectl("get", "lora", "-o", "wide").stdout.splitlines()[0].split()
-    assert {"FORMAT", "RANK", "SOURCE"} <= set(wide)
+    assert {"REPLICAS", "PLACED-ON", "FORMAT", "RANK", "SOURCE"} <= set(wide)
     models = kubectl("get", "bmd").stdout
     assert "vllm" in models and "meta-llama/Meta-Llama-3-8B-Instruct" in models
     everything = kubectl("get", "loraplex").stdout
@@ -82,8 +83,15 @@ def test_apply_examples_then_read_status_columns(kubectl, operator, cluster):
         cluster.report("llama3-math", pod, "Loaded", format="hf", rank=16)
     wait_for(lambda: kubectl("get", "lora", "llama3-math", "-o", "jsonpath={.status.phase}").stdout == "Ready",
              what="llama3-math Ready", log=operator.log)
-    rows = {line.split()[0]: line.split() for line in kubectl("get", "lora", "-o", "wide").stdout.splitlines()[1:]}
-    assert rows["llama3-math"][3:8] == ["Ready", "2", "2", "hf", "16"]
+    wide_table = kubectl("get", "lora", "-o", "wide").stdout.splitlines()
+    # Cells kubectl leaves empty make whitespace splitting unreliable: cut at the header's column starts.
+    starts = [m.start() for m in re.finditer(r"\S+", wide_table[0])]
+    columns = wide_table[0].split()
+    rows = {line.split()[0]: {column: line[start:end].strip() for column, start, end
+                              in zip(columns, starts, [*starts[1:], None], strict=True)} for line in wide_table[1:]}
+    math = rows["llama3-math"]
+    assert [math[c] for c in ("PHASE", "READY", "REPLICAS", "FORMAT", "RANK")] == ["Ready", "2/2", "2", "hf", "16"]
+    assert sorted(json.loads(math["PLACED-ON"])) == sorted(replicas)
 
     wait_for(lambda: kubectl("get", "bmd", "llama3-8b", "-o", "jsonpath={.status.replicas}/{.status.adaptersReady}"
                              ).stdout == "2/1", what="the base model's status to count the Ready adapter",

@@ -264,6 +264,55 @@ def test_readiness_aggregates_per_replica_reports(cluster, operator):
           "a Warning event naming the problem")
 
 
+def test_an_adapter_on_one_replica_is_placed_on_one_pod_and_moves_when_that_pod_goes(cluster, operator):
+    cluster.apply_base_model("llama3", replicas=3)
+    pods = replicas(operator, cluster, 3)
+    cluster.apply_adapter("math", replicas=1)
+    cluster.apply_adapter("everywhere")
+
+    def placed_on(name: str) -> list[str]:
+        return (cluster.adapter(name).get("status") or {}).get("placedOn") or []
+
+    [holder] = until(operator, lambda: placed_on("math"), "math placed")
+    assert holder in pods
+    until(operator, lambda: sorted(placed_on("everywhere")) == pods, "everywhere on every pod")
+    published = until(operator, lambda: (lambda s: s if len(s.adapters) == 2 else None)(adapter_set(cluster)),
+                      "both adapters in the adapter set")
+    adapters, slots = {a.name: a for a in published.adapters}, published.replica_slots or {}
+    assert sorted(slots) == pods and adapters["math"].slots == [slots[holder]] and adapters["everywhere"].slots is None
+    assert cluster.adapter("math")["status"]["ready"] == "0/1"
+    cluster.report("math", holder, "Loaded", sizeBytes=1000)
+    until(operator, lambda: phase(cluster, "math") == "Ready", "math Ready on its one pod")
+    assert cluster.adapter("math")["status"]["ready"] == "1/1"
+
+    # The pod goes; its replacement takes its slot, and so math.
+    cluster.delete_pod(holder)
+    replacement = until(operator, lambda: next((p for p in cluster.replicas() if p not in pods), None),
+                        "a replacement pod")
+    until(operator, lambda: placed_on("math") == [replacement], "math placed on the replacement")
+    assert (adapter_set(cluster).replica_slots or {})[replacement] == slots[holder]
+    assert phase(cluster, "math") == "Loading"
+    cluster.report("math", replacement, "Loaded", sizeBytes=1000)
+    until(operator, lambda: phase(cluster, "math") == "Ready", "math Ready again")
+
+
+def test_adapters_beyond_the_capacity_per_replica_wait_with_the_reason(cluster, operator):
+    cluster.apply_base_model("llama3", replicas=1, lora={"adaptersPerReplica": 1})
+    replicas(operator, cluster, 1)
+    cluster.apply_adapter("first", replicas=1)
+    until(operator, lambda: (cluster.adapter("first").get("status") or {}).get("placedOn"), "first placed")
+    cluster.apply_adapter("second", replicas=1)
+    until(operator, lambda: (cluster.condition(cluster.adapter("second"), "Ready") or {}).get("reason")
+          == "InsufficientCapacity", "second waiting for room")
+    assert phase(cluster, "second") == "Pending"
+    assert "each holds at most 1 adapters" in cluster.condition(cluster.adapter("second"), "Ready")["message"]
+    until(operator, lambda: any(e.reason == "InsufficientCapacity" and e.type == "Warning"
+                                for e in cluster.events_for("llama3")), "a Warning on the base model")
+    cluster.apply_base_model("llama3", replicas=2)  # room on a second replica
+    until(operator, lambda: len((cluster.adapter("second").get("status") or {}).get("placedOn") or []) == 1,
+          "second placed once a replica more runs")
+
+
 def test_deletion_waits_for_every_replica_to_unload(cluster, operator):
     cluster.apply_base_model("llama3", replicas=2)
     first, second = replicas(operator, cluster, 2)

@@ -11,6 +11,7 @@ from loraplex.operator.adapters import (
     desired_adapters,
 )
 from loraplex.operator.base_models import base_model_status, replica_problem
+from loraplex.operator.placing import AdapterPlacement
 
 
 def base(**overrides):
@@ -254,3 +255,52 @@ def test_base_model_status_reports_an_invalid_spec():
     assert (by_type["Reconciled"]["status"], by_type["Reconciled"]["reason"]) == ("False", "InvalidSpec")
     assert by_type["Ready"]["reason"] == "InvalidSpec"
     assert by_type["AdaptersReady"]["reason"] == "NoAdapters"
+
+
+# ---- placement: only the pods an adapter is placed on count -----------------------------------------
+
+def test_an_adapter_on_one_replica_is_ready_once_that_pod_loaded_it_and_says_where():
+    view = adapter(replicas=1)
+    entries = {"pod-b": replica("Loaded"), "pod-a": replica("Failed", reason="LoadFailed")}  # pod-a: not its place
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"], entries,
+                            AdapterPlacement(pods=("pod-b",)))
+    assert update.phase == "Ready"
+    assert (update.status["ready"], update.status["wantedReplicas"], update.status["placedOn"]) == (
+        "1/1", 1, ["pod-b"])
+    assert update.status["replicas"] == 3
+    assert "placed on: pod-b" in next(c for c in update.status["conditions"] if c["type"] == "Ready")["message"]
+
+
+def test_an_adapter_placed_on_a_pod_that_has_not_loaded_it_is_loading():
+    view = adapter(replicas=2)
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"],
+                            {"pod-a": replica("Loaded"), "pod-c": replica("Loaded")},
+                            AdapterPlacement(pods=("pod-a", "pod-b")))
+    assert (update.phase, update.status["ready"]) == ("Loading", "1/2")
+
+
+def test_an_adapter_with_no_room_anywhere_is_pending_with_the_shortfall():
+    view = adapter(replicas=2)
+    shortfall = "wants 2 replica(s) but only 0 of 3 have room (each holds at most 4 adapters): add replicas"
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"], {},
+                            AdapterPlacement(pods=(), shortfall=shortfall))
+    assert update.phase == "Pending"
+    assert conditions(update)["Ready"] == ("False", "InsufficientCapacity")
+    assert shortfall in next(c for c in update.status["conditions"] if c["type"] == "Ready")["message"]
+    assert (update.status["ready"], update.status["placedOn"]) == ("0/2", None)
+
+
+def test_an_adapter_on_fewer_replicas_than_it_wants_is_ready_there_and_says_why_not_more():
+    view = adapter()  # every replica
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"],
+                            {"pod-a": replica("Loaded")}, AdapterPlacement(pods=("pod-a",), shortfall="wants 2"))
+    assert update.phase == "Ready"
+    assert conditions(update)["Ready"] == ("True", "InsufficientCapacity")
+    assert update.status["ready"] == "1/2"
+
+
+def test_without_a_placement_yet_every_live_replica_counts():
+    view = adapter()
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"],
+                            {"pod-a": replica("Loaded"), "pod-b": replica("Loaded")})
+    assert (update.phase, update.status["ready"], update.status["placedOn"]) == ("Ready", "2/2", ["pod-a", "pod-b"])

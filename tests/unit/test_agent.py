@@ -274,3 +274,26 @@ async def test_loading_many_adapters_takes_far_fewer_report_writes_and_a_restart
         await asyncio.sleep(0.5)
         assert api.writes()[loading:] == []  # every entry it would write is already there
         assert all_loaded()
+
+
+async def test_a_pod_serves_only_the_adapters_placed_on_its_slot_and_drops_one_moved_away(tmp_path, adapters):
+    def placed(math_slots: list[int] | None, code_slots: list[int] | None) -> AdapterSet:
+        entries = [DesiredAdapter(name=name, uid=f"uid-{name}", generation=1, served_name=name,
+                                  source=f"file://{adapters / folder}", slots=slots)
+                   for name, folder, slots in (("math", "math", math_slots), ("code", "math-v2", code_slots))]
+        return AdapterSet(base_model="base", runtime=Runtime.VLLM, adapters=entries,
+                          limits=AdapterLimits(max_rank=16, allowed_formats=[AdapterFormat.HF]),
+                          replica_slots={"pod-0": 0, "pod-1": 1})
+
+    async with Replica(tmp_path, adapters) as replica:
+        replica.agent.on_adapter_set(placed(math_slots=[1], code_slots=[0]))  # math lives on pod-1
+        await until(lambda: replica.reporter.state("code") == "Loaded", "code Loaded")
+        assert "math" not in replica.runtime.served and replica.reporter.state("math") is None
+        assert replica.fetches == 1
+
+        replica.agent.on_adapter_set(placed(math_slots=[0], code_slots=[1]))  # they swap places
+        await until(lambda: replica.reporter.state("math") == "Loaded" and "code" not in replica.runtime.served,
+                    "math Loaded and code removed")
+        await until(lambda: "code" in replica.reporter.entries and replica.reporter.entries["code"] is None,
+                    "code's entry withdrawn")
+        assert len(replica.folders()) == 1

@@ -1,7 +1,8 @@
 """The desired adapter set: what the operator tells every sidecar of a base model to serve.
 
 The operator writes it into one ConfigMap per BaseModelDeployment; sidecars watch that object, so a
-change reaches every replica within a watch round-trip and never restarts a pod.
+change reaches every replica within a watch round-trip and never restarts a pod. It also carries the
+placement: each pod's slot, and for each adapter not on every replica the slots that hold it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ class DesiredAdapter(Model):
     format: AdapterFormat = AdapterFormat.AUTO
     expected_rank: int | None = None
     sha256: str | None = None
+    slots: list[int] | None = Field(default=None, description="The replica slots that hold it; None: every one.")
+
+    def assigned_to(self, slot: int | None) -> bool:
+        """Whether the pod holding `slot` (None: a pod the operator has not given one yet) should serve it."""
+        return self.slots is None or (slot is not None and slot in self.slots)
 
 
 class AdapterLimits(Model):
@@ -48,6 +54,13 @@ class AdapterSet(Model):
     runtime: Runtime
     limits: AdapterLimits
     adapters: list[DesiredAdapter]
+    # Kept here so that an operator restart gives every pod the slot, and so the adapters, it had.
+    replica_slots: dict[str, int] | None = Field(default=None, description="Pod name -> its replica slot.")
+
+    def assigned_to(self, pod: str) -> list[DesiredAdapter]:
+        """The adapters the sidecar of `pod` should hold."""
+        slot = (self.replica_slots or {}).get(pod)
+        return [adapter for adapter in self.adapters if adapter.assigned_to(slot)]
 
     def to_configmap_data(self) -> dict[str, str]:
         return {DATA_KEY: json.dumps(self.to_wire(), sort_keys=True, separators=(",", ":"))}

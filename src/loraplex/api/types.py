@@ -170,6 +170,16 @@ class LoraLimits(Model):
     refresh_interval_seconds: int = Field(
         default=10, ge=1, le=3600, description="How often NIM rescans its PEFT source."
     )
+    adapters_per_replica: int | None = Field(
+        default=None, ge=1, le=100000,
+        description="Adapters one replica holds at most (placement); no limit when unset. May be below "
+        "maxGpuLoras.",
+    )
+    bytes_per_replica: str | None = Field(
+        default=None, pattern=QUANTITY,
+        description="Adapter bytes one replica holds at most (placement); defaults to the PEFT volume's emptyDir "
+        "sizeLimit, and to no limit on a PersistentVolumeClaim.",
+    )
     base_model_config_map: str | None = Field(
         default=None,
         pattern=DNS_LABEL,
@@ -297,6 +307,10 @@ class LoraAdapterSpec(Model):
     sha256: str | None = Field(
         default=None, pattern=r"^[a-f0-9]{64}$", description="SHA-256 of the single adapter file or archive."
     )
+    replicas: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="How many of the base model's replicas hold this adapter; every replica when unset.",
+    )
 
 
 class ReplicaState(enum.StrEnum):
@@ -361,7 +375,12 @@ class LoraAdapterStatus(Model):
     target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
     size_bytes: int | None = Field(default=None, description="Adapter size in bytes.")
     replicas: int | None = Field(default=None, description="Replicas of the base model.")
+    wanted_replicas: int | None = Field(
+        default=None, description="Replicas that should hold this adapter: spec.replicas, at most the running ones.")
     ready_replicas: int | None = Field(default=None, description="Replicas serving this adapter.")
+    ready: str | None = Field(default=None, description="readyReplicas/wantedReplicas, for kubectl get.")
+    placed_on: list[str] | None = Field(
+        default=None, description="The pods the operator placed this adapter on, best-ranked first.")
     replica_status: dict[str, ReplicaAdapterStatus] | None = Field(
         default=None, description="Per-replica state keyed by pod name, as each pod's LoraReplica reports it."
     )
@@ -431,7 +450,7 @@ LORA_ADAPTER = ResourceDefinition(
     short_names=["lora"],
     description=(
         "A LoRA adapter served by name on a BaseModelDeployment: synced from its source into every "
-        "replica, validated, and loaded into the runtime."
+        "replica it is placed on (all, or spec.replicas of them), validated, and loaded into the runtime."
     ),
     spec=LoraAdapterSpec,
     status=LoraAdapterStatus,
@@ -439,8 +458,9 @@ LORA_ADAPTER = ResourceDefinition(
         {"name": "Base-Model", "type": "string", "jsonPath": ".spec.baseModel"},
         {"name": "Served-Name", "type": "string", "jsonPath": ".status.servedName"},
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
-        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas"},
+        {"name": "Ready", "type": "string", "jsonPath": ".status.ready"},
+        {"name": "Replicas", "type": "integer", "jsonPath": ".status.replicas", "priority": 1},
+        {"name": "Placed-On", "type": "string", "jsonPath": ".status.placedOn", "priority": 1},
         {"name": "Format", "type": "string", "jsonPath": ".status.format", "priority": 1},
         {"name": "Converted-From", "type": "string", "jsonPath": ".status.convertedFrom", "priority": 1},
         {"name": "Rank", "type": "integer", "jsonPath": ".status.rank", "priority": 1},

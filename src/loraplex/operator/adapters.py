@@ -24,8 +24,10 @@ from loraplex.api.types import (
     ReplicaAdapterStatus,
     ReplicaState,
 )
+from loraplex.operator.placing import AdapterPlacement
 
 FINALIZER = "loraplex.io/adapter-cleanup"
+INSUFFICIENT_CAPACITY = "InsufficientCapacity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,16 +203,24 @@ def replica_reports(entries: Mapping[str, Any]) -> dict[str, ReplicaAdapterStatu
 
 
 def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str],
-                   entries: Mapping[str, Any]) -> AdapterStatusUpdate:
-    """The status of `adapter` given its entries in the replicas' LoraReplicas (`entries`, by pod name); only
-    live replicas count, and only theirs are shown in status.replicaStatus."""
+                   entries: Mapping[str, Any], placement: AdapterPlacement | None = None) -> AdapterStatusUpdate:
+    """The status of `adapter` given its entries in the replicas' LoraReplicas (`entries`, by pod name) and the
+    pods it is placed on (`placement`; None: every live replica). Only live replicas count, and only theirs are
+    shown in status.replicaStatus; only the pods it is placed on make it Ready or Failed."""
     generation = adapter.generation
     reported = {pod: entry for pod, entry in replica_reports(entries).items() if pod in live_replicas}
+    if not verdict.accepted or adapter.deleting:
+        placed: list[str] = []
+    else:
+        placed = list(live_replicas) if placement is None else [p for p in placement.pods if p in live_replicas]
     current = {pod: entry for pod, entry in reported.items()
-               if pod in live_replicas and entry.observed_generation == generation}
+               if pod in placed and entry.observed_generation == generation}
     loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
     failed = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.FAILED)
     replicas = len(live_replicas)
+    asked = adapter.spec.replicas if adapter.spec else None
+    wanted = replicas if asked is None else min(asked, replicas)
+    shortfall = placement.shortfall if placement is not None and len(placed) < wanted else None
 
     def conditions(validated: tuple[bool | None, str, str], synced: tuple[bool | None, str, str],
                    ready: tuple[bool | None, str, str]) -> list[dict[str, Any]]:
@@ -246,14 +256,26 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
             else (True if loaded else None, "ValidationPassed" if loaded else "Pending", message))
         synced = (False, reason, message) if reason in _SYNC_FAILURES else (None, "Syncing", message)
         decided = conditions(validated, synced, (False, reason, message))
-    elif len(loaded) == replicas:
-        message = f"Loaded on all {replicas} replica(s)."
+    elif not placed:
+        message = f"Placed on no replica: {shortfall or 'waiting for the operator to place it'}."
+        phase = AdapterPhase.PENDING
+        reason = INSUFFICIENT_CAPACITY if shortfall else "Pending"
+        decided = conditions((None, "Pending", message), (None, reason, message), (False, reason, message))
+    elif len(loaded) == len(placed):
+        if shortfall:
+            reason, message = INSUFFICIENT_CAPACITY, f"Loaded on {len(loaded)} of {wanted} wanted replica(s); " \
+                f"{shortfall}."
+        elif len(placed) == replicas:
+            reason, message = "Loaded", f"Loaded on all {replicas} replica(s)."
+        else:
+            reason, message = "Loaded", f"Loaded on the {len(placed)} replica(s) it is placed on: {', '.join(placed)}."
         phase = AdapterPhase.READY
         decided = conditions((True, "ValidationPassed", "The adapter passed validation."),
-                             (True, "Synced", f"Present on all {replicas} replica(s)."),
-                             (True, "Loaded", message))
+                             (True, "Synced", f"Present on all {replicas} replica(s)." if len(placed) == replicas
+                                     else f"Present on the {len(placed)} replica(s) it is placed on."),
+                             (True, reason, message))
     else:
-        message = f"Loaded on {len(loaded)} of {replicas} replica(s)."
+        message = f"Loaded on {len(loaded)} of {len(placed)} replica(s)."
         phase = AdapterPhase.LOADING
         decided = conditions(
             (True, "ValidationPassed", "The adapter passed validation.") if loaded
@@ -264,6 +286,8 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     status = LoraAdapterStatus(
         observed_generation=generation, served_name=adapter.served_name, replicas=replicas,
         ready_replicas=len(loaded), phase=phase, conditions=decided,
+        wanted_replicas=None if adapter.deleting else wanted,
+        ready=None if adapter.deleting else f"{len(loaded)}/{wanted}", placed_on=placed or None,
         format=detected.format if detected else None, converted_from=detected.converted_from if detected else None,
         rank=detected.rank if detected else None,
         target_modules=detected.target_modules if detected else None,

@@ -185,12 +185,7 @@ async def adapter_event(type: str | None, body: Any, namespace: str, name: str, 
 @kopf.on.event("", "v1", "pods", labels={BASE_MODEL_LABEL: kopf.PRESENT})
 async def replica_event(namespace: str, labels: Any, memo: kopf.Memo, **_: Any) -> None:
     key = (namespace, labels[BASE_MODEL_LABEL])
-
-    async def refresh() -> None:
-        await memo.reconciler.refresh_adapters(key)
-        await memo.reconciler.refresh_base_model_status(key)
-
-    await _guarded(memo, ("replicas", key), refresh)
+    await _guarded(memo, ("replicas", key), lambda: memo.reconciler.replicas_changed(key))
 
 
 @kopf.on.event(GROUP, VERSION, LORA_REPLICA.plural)

@@ -31,9 +31,10 @@ from loraplex.operator.adapters import (
 )
 from loraplex.operator.apply import apply_object, in_sync
 from loraplex.operator.base_models import base_model_status
-from loraplex.operator.cluster_view import ClusterView, Key, first
+from loraplex.operator.cluster_view import Key, first
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
+from loraplex.operator.placement_runs import PlacementRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
@@ -41,7 +42,7 @@ from loraplex.operator.status_writes import write_status
 logger = logging.getLogger(__name__)
 
 
-class Reconciler(ClusterView):
+class Reconciler(PlacementRuns):
     """Decides from what the ClusterView shows and writes the difference, remembering one record per object."""
 
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
@@ -202,15 +203,19 @@ class Reconciler(ClusterView):
         if spec is None or render.spec_problems(spec) or naming.name_problems(body["metadata"]["name"]):
             return  # keep serving the last good set until the spec is fixed
         record = self._base_model_record(key)
-        adapters = desired_adapters(spec, self.adapters_of(key), self.owners_of(key))
-        desired = render.render_adapter_set(body, spec, adapters)
+        plan = await self._plan_placement(key, spec, desired_adapters(spec, self.adapters_of(key),
+                                                                            self.owners_of(key)))
+        adapters, slots = plan.adapters, plan.replica_slots
+        desired = render.render_adapter_set(body, spec, adapters, slots)
         left_out: list[Any] = []
         if len(desired["data"][DATA_KEY]) > self.settings.adapter_set_max_bytes:
-            adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes)
-            desired = render.render_adapter_set(body, spec, adapters)
+            adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes,
+                                                        slots)
+            desired = render.render_adapter_set(body, spec, adapters, slots)
         if desired != record.applied_adapter_set:  # else as we last applied it, and nothing moved it
             await apply_object(self.client, desired)
             record.applied_adapter_set = desired
+        await self._update_placement(key, body, plan)
         await self._update_left_out(key, body, {a.uid for a in left_out})
 
     async def _update_left_out(self, key: Key, body: dict[str, Any], uids: set[str]) -> None:
@@ -248,6 +253,12 @@ class Reconciler(ClusterView):
             await post_event(self.client, body, "Warning", after["reason"], after["message"])
 
     async def refresh_base_model_status(self, key: Key) -> None:
+        await self._base_statuses.run(key)
+
+    async def replicas_changed(self, key: Key) -> None:
+        """A pod of the base model came, went or changed: place again, then refresh every status."""
+        await self._adapter_sets.run(key)
+        await self.refresh_adapters(key)
         await self._base_statuses.run(key)
 
     # ---- LoraAdapter -------------------------------------------------------------------------------
@@ -298,9 +309,12 @@ class Reconciler(ClusterView):
         before, after = self._seen_reports.get((namespace, pod), {}), adapters or {}
         # A report of a pod that is gone or not yet seen counts for nothing: the pod's own event refreshes all.
         if pod in self.live_replicas(base):
-            for name in sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name)):
+            changed = {name for name in before.keys() | after.keys() if before.get(name) != after.get(name)}
+            for name in sorted(changed):
                 if (view := self.adapters.find(namespace, name)) is not None:
                     await self._reconcile_adapter(view)
+            if self.sizes_changed(base, changed):  # a byte budget per replica: place by the new sizes
+                await self._adapter_sets.run(base)
         # Only once decided: a failed run is retried (handlers.py) and must find the same difference again.
         if adapters is None:
             self._seen_reports.pop((namespace, pod), None)
@@ -331,7 +345,8 @@ class Reconciler(ClusterView):
                 verdict = adapter_set_full(base_key[1], self.settings.adapter_set_max_bytes)
             replicas = self.live_replicas(base_key) if view.base_model else []
             entries = self.adapter_entries(base_key, view.name) if view.base_model else {}
-            update = adapter_status(view, verdict, replicas, entries)
+            placed = await self.placement_of(base_key, view.name) if verdict.accepted and not view.deleting else None
+            update = adapter_status(view, verdict, replicas, entries, placed)
             adapter_body = {"metadata": {"namespace": view.namespace, "name": view.name},
                             "status": view.status}
             previous_phase = record.known_status(view.status).get("phase")

@@ -12,6 +12,7 @@ import dataclasses
 from typing import Any
 
 from loraplex.operator.adapters import AdapterView
+from loraplex.operator.placing import PlacementPlan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,12 @@ class BaseModelRecord(StatusRecord):
     reconciled: tuple[Any, ...] | None = None
     # Who holds each served name among its adapters; None whenever an adapter's claim changes.
     served_name_owners: dict[str, AdapterView] | None = None
+    # Decisions on placement: each live pod's slot (None until read back from the adapter set), the plan statuses
+    # go by, and the last plan whose changes were re-decided for every adapter.
+    replica_slots: dict[str, int] | None = None
+    placement: PlacementPlan | None = None
+    propagated_placement: PlacementPlan | None = None
+    warned_short: frozenset[str] = frozenset()  # adapters short of room when we last warned
 
     def forget_shortcuts(self) -> None:
         super().forget_shortcuts()

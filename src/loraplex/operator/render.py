@@ -19,6 +19,7 @@ from loraplex.api.contract import (
     SIDECAR_VOLUME_DIR,
     SidecarSettings,
     downward_api_env,
+    parse_quantity,
 )
 from loraplex.api.runtime_capabilities import capabilities, deployed_version
 from loraplex.api.types import (
@@ -95,8 +96,7 @@ def sidecar_settings(name: str, spec: BaseModelDeploymentSpec) -> SidecarSetting
         max_concurrent_downloads=spec.sidecar.max_concurrent_downloads, log_level=spec.sidecar.log_level,
         http_port=SIDECAR_PORT,
         # Stay under the emptyDir's sizeLimit ourselves: exceeding it gets the whole pod evicted.
-        volume_limit=None if peft.persistent_volume_claim is not None else
-        peft.empty_dir.size_limit if peft.empty_dir else DEFAULT_PEFT_SIZE,
+        volume_limit=peft_volume_limit(spec),
         s3_endpoint=s3.endpoint or None if s3 else None, s3_region=s3.region or None if s3 else None,
         s3_force_path_style=s3.force_path_style if s3 else None,
         store_root=Path(store.mount_path) if store else None,
@@ -158,7 +158,22 @@ def spec_problems(spec: BaseModelDeploymentSpec) -> list[str]:
     for field, volume in (("peftSource", spec.peft_source), ("cache", spec.cache)):
         if volume is not None and volume.empty_dir is not None and volume.persistent_volume_claim is not None:
             problems.append(f"{field} sets both emptyDir and persistentVolumeClaim; choose one")
+    if (budget := spec.lora.bytes_per_replica) is not None:
+        volume_limit = peft_volume_limit(spec)
+        if parse_quantity(budget) <= 0:
+            problems.append(f"lora.bytesPerReplica {budget} leaves no room for any adapter")
+        elif volume_limit is not None and parse_quantity(budget) > parse_quantity(volume_limit):
+            problems.append(f"lora.bytesPerReplica {budget} exceeds the PEFT volume's emptyDir sizeLimit "
+                            f"{volume_limit}: the adapters placed on a replica would not fit on its disk")
     return problems
+
+
+def peft_volume_limit(spec: BaseModelDeploymentSpec) -> str | None:
+    """The size limit of the PEFT volume, None on a PersistentVolumeClaim (whose size the pod cannot see)."""
+    peft = spec.peft_source
+    if peft.persistent_volume_claim is not None:
+        return None
+    return peft.empty_dir.size_limit if peft.empty_dir else DEFAULT_PEFT_SIZE
 
 
 def render_deployment(owner: dict[str, Any], spec: BaseModelDeploymentSpec, settings: OperatorSettings
@@ -292,11 +307,12 @@ def render_sidecar_role_binding(owner: dict[str, Any]) -> dict[str, Any]:
 
 
 def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
-                       adapters: list[DesiredAdapter]) -> dict[str, Any]:
+                       adapters: list[DesiredAdapter], replica_slots: dict[str, int] | None = None
+                       ) -> dict[str, Any]:
     name = owner["metadata"]["name"]
     adapter_set = AdapterSet(
         base_model=name, runtime=spec.runtime, limits=AdapterLimits.of(spec),
-        adapters=sorted(adapters, key=lambda a: a.served_name),
+        adapters=sorted(adapters, key=lambda a: a.served_name), replica_slots=replica_slots or None,
     )
     return {
         "apiVersion": "v1",
@@ -307,10 +323,11 @@ def render_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec,
 
 
 def fit_adapter_set(owner: dict[str, Any], spec: BaseModelDeploymentSpec, adapters: list[DesiredAdapter],
-                    max_bytes: int) -> tuple[list[DesiredAdapter], list[DesiredAdapter]]:
+                    max_bytes: int, replica_slots: dict[str, int] | None = None
+                    ) -> tuple[list[DesiredAdapter], list[DesiredAdapter]]:
     """Split `adapters` (in priority order) into the longest prefix whose adapter set fits in `max_bytes`
     of ConfigMap data, and the rest."""
-    used = len(render_adapter_set(owner, spec, [])["data"][DATA_KEY])
+    used = len(render_adapter_set(owner, spec, [], replica_slots)["data"][DATA_KEY])
     for index, adapter in enumerate(adapters):
         used += len(json.dumps(adapter.to_wire(), sort_keys=True, separators=(",", ":"))) + (1 if index else 0)
         if used > max_bytes:

@@ -90,14 +90,16 @@ class Agent:
 
     def on_adapter_set(self, adapter_set: AdapterSet) -> None:
         self.adapter_set = adapter_set
-        desired = {a.served_name: a for a in adapter_set.adapters}
+        # Only what the operator placed on this pod; the rest is removed like an adapter deleted.
+        assigned = adapter_set.assigned_to(self.settings.pod_name)
+        desired = {a.served_name: a for a in assigned}
         for name, adapter in desired.items():
             self.slot(name).desired = adapter
         for slot in self.slots.values():
             if slot.name not in desired:
                 slot.desired = None
         if any(a.source.startswith("file://") and a.source not in self.lifecycle.local_fingerprints
-               for a in adapter_set.adapters):
+               for a in assigned):
             self._local_store_moved.set()
         self.wake.set()
 
@@ -118,7 +120,7 @@ class Agent:
             # What a previous life of this pod reported of adapters no longer in the set is removed now;
             # the rest is overwritten as each one is checked again.
             self._reported_since_start = True
-            self.reporter.drop_unclaimed({a.name for a in self.adapter_set.adapters}
+            self.reporter.drop_unclaimed({a.name for a in self.adapter_set.assigned_to(self.settings.pod_name)}
                                          | {slot.reported_as for slot in self.slots.values() if slot.reported_as})
         now = time.monotonic()
         for slot in list(self.slots.values()):

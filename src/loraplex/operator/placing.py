@@ -1,0 +1,95 @@
+"""Placement of one base model's adapters on its pods, as the adapter set carries it and statuses report it.
+
+placement.py decides on slots and sizes; this module turns the cluster's terms into those (pods into stable
+slots, LoraAdapter specs into demands, the base model's limits into a capacity) and the answer back into the
+adapter set's entries and each adapter's placed pods. Pure: the reconciler reads and writes around it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Collection, Mapping, Sequence
+
+from loraplex.api.adapter_set import DesiredAdapter
+from loraplex.api.contract import parse_quantity
+from loraplex.api.types import BaseModelDeploymentSpec
+from loraplex.operator.placement import Capacity, Demand, assign_slots, place
+from loraplex.operator.render import peft_volume_limit
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterPlacement:
+    """Where one adapter is placed: `pods`, best-ranked first; `shortfall` says why fewer than it wants."""
+
+    pods: tuple[str, ...]
+    shortfall: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacementPlan:
+    replica_slots: dict[str, int]  # live pod -> its slot
+    adapters: list[DesiredAdapter]  # the desired adapters, each with the slots that hold it
+    placements: dict[str, AdapterPlacement]  # LoraAdapter name -> where it is placed
+    sizes: dict[str, int]  # the sizes placement went by, so a newly reported size can be told apart
+    by_size: bool  # whether sizes matter at all (a byte limit per replica)
+
+    def short(self) -> frozenset[str]:
+        """The adapters placed on fewer replicas than they want."""
+        return frozenset(name for name, placed in self.placements.items() if placed.shortfall)
+
+
+def replica_capacity(spec: BaseModelDeploymentSpec) -> Capacity:
+    """What one replica holds: lora.adaptersPerReplica, and lora.bytesPerReplica or else the PEFT volume's limit."""
+    budget = spec.lora.bytes_per_replica or peft_volume_limit(spec)
+    return Capacity(adapters=spec.lora.adapters_per_replica,
+                    bytes=parse_quantity(budget) if budget is not None else None)
+
+
+def slots_for_pods(previous: Mapping[str, int], live_pods: Sequence[str], reporting: Collection[str]
+                  ) -> dict[str, int]:
+    """Each live pod's slot: the one it had, and for a new pod the lowest free one (assign_slots).
+
+    The operator sees pods' events in no set order across pods, so a replacement pod may come before its
+    predecessor is seen gone, and take a new slot rather than the predecessor's. Such a pod, one that reports
+    nothing yet, gives up a slot beyond the number of live pods, and takes the lowest free one instead.
+    """
+    count = len(set(live_pods))
+    kept = {pod: slot for pod, slot in previous.items() if slot < count or pod in reporting}
+    return assign_slots(kept, live_pods)
+
+
+def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdapter],
+                   wanted_replicas: Mapping[str, int | None], sizes: Mapping[str, int],
+                   live_pods: Sequence[str], previous_slots: Mapping[str, int],
+                   reporting: Collection[str] = ()) -> PlacementPlan:
+    """Place `adapters` (in priority order) on the live pods.
+
+    `wanted_replicas` is each adapter's spec.replicas (None: every replica), `sizes` its largest reported size
+    (absent: not known yet, counted as 0), `previous_slots` the slots the last plan gave, `reporting` the pods
+    whose LoraReplica holds any entry. An adapter on every
+    replica keeps `slots` None, so the adapter set stays small and a pod without a slot yet still serves it.
+    """
+    replica_slots = slots_for_pods(previous_slots, live_pods, reporting)
+    pod_of = {slot: pod for pod, slot in replica_slots.items()}
+    demands = [Demand(a.name, wanted_replicas.get(a.name), sizes.get(a.name, 0)) for a in adapters]
+    capacity = replica_capacity(spec)
+    placement = place(sorted(replica_slots.values()), demands, capacity)
+    placed: list[DesiredAdapter] = []
+    placements: dict[str, AdapterPlacement] = {}
+    for adapter, demand in zip(adapters, demands, strict=True):
+        slots = placement.slots[adapter.name]
+        everywhere = demand.replicas is None and len(slots) == len(replica_slots)
+        placed.append(adapter.model_copy(update={"slots": None if everywhere else sorted(slots)}))
+        placements[adapter.name] = AdapterPlacement(
+            pods=tuple(pod_of[slot] for slot in slots),
+            shortfall=placement.shortfalls.get(adapter.name) if replica_slots else None)
+    return PlacementPlan(replica_slots=replica_slots, adapters=placed, placements=placements,
+                         sizes={name: size for name, size in sizes.items() if name in placements},
+                         by_size=capacity.bytes is not None)
+
+
+def largest_size(entries: Mapping[str, object]) -> int | None:
+    """The largest size any replica reported for one adapter (its entries by pod), None when none did."""
+    sizes = [entry.get("sizeBytes") for entry in entries.values() if isinstance(entry, dict)]
+    known = [size for size in sizes if isinstance(size, int)]
+    return max(known) if known else None

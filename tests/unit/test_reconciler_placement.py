@@ -1,0 +1,114 @@
+"""Placement through the Reconciler in process (the fake API server and kopf's part from test_reconciler): slots
+that survive a pod's replacement and an operator restart, little movement on scale-up, and capacity shortfalls."""
+
+from __future__ import annotations
+
+import json
+
+from loraplex.api.adapter_set import DATA_KEY
+from loraplex.operator.reconciler import Reconciler
+from tests.unit.test_reconciler import BASE, NS, SETTINGS, Cluster
+
+
+def adapter_set(cluster: Cluster) -> dict:
+    [configmap] = [o for o in cluster.api.objects.values() if o.get("kind") == "ConfigMap"]
+    return json.loads(configmap["data"][DATA_KEY])
+
+
+def placed_on(cluster: Cluster, adapter: str) -> list[str]:
+    return cluster.status(adapter).get("placedOn") or []
+
+
+async def pods_changed(cluster: Cluster, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()) -> None:
+    for pod in remove:
+        cluster.remove_replica(pod)
+    for pod in add:
+        cluster.add_replica(pod)
+    await cluster.reconciler.replicas_changed((NS, BASE))
+
+
+async def cluster_with(pods: list[str], adapters: list[str], **spec) -> Cluster:
+    cluster = Cluster()
+    for pod in pods:
+        cluster.add_replica(pod)
+    await cluster.create_base_model(**spec)
+    for name in adapters:
+        await cluster.create_adapter(name, replicas=1)
+    await cluster.settle(*adapters)
+    return cluster
+
+
+def capacity_warnings(cluster: Cluster) -> list[dict]:
+    return [e for e in cluster.api.events() if e["reason"] == "InsufficientCapacity"
+            and e["type"] == "Warning" and e["involvedObject"]["kind"] == "BaseModelDeployment"]
+
+
+NAMES = [f"a{i:02}" for i in range(40)]
+
+
+async def test_an_adapter_on_one_replica_is_placed_on_one_pod_and_ready_once_that_pod_loaded_it():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], ["math"])
+    [pod] = placed_on(cluster, "math")
+    [entry] = adapter_set(cluster)["adapters"]
+    assert entry["slots"] == [adapter_set(cluster)["replicaSlots"][pod]]
+    assert (cluster.status("math")["phase"], cluster.status("math")["ready"]) == ("Loading", "0/1")
+    # Never written as if it were on every replica first.
+    assert all(len(body["status"]["placedOn"]) == 1 for _, path, body in cluster.api.writes("loraadapters")
+               if path.endswith("/status") and "placedOn" in body["status"])
+
+    await cluster.report(pod, {"math": "Loaded"})
+    assert (cluster.status("math")["phase"], cluster.status("math")["ready"]) == ("Ready", "1/1")
+
+
+async def test_a_replacement_pod_takes_the_slot_and_adapters_of_the_pod_it_replaces():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], NAMES)
+    before = adapter_set(cluster)
+    on_b = {name for name in NAMES if placed_on(cluster, name) == ["pod-b"]}
+    assert on_b
+    writes = len(cluster.api.writes("configmaps"))
+
+    await pods_changed(cluster, add=("pod-d",), remove=("pod-b",))  # pod-b terminates, pod-d replaces it
+    after = adapter_set(cluster)
+    assert after["replicaSlots"] == {"pod-a": 0, "pod-c": 2, "pod-d": before["replicaSlots"]["pod-b"]}
+    assert [a["slots"] for a in after["adapters"]] == [a["slots"] for a in before["adapters"]]
+    assert {name for name in NAMES if placed_on(cluster, name) == ["pod-d"]} == on_b
+    assert len(cluster.api.writes("configmaps")) == writes + 1  # only the slot map changed
+
+
+async def test_scaling_from_three_to_four_pods_moves_adapters_only_onto_the_new_pod():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], NAMES)
+    before = {name: placed_on(cluster, name) for name in NAMES}
+    await pods_changed(cluster, add=("pod-d",))
+    after = {name: placed_on(cluster, name) for name in NAMES}
+    moved = [name for name in NAMES if after[name] != before[name]]
+    assert all(after[name] == ["pod-d"] for name in moved)
+    assert 0 < len(moved) < len(NAMES) / 2  # about a quarter, never a reshuffle
+
+
+async def test_an_operator_restart_keeps_every_pods_slot():
+    cluster = await cluster_with(["pod-b", "pod-c"], NAMES)
+    await pods_changed(cluster, add=("pod-a",))  # the newest pod sorts first by name, and takes slot 2
+    assert adapter_set(cluster)["replicaSlots"] == {"pod-a": 2, "pod-b": 0, "pod-c": 1}
+    writes = len(cluster.api.writes())
+
+    cluster.reconciler = Reconciler(cluster.api, SETTINGS, cluster.indices)  # type: ignore[arg-type]
+    await cluster.reconciler.load_adapters()
+    await cluster.settle(*NAMES)
+    assert adapter_set(cluster)["replicaSlots"] == {"pod-a": 2, "pod-b": 0, "pod-c": 1}
+    assert cluster.api.writes()[writes:] == []
+
+
+async def test_adapters_beyond_capacity_wait_with_the_reason_and_one_warning():
+    cluster = await cluster_with(["pod-a", "pod-b"], ["a00", "a01", "a02"], lora={"adaptersPerReplica": 1})
+    assert [len(placed_on(cluster, name)) for name in ("a00", "a01", "a02")] == [1, 1, 0]
+    assert cluster.status("a02")["phase"] == "Pending"
+    ready = cluster.condition("a02", "Ready")
+    assert ready["reason"] == "InsufficientCapacity"
+    assert "only 0 of 2 have room (each holds at most 1 adapters" in ready["message"]
+    assert len(capacity_warnings(cluster)) == 1 and "a02" in capacity_warnings(cluster)[0]["message"]
+
+    await cluster.reconciler.replicas_changed((NS, BASE))  # nothing changed: no second warning
+    assert len(capacity_warnings(cluster)) == 1
+    await pods_changed(cluster, add=("pod-c",))  # room again
+    assert len(placed_on(cluster, "a02")) == 1
+    assert cluster.condition("a02", "Ready")["reason"] == "Loading"
