@@ -76,8 +76,9 @@ def test_capacity_is_never_exceeded_and_the_earlier_adapters_keep_their_places()
         assert len(placement.held_by(slot)) <= 4  # 450 bytes hold four 100-byte adapters
     full = [d.key for d in demands if len(placement.slots[d.key]) < 2]
     assert full and full == [d.key for d in demands][-len(full):]
+    # 450 bytes fill up before 5 adapters do: only the limit that stood in the way is named.
     assert placement.shortfalls[full[-1]] == (
-        "wants 2 replica(s) but only 0 of 3 have room (each holds at most 5 adapters and 450 bytes): "
+        "wants 2 replica(s) but only 0 of 3 have room (each holds at most 450 bytes): "
         "add replicas or raise the capacity per replica")
 
 

@@ -95,20 +95,25 @@ def place(slots: Sequence[int], demands: Sequence[Demand], capacity: Capacity) -
                     used[slot] += demand.size_bytes
         placed[demand.key] = tuple(sorted(chosen, key=preferred.index))
         if len(chosen) < want or not slots:
-            shortfalls[demand.key] = _shortfall(demand, want, len(chosen), len(slots), capacity)
+            full = [slot for slot in slots if slot not in chosen]
+            limits = []
+            if capacity.adapters is not None and any(count[slot] >= capacity.adapters for slot in full):
+                limits.append(f"{capacity.adapters} adapters")
+            if capacity.bytes is not None and any(used[slot] + demand.size_bytes > capacity.bytes for slot in full):
+                limits.append(f"{capacity.bytes} bytes")
+            shortfalls[demand.key] = _shortfall(demand, want, len(chosen), len(slots), capacity, limits)
     return Placement(slots=placed, shortfalls=shortfalls)
 
 
-def _shortfall(demand: Demand, want: int, got: int, slot_count: int, capacity: Capacity) -> str:
+def _shortfall(demand: Demand, want: int, got: int, slot_count: int, capacity: Capacity, limits: list[str]) -> str:
+    """Why `demand` got fewer slots than it wants, naming only the limits that stood in its way."""
     if slot_count == 0:
         return "no replica runs"
     if capacity.bytes is not None and demand.size_bytes > capacity.bytes:
         return (f"its {demand.size_bytes} bytes exceed what one replica holds ({capacity.bytes} bytes): "
                 "raise the base model's bytes per replica")
-    limits = [f"{capacity.adapters} adapters" if capacity.adapters is not None else None,
-              f"{capacity.bytes} bytes" if capacity.bytes is not None else None]
     return (f"wants {want} replica(s) but only {got} of {slot_count} have room (each holds at most "
-            f"{' and '.join(limit for limit in limits if limit)}): add replicas or raise the capacity per replica")
+            f"{' and '.join(limits)}): add replicas or raise the capacity per replica")
 
 
 def moved(before: Placement, after: Placement) -> int:
