@@ -290,6 +290,20 @@ def test_an_adapter_with_no_room_anywhere_is_pending_with_the_shortfall():
     assert (update.status["ready"], update.status["placedOn"]) == ("0/2", None)
 
 
+def test_an_adapter_whose_pod_is_being_replaced_waits_for_the_replacement_and_says_so():
+    view = adapter(replicas=2)
+    waiting = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-c"], {},
+                             AdapterPlacement(pods=(), awaiting=2))
+    assert (waiting.phase, waiting.status["ready"]) == ("Pending", "0/2")
+    assert conditions(waiting)["Ready"] == ("False", "WaitingForReplica")
+    half = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-c"],
+                          {"pod-a": replica("Loaded")}, AdapterPlacement(pods=("pod-a",), awaiting=1))
+    assert (half.phase, half.status["ready"], conditions(half)["Ready"]) == (
+        "Ready", "1/2", ("True", "WaitingForReplica"))
+    assert "1 more replica(s) the Deployment has yet to create" in next(
+        c for c in half.status["conditions"] if c["type"] == "Ready")["message"]
+
+
 def test_an_adapter_on_fewer_replicas_than_it_wants_is_ready_there_and_says_why_not_more():
     view = adapter()  # every replica
     update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"],

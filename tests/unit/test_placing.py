@@ -89,10 +89,41 @@ def test_sizes_count_against_the_byte_budget():
     assert plan.sizes == {"a00": 600, "a01": 600, "a02": 300}
 
 
-def test_without_pods_nothing_is_placed_and_no_shortfall_is_claimed():
-    plan = plan_placement(base(), ADAPTERS[:2], {"a00": 1}, {}, [], {"gone": 0})
+def test_scaled_to_zero_nothing_is_placed_and_no_shortfall_is_claimed():
+    plan = plan_placement(base().model_copy(update={"replicas": 0}), ADAPTERS[:2], {"a00": 1}, {}, [], {"gone": 0})
     assert plan.replica_slots == {} and plan.short() == frozenset()
     assert [a.slots for a in plan.adapters] == [[], None]
+
+
+def test_before_any_pod_starts_adapters_are_placed_on_the_slots_the_pods_will_take():
+    three = base().model_copy(update={"replicas": 3})
+    wanted = dict.fromkeys((a.name for a in ADAPTERS), 1)
+    waiting = plan_placement(three, ADAPTERS, wanted, {}, [], {})
+    assert waiting.replica_slots == {} and all(p.pods == () and p.awaiting == 1 for p in waiting.placements.values())
+    one = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a"], waiting.replica_slots)
+    running = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b", "pod-c"], one.replica_slots)
+    # Pods starting one by one move nothing: the first rollout places once, not once per pod.
+    assert [a.slots for a in waiting.adapters] == [a.slots for a in one.adapters] == [a.slots for a in running.adapters]
+    assert {n for n, p in one.placements.items() if p.pods} == set(one.placements) - {
+        n for n, p in one.placements.items() if p.awaiting}
+
+
+def test_a_deleted_pods_adapters_wait_for_its_replacement_rather_than_move_to_another_pod_and_back():
+    three = base().model_copy(update={"replicas": 3})
+    wanted = dict.fromkeys((a.name for a in ADAPTERS), 1)
+    before = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b", "pod-c"], {})
+    gone = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-c"], before.replica_slots, {"pod-a", "pod-c"})
+    assert [a.slots for a in gone.adapters] == [a.slots for a in before.adapters]
+    on_b = {n for n, p in before.placements.items() if p.pods == ("pod-b",)}
+    assert on_b and {n for n, p in gone.placements.items() if p.awaiting} == on_b
+    assert all(gone.placements[n].pods == () for n in on_b)
+    replaced = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-c", "pod-d"], gone.replica_slots)
+    assert {n for n, p in replaced.placements.items() if p.pods == ("pod-d",)} == on_b
+    # Scaling down is different: the Deployment wants fewer pods, so the removed pod's adapters move.
+    two = plan_placement(base().model_copy(update={"replicas": 2}), ADAPTERS, wanted, {}, ["pod-a", "pod-c"],
+                         before.replica_slots, {"pod-a", "pod-c"})
+    assert all(p.pods and not p.awaiting for p in two.placements.values())
+    assert all(two.placements[n].pods == before.placements[n].pods for n in set(two.placements) - on_b)
 
 
 def test_the_largest_reported_size_counts():
@@ -115,6 +146,8 @@ def test_a_pod_serves_every_replica_adapters_and_those_on_its_slot_and_without_a
 def test_a_replacement_seen_before_its_predecessor_is_gone_still_takes_its_slot_if_it_reports_nothing_yet():
     previous = {"pod-a": 0, "pod-b": 1, "pod-c": 2, "pod-d": 3}  # pod-d came while pod-c was still seen
     assert slots_for_pods(previous, ["pod-a", "pod-b", "pod-d"], reporting={"pod-a", "pod-b"}) == {
+        "pod-a": 0, "pod-b": 1, "pod-d": 2}
+    assert slots_for_pods(previous, ["pod-a", "pod-b", "pod-d"], {"pod-a", "pod-b"}, expected_pods=3) == {
         "pod-a": 0, "pod-b": 1, "pod-d": 2}
     # A pod already serving keeps its slot: scaling down moves only what the removed pod held.
     assert slots_for_pods(previous, ["pod-a", "pod-b", "pod-d"], reporting={"pod-a", "pod-b", "pod-d"}) == {

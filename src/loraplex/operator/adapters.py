@@ -28,6 +28,7 @@ from loraplex.operator.placing import AdapterPlacement
 
 FINALIZER = "loraplex.io/adapter-cleanup"
 INSUFFICIENT_CAPACITY = "InsufficientCapacity"
+WAITING_FOR_REPLICA = "WaitingForReplica"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +222,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     asked = adapter.spec.replicas if adapter.spec else None
     wanted = replicas if asked is None else min(asked, replicas)
     shortfall = placement.shortfall if placement is not None and len(placed) < wanted else None
+    awaiting = placement.awaiting if placement is not None and placed != list(live_replicas) else 0
 
     def conditions(validated: tuple[bool | None, str, str], synced: tuple[bool | None, str, str],
                    ready: tuple[bool | None, str, str]) -> list[dict[str, Any]]:
@@ -257,9 +259,13 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         synced = (False, reason, message) if reason in _SYNC_FAILURES else (None, "Syncing", message)
         decided = conditions(validated, synced, (False, reason, message))
     elif not placed:
-        message = f"Placed on no replica: {shortfall or 'waiting for the operator to place it'}."
+        if awaiting:
+            reason, message = WAITING_FOR_REPLICA, f"Placed on {awaiting} replica(s) the Deployment has yet to " \
+                "create (a pod was deleted or is being added); it loads there once the pod starts."
+        else:
+            reason = INSUFFICIENT_CAPACITY if shortfall else "Pending"
+            message = f"Placed on no replica: {shortfall or 'waiting for the operator to place it'}."
         phase = AdapterPhase.PENDING
-        reason = INSUFFICIENT_CAPACITY if shortfall else "Pending"
         decided = conditions((None, "Pending", message), (None, reason, message), (False, reason, message))
     elif len(loaded) == len(placed):
         if shortfall:
@@ -267,6 +273,9 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
                 f"{shortfall}."
         elif len(placed) == replicas:
             reason, message = "Loaded", f"Loaded on all {replicas} replica(s)."
+        elif awaiting:
+            reason, message = WAITING_FOR_REPLICA, f"Loaded on {', '.join(placed)}; placed on {awaiting} more " \
+                "replica(s) the Deployment has yet to create."
         else:
             reason, message = "Loaded", f"Loaded on the {len(placed)} replica(s) it is placed on: {', '.join(placed)}."
         phase = AdapterPhase.READY

@@ -19,10 +19,12 @@ from loraplex.operator.render import peft_volume_limit
 
 @dataclasses.dataclass(frozen=True)
 class AdapterPlacement:
-    """Where one adapter is placed: `pods`, best-ranked first; `shortfall` says why fewer than it wants."""
+    """Where one adapter is placed: `pods`, best-ranked first; `awaiting`, the slots it holds whose pod has not
+    been created yet; `shortfall` says why fewer than it wants."""
 
     pods: tuple[str, ...]
     shortfall: str | None = None
+    awaiting: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,17 +47,30 @@ def replica_capacity(spec: BaseModelDeploymentSpec) -> Capacity:
                     bytes=parse_quantity(budget) if budget is not None else None)
 
 
-def slots_for_pods(previous: Mapping[str, int], live_pods: Sequence[str], reporting: Collection[str]
-                  ) -> dict[str, int]:
+def slots_for_pods(previous: Mapping[str, int], live_pods: Sequence[str], reporting: Collection[str],
+                   expected_pods: int = 0) -> dict[str, int]:
     """Each live pod's slot: the one it had, and for a new pod the lowest free one (assign_slots).
 
     The operator sees pods' events in no set order across pods, so a replacement pod may come before its
     predecessor is seen gone, and take a new slot rather than the predecessor's. Such a pod, one that reports
-    nothing yet, gives up a slot beyond the number of live pods, and takes the lowest free one instead.
+    nothing yet, gives up a slot beyond the number of pods (live, or the Deployment's count when more), and takes
+    the lowest free one instead.
     """
-    count = len(set(live_pods))
+    count = max(len(set(live_pods)), expected_pods)
     kept = {pod: slot for pod, slot in previous.items() if slot < count or pod in reporting}
     return assign_slots(kept, live_pods)
+
+
+def awaited_slots(replica_slots: Mapping[str, int], expected_pods: int) -> list[int]:
+    """The slots kept for pods the Deployment is still to create: the lowest free ones, up to its count.
+
+    Keeping a deleted pod's slot until its replacement takes it is what lets the adapters wait for the replacement
+    instead of moving to another pod and back, and it spares the first rollout the reshuffles of a placement
+    over one, then two, then three pods."""
+    taken = set(replica_slots.values())
+    missing = expected_pods - len(replica_slots)
+    free = (slot for slot in range(len(taken) + max(missing, 0)) if slot not in taken)
+    return [next(free) for _ in range(max(missing, 0))]
 
 
 def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdapter],
@@ -69,20 +84,22 @@ def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdap
     whose LoraReplica holds any entry. An adapter on every
     replica keeps `slots` None, so the adapter set stays small and a pod without a slot yet still serves it.
     """
-    replica_slots = slots_for_pods(previous_slots, live_pods, reporting)
+    replica_slots = slots_for_pods(previous_slots, live_pods, reporting, spec.replicas)
+    all_slots = sorted([*replica_slots.values(), *awaited_slots(replica_slots, spec.replicas)])
     pod_of = {slot: pod for pod, slot in replica_slots.items()}
     demands = [Demand(a.name, wanted_replicas.get(a.name), sizes.get(a.name, 0)) for a in adapters]
     capacity = replica_capacity(spec)
-    placement = place(sorted(replica_slots.values()), demands, capacity)
+    placement = place(all_slots, demands, capacity)
     placed: list[DesiredAdapter] = []
     placements: dict[str, AdapterPlacement] = {}
     for adapter, demand in zip(adapters, demands, strict=True):
         slots = placement.slots[adapter.name]
-        everywhere = demand.replicas is None and len(slots) == len(replica_slots)
+        everywhere = demand.replicas is None and len(slots) == len(all_slots)
         placed.append(adapter.model_copy(update={"slots": None if everywhere else sorted(slots)}))
         placements[adapter.name] = AdapterPlacement(
-            pods=tuple(pod_of[slot] for slot in slots),
-            shortfall=placement.shortfalls.get(adapter.name) if replica_slots else None)
+            pods=tuple(pod_of[slot] for slot in slots if slot in pod_of),
+            shortfall=placement.shortfalls.get(adapter.name) if all_slots else None,
+            awaiting=0 if everywhere else sum(slot not in pod_of for slot in slots))
     return PlacementPlan(replica_slots=replica_slots, adapters=placed, placements=placements,
                          sizes={name: size for name, size in sizes.items() if name in placements},
                          by_size=capacity.bytes is not None)
