@@ -12,6 +12,7 @@ from typing import Any
 
 import kubernetes
 import pytest
+from kubernetes.client import ApiException
 
 from loraplex.api.adapter_set import AdapterSet
 from loraplex.local.apiproxy import ApiProxy
@@ -294,6 +295,31 @@ def test_an_adapter_on_one_replica_is_placed_on_one_pod_and_moves_when_that_pod_
     assert phase(cluster, "math") == "Loading"
     cluster.report("math", replacement, "Loaded", sizeBytes=1000)
     until(operator, lambda: phase(cluster, "math") == "Ready", "math Ready again")
+
+
+def test_an_adapter_grows_onto_another_pod_while_its_requests_queue_and_back_when_idle(cluster, operator):
+    cluster.apply_base_model("llama3", replicas=3)
+    replicas(operator, cluster, 3)
+    cluster.apply_adapter("hot", replicas=1, maxReplicas=2)
+
+    def placed_on() -> list[str]:
+        return (cluster.adapter("hot").get("status") or {}).get("placedOn") or []
+
+    [first] = until(operator, placed_on, "hot placed")
+    cluster.report("hot", first, "Loaded", demand="Queued")
+    [_, second] = until(operator, lambda: (lambda p: p if len(p) == 2 else None)(placed_on()), "hot on 2 pods")
+    assert cluster.adapter("hot")["status"]["wantedReplicas"] == 2
+    until(operator, lambda: any(e.reason == "Scaled" for e in cluster.events_for("hot")), "a Scaled event")
+    cluster.report("hot", second, "Loaded", demand="Idle")
+    cluster.report("hot", first, "Loaded", demand="Idle")
+    until(operator, lambda: placed_on() and len(placed_on()) == 1, "hot back on one pod")
+    assert cluster.adapter("hot")["status"]["wantedReplicas"] == 1
+
+
+def test_growing_past_the_least_replicas_needs_them_set_and_is_refused_otherwise(cluster):
+    with pytest.raises(ApiException) as refused:
+        cluster.apply_adapter("hot", maxReplicas=2)
+    assert refused.value.status == 422 and "spec.maxReplicas needs spec.replicas" in refused.value.body
 
 
 def test_adapters_beyond_the_capacity_per_replica_wait_with_the_reason(cluster, operator):

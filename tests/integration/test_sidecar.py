@@ -11,6 +11,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import kubernetes
@@ -620,3 +621,32 @@ def test_at_rest_the_sidecar_sends_nothing_and_repairs_its_report_only_when_it_i
         wait_for(lambda: writer.report() is None, timeout=60, what="the report deleted with its pod")
     finally:
         proxy.stop()
+
+
+def test_demand_levels_follow_real_vllms_queue_and_go_idle_when_requests_stop(writer, vllm, sidecar_factory):
+    """Three adapters under load on a vLLM that batches two at a time (--max-loras 2): requests queue, and the
+    sidecar reads it from vLLM's own vllm:lora_requests_info. Then nothing: every adapter goes Idle."""
+    hot = MANY[:3]
+    sidecar = sidecar_factory(vllm, LORAPLEX_DEMAND_SAMPLE_SECONDS="0.2", LORAPLEX_DEMAND_QUEUE_SECONDS="2",
+                              LORAPLEX_DEMAND_IDLE_SECONDS="6")
+    for name in hot:
+        writer.add(name, f"s3://adapters/llama3/{name}")
+    until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in hot), "every adapter Loaded")
+
+    def demand() -> dict[str, str | None]:
+        return {name: (writer.replica_status(name) or {}).get("demand") for name in hot}
+
+    stop = threading.Event()
+
+    def keep_asking(name: str) -> None:
+        while not stop.is_set():
+            vllm.greedy_tokens(name, max_tokens=64)
+
+    with ThreadPoolExecutor(4 * len(hot)) as pool:
+        for name in hot * 4:
+            pool.submit(keep_asking, name)
+        try:
+            until(sidecar, lambda: "Queued" in demand().values(), "an adapter reported Queued", timeout=120)
+        finally:
+            stop.set()
+    until(sidecar, lambda: set(demand().values()) == {"Idle"}, "every adapter Idle once requests stopped", 60)

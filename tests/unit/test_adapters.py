@@ -263,7 +263,7 @@ def test_an_adapter_on_one_replica_is_ready_once_that_pod_loaded_it_and_says_whe
     view = adapter(replicas=1)
     entries = {"pod-b": replica("Loaded"), "pod-a": replica("Failed", reason="LoadFailed")}  # pod-a: not its place
     update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"], entries,
-                            AdapterPlacement(pods=("pod-b",)))
+                            AdapterPlacement(pods=("pod-b",), replicas=1))
     assert update.phase == "Ready"
     assert (update.status["ready"], update.status["wantedReplicas"], update.status["placedOn"]) == (
         "1/1", 1, ["pod-b"])
@@ -275,7 +275,7 @@ def test_an_adapter_placed_on_a_pod_that_has_not_loaded_it_is_loading():
     view = adapter(replicas=2)
     update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"],
                             {"pod-a": replica("Loaded"), "pod-c": replica("Loaded")},
-                            AdapterPlacement(pods=("pod-a", "pod-b")))
+                            AdapterPlacement(pods=("pod-a", "pod-b"), replicas=2))
     assert (update.phase, update.status["ready"]) == ("Loading", "1/2")
 
 
@@ -283,7 +283,7 @@ def test_an_adapter_with_no_room_anywhere_is_pending_with_the_shortfall():
     view = adapter(replicas=2)
     shortfall = "wants 2 replica(s) but only 0 of 3 have room (each holds at most 4 adapters): add replicas"
     update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b", "pod-c"], {},
-                            AdapterPlacement(pods=(), shortfall=shortfall))
+                            AdapterPlacement(pods=(), shortfall=shortfall, replicas=2))
     assert update.phase == "Pending"
     assert conditions(update)["Ready"] == ("False", "InsufficientCapacity")
     assert shortfall in next(c for c in update.status["conditions"] if c["type"] == "Ready")["message"]
@@ -293,11 +293,11 @@ def test_an_adapter_with_no_room_anywhere_is_pending_with_the_shortfall():
 def test_an_adapter_whose_pod_is_being_replaced_waits_for_the_replacement_and_says_so():
     view = adapter(replicas=2)
     waiting = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-c"], {},
-                             AdapterPlacement(pods=(), awaiting=2))
+                             AdapterPlacement(pods=(), awaiting=2, replicas=2))
     assert (waiting.phase, waiting.status["ready"]) == ("Pending", "0/2")
     assert conditions(waiting)["Ready"] == ("False", "WaitingForReplica")
     half = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-c"],
-                          {"pod-a": replica("Loaded")}, AdapterPlacement(pods=("pod-a",), awaiting=1))
+                          {"pod-a": replica("Loaded")}, AdapterPlacement(pods=("pod-a",), awaiting=1, replicas=2))
     assert (half.phase, half.status["ready"], conditions(half)["Ready"]) == (
         "Ready", "1/2", ("True", "WaitingForReplica"))
     assert "1 more replica(s) the Deployment has yet to create" in next(
@@ -318,3 +318,11 @@ def test_without_a_placement_yet_every_live_replica_counts():
     update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"],
                             {"pod-a": replica("Loaded"), "pod-b": replica("Loaded")})
     assert (update.phase, update.status["ready"], update.status["placedOn"]) == ("Ready", "2/2", ["pod-a", "pod-b"])
+
+
+def test_growing_with_demand_is_refused_on_a_runtime_that_publishes_no_demand():
+    view = adapter(replicas=1, maxReplicas=3)
+    assert check_adapter(view, base(), [view]).accepted
+    verdict = check_adapter(view, base(runtime="nim", image="nvcr.io/nim/meta/llama3:1.3.0"), [view])
+    assert (verdict.accepted, verdict.reason) == (False, "DemandUnknown")
+    assert "NIM 1.x, which publishes none" in verdict.message

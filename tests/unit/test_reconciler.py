@@ -174,15 +174,17 @@ class Cluster:
     def remove_replica(self, pod: str) -> None:
         self.indices["replica_index"][(NS, BASE)].remove((pod, None))
 
-    async def report(self, pod: str, states: dict[str, str | None]) -> None:
-        """A sidecar patches its pod's LoraReplica (a state of None removes the adapter's entry), and kopf
-        delivers the event after updating its index. The sidecar's write is not the operator's request."""
+    async def report(self, pod: str, states: dict[str, str | dict[str, Any] | None]) -> None:
+        """A sidecar patches its pod's LoraReplica (a state, or an entry's fields; None removes the adapter's
+        entry), and kopf delivers the event after updating its index. The sidecar's write is not the operator's
+        request."""
         path = replica_path(pod)
         current = self.api.objects.get(path) or {
             "apiVersion": API_VERSION, "kind": "LoraReplica", "metadata": {"name": pod, "namespace": NS},
             "spec": {"baseModel": BASE}}
         entries = {adapter: None if state is None else {
-            "state": state, "observedGeneration": self.api.objects[adapter_path(adapter)]["metadata"]["generation"]}
+            **({"state": state} if isinstance(state, str) else state),
+            "observedGeneration": self.api.objects[adapter_path(adapter)]["metadata"]["generation"]}
             for adapter, state in states.items()}
         self.api.store(path, merge(copy.deepcopy(current), {"status": {"adapters": entries}}))
         await self.report_event(pod)

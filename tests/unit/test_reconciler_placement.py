@@ -112,3 +112,63 @@ async def test_adapters_beyond_capacity_wait_with_the_reason_and_one_warning():
     await pods_changed(cluster, add=("pod-c",))  # room again
     assert len(placed_on(cluster, "a02")) == 1
     assert cluster.condition("a02", "Ready")["reason"] == "Loading"
+
+
+def loaded(demand: str | None = None) -> dict:
+    return {"state": "Loaded", **({"demand": demand} if demand else {})}
+
+
+async def test_an_adapter_grows_while_its_requests_queue_on_every_holder_and_shrinks_back_when_they_idle():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], [], replicas=3)
+    await cluster.create_adapter("hot", replicas=1, maxReplicas=3)
+    await cluster.settle("hot")
+    [first] = placed_on(cluster, "hot")
+    await cluster.report(first, {"hot": loaded("Serving")})
+    assert (cluster.status("hot")["phase"], cluster.status("hot")["ready"]) == ("Ready", "1/1")
+
+    await cluster.report(first, {"hot": loaded("Queued")})
+    await cluster.settle("hot")
+    assert cluster.status("hot")["wantedReplicas"] == 2 and placed_on(cluster, "hot")[0] == first
+    [second] = [pod for pod in placed_on(cluster, "hot") if pod != first]
+    [entry] = adapter_set(cluster)["adapters"]
+    assert len(entry["slots"]) == 2
+    scaled = [e for e in cluster.api.events() if e["reason"] == "Scaled"]
+    assert len(scaled) == 1 and "Wants 2 replica(s), was 1: its requests queue" in scaled[0]["message"]
+
+    await cluster.report(second, {"hot": loaded()})  # loaded, but no window sampled yet: no step
+    assert cluster.status("hot")["wantedReplicas"] == 2
+    await cluster.report(second, {"hot": loaded("Queued")})
+    await cluster.settle("hot")
+    assert cluster.status("hot")["wantedReplicas"] == 3 and len(placed_on(cluster, "hot")) == 3
+    await cluster.report(second, {"hot": loaded("Serving")})
+    assert cluster.status("hot")["wantedReplicas"] == 3  # at maxReplicas it stays, and one holder keeps up
+
+    # An operator restart keeps the count demand reached: it is read back from the adapter set.
+    writes = len(cluster.api.writes())
+    cluster.reconciler = Reconciler(cluster.api, SETTINGS, cluster.indices)  # type: ignore[arg-type]
+    await cluster.reconciler.load_adapters()
+    await cluster.settle("hot")
+    assert cluster.api.writes()[writes:] == [] and len(adapter_set(cluster)["adapters"][0]["slots"]) == 3
+
+    # Idle on every holder: one step down at a time, to spec.replicas and no further.
+    holders = placed_on(cluster, "hot")
+    for pod in holders:
+        await cluster.report(pod, {"hot": loaded("Idle")})
+    await cluster.settle("hot")
+    assert cluster.status("hot")["wantedReplicas"] == 2
+    [left] = [pod for pod in holders if pod not in placed_on(cluster, "hot")]
+    await cluster.report(left, {"hot": None})  # its sidecar unloaded it
+    await cluster.settle("hot")
+    assert cluster.status("hot")["wantedReplicas"] == 1 and len(placed_on(cluster, "hot")) == 1
+    [last] = placed_on(cluster, "hot")
+    for pod in set(holders) - {left, last}:
+        await cluster.report(pod, {"hot": None})
+    await cluster.report(last, {"hot": loaded("Idle")})
+    assert cluster.status("hot")["wantedReplicas"] == 1  # spec.replicas: no further
+
+    # Growing again: the new holder has no level yet, so idle on the old one alone does not shrink it.
+    await cluster.report(last, {"hot": loaded("Queued")})
+    await cluster.settle("hot")
+    assert cluster.status("hot")["wantedReplicas"] == 2
+    await cluster.report(last, {"hot": loaded("Idle")})
+    assert cluster.status("hot")["wantedReplicas"] == 2

@@ -9,7 +9,7 @@ import itertools
 from collections.abc import AsyncIterator
 from typing import Any
 
-from loraplex.api.types import ReplicaAdapterStatus
+from loraplex.api.types import DemandLevel, ReplicaAdapterStatus
 from loraplex.kube import ApiError, Conflict, NotFound
 from loraplex.sidecar.reporter import ReplicaReporter
 from tests.fakes.virtual_time import run_in_virtual_time
@@ -306,5 +306,32 @@ def test_a_restarted_sidecar_adopts_its_report_and_drops_only_what_it_no_longer_
             assert patch["status"]["adapters"] == {"gone": None}  # math was not written again
         finally:
             again.stop()
+
+    in_virtual_time(scenario)
+
+
+def test_demand_rides_on_loaded_entries_and_only_a_change_of_level_is_written():
+    async def scenario(api: FakeReplicaApi, sidecar: Sidecar) -> None:
+        sidecar.reporter.set("math", entry("Loaded"))
+        sidecar.reporter.set("code", entry("Downloading"))
+        await asyncio.sleep(1)
+        before = len(api.requests)
+        sidecar.reporter.set_demands({"math": DemandLevel.QUEUED, "code": DemandLevel.QUEUED})
+        await asyncio.sleep(1)
+        [(_, _, patch)] = api.requests[before:]
+        assert patch["status"]["adapters"]["math"]["demand"] == "Queued"
+        assert "demand" not in api.adapters()["code"]  # not Loaded: no level
+        before = len(api.requests)
+        sidecar.reporter.set_demands({"math": DemandLevel.QUEUED})  # the same level: nothing to write
+        sidecar.reporter.set("math", entry("Loaded"))  # the lifecycle says Loaded again: the level stays
+        await asyncio.sleep(1)
+        assert api.requests[before:] == []
+        sidecar.reporter.set("math", entry("Unloading"))
+        await asyncio.sleep(1)
+        assert "demand" not in api.adapters()["math"]
+        sidecar.reporter.set("math", entry("Loaded"))
+        sidecar.reporter.set_demands({})
+        await asyncio.sleep(1)
+        assert "demand" not in api.adapters()["math"]
 
     in_virtual_time(scenario)

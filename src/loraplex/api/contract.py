@@ -133,6 +133,13 @@ class SidecarSettings:
         default=2.0, metadata=_env("LORAPLEX_RUNTIME_POLL_SECONDS", _SECONDS, tuning=True))
     local_rescan_seconds: float = field(
         default=30.0, metadata=_env("LORAPLEX_LOCAL_RESCAN_SECONDS", _SECONDS, tuning=True))
+    # Demand (sidecar/demand.py): how often the runtime's metrics are sampled, and the windows of its levels.
+    demand_sample_seconds: float = field(
+        default=5.0, metadata=_env("LORAPLEX_DEMAND_SAMPLE_SECONDS", _SECONDS, tuning=True))
+    demand_queue_seconds: float = field(
+        default=30.0, metadata=_env("LORAPLEX_DEMAND_QUEUE_SECONDS", _SECONDS, tuning=True))
+    demand_idle_seconds: float = field(
+        default=300.0, metadata=_env("LORAPLEX_DEMAND_IDLE_SECONDS", _SECONDS, tuning=True))
 
     @property
     def volume_limit_bytes(self) -> int | None:

@@ -18,7 +18,7 @@ CATEGORY = "loraplex"
 # In the order they appear in the YAML, so `kubectl explain` and reviewers read type and description first.
 _KEPT_KEYWORDS = (
     "type", "description", "enum", "default", "pattern", "minimum", "maximum", "minLength", "maxLength",
-    "minItems", "maxItems", "format",
+    "minItems", "maxItems", "format", "x-kubernetes-validations",
 )
 
 

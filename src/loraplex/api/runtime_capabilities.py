@@ -143,6 +143,9 @@ class RuntimeCapabilities:
     releases: tuple[VllmRelease, ...] = ()  # where its behaviour changes between versions, oldest first
     # A format it cannot load → the one of its formats loraplex converts it to (loraplex.formats.convert).
     converts: Mapping[AdapterFormat, AdapterFormat] = dataclasses.field(default_factory=dict)
+    # Whether it publishes which adapters have requests running and waiting (sidecar/demand.py), which
+    # growing an adapter with demand (LoraAdapter spec.maxReplicas) depends on.
+    publishes_demand: bool = False
 
     @property
     def formats(self) -> frozenset[AdapterFormat]:
@@ -233,6 +236,7 @@ RUNTIMES: dict[Runtime, RuntimeCapabilities] = {
         fused_modules={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
         releases=VLLM_RELEASES,
         converts=CONVERTED_TO_PEFT,
+        publishes_demand=True,
     ),
     # The generation an unknown NIM version is taken as (nim_generation).
     Runtime.NIM: NIM_GENERATIONS[0].capabilities,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 GROUP = "loraplex.io"
@@ -288,6 +288,9 @@ class BaseModelDeploymentStatus(Model):
 # LoraAdapter
 
 
+MAX_REPLICAS_RULE = "spec.maxReplicas needs spec.replicas (the fewest replicas) and must be at least it"
+
+
 class LoraAdapterSpec(Model):
     base_model: str = Field(pattern=DNS_LABEL, description="BaseModelDeployment (same namespace) to serve on.")
     served_name: str | None = Field(
@@ -309,8 +312,32 @@ class LoraAdapterSpec(Model):
     )
     replicas: int | None = Field(
         default=None, ge=1, le=1000,
-        description="How many of the base model's replicas hold this adapter; every replica when unset.",
+        description="How many of the base model's replicas hold this adapter; every replica when unset. With "
+                    "maxReplicas, the fewest.",
     )
+    max_replicas: int | None = Field(
+        default=None, ge=1, le=1000,
+        description="The most replicas the operator may grow this adapter to while its requests queue on every "
+                    "replica holding it; it shrinks back towards replicas when they go idle.",
+    )
+
+    model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
+        {"rule": "!has(self.maxReplicas) || (has(self.replicas) && self.maxReplicas >= self.replicas)",
+         "message": MAX_REPLICAS_RULE}]})
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> LoraAdapterSpec:
+        if self.max_replicas is not None and (self.replicas is None or self.max_replicas < self.replicas):
+            raise ValueError(MAX_REPLICAS_RULE)
+        return self
+
+
+class DemandLevel(enum.StrEnum):
+    """What one replica sees of an adapter's requests (sidecar/demand.py says how it is read)."""
+
+    IDLE = "Idle"
+    SERVING = "Serving"
+    QUEUED = "Queued"
 
 
 class ReplicaState(enum.StrEnum):
@@ -353,6 +380,8 @@ class ReplicaAdapterStatus(Model):
     rank: int | None = Field(default=None, description="Detected LoRA rank.")
     target_modules: list[str] | None = Field(default=None, description="Detected target modules.")
     size_bytes: int | None = Field(default=None, ge=0, description="Adapter size on disk.")
+    demand: DemandLevel | None = Field(
+        default=None, description="While Loaded, where the runtime publishes it: Idle, Serving or Queued.")
     updated: str | None = Field(default=None, description="When this entry was written (RFC 3339).")
 
 
@@ -376,7 +405,8 @@ class LoraAdapterStatus(Model):
     size_bytes: int | None = Field(default=None, description="Adapter size in bytes.")
     replicas: int | None = Field(default=None, description="Replicas of the base model.")
     wanted_replicas: int | None = Field(
-        default=None, description="Replicas that should hold this adapter: spec.replicas, at most the running ones.")
+        default=None, description="Replicas that should hold this adapter: spec.replicas, or within "
+        "[spec.replicas, spec.maxReplicas] what its demand asks for; at most the running ones.")
     ready_replicas: int | None = Field(default=None, description="Replicas serving this adapter.")
     ready: str | None = Field(default=None, description="readyReplicas/wantedReplicas, for kubectl get.")
     placed_on: list[str] | None = Field(

@@ -12,6 +12,7 @@ import pydantic
 
 from loraplex.api.adapter_set import AdapterLimits, DesiredAdapter
 from loraplex.api.conditions import condition
+from loraplex.api.runtime_capabilities import capabilities, deployed_version
 from loraplex.api.sources import InvalidSource, parse_source
 from loraplex.api.types import (
     MAX_SERVED_NAME,
@@ -136,6 +137,14 @@ def check_adapter(adapter: AdapterView, base_model: BaseModelDeploymentSpec | No
         return Verdict(False, "RankTooHigh",
                        f"expectedRank {spec.expected_rank} exceeds base model {base_name!r} "
                        f"lora.maxRank {limits.max_rank}.")
+    if spec.max_replicas is not None:
+        runtime = capabilities(base_model.runtime, deployed_version(base_model.runtime, base_model.image,
+                                                                    base_model.runtime_version))
+        if not runtime.publishes_demand:
+            return Verdict(False, "DemandUnknown",
+                           f"spec.maxReplicas grows the adapter with the demand its replicas see, which loraplex "
+                           f"reads from vLLM's vllm:lora_requests_info metric; base model {base_name!r} runs "
+                           f"{runtime.name}, which publishes none. Set spec.replicas alone.")
     if source.scheme == "file":
         store = base_model.storage.adapter_store if base_model.storage else None
         if store is None:
@@ -219,7 +228,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
     failed = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.FAILED)
     replicas = len(live_replicas)
-    asked = adapter.spec.replicas if adapter.spec else None
+    asked = placement.replicas if placement is not None else adapter.spec.replicas if adapter.spec else None
     wanted = replicas if asked is None else min(asked, replicas)
     shortfall = placement.shortfall if placement is not None and len(placed) < wanted else None
     awaiting = placement.awaiting if placement is not None and placed != list(live_replicas) else 0

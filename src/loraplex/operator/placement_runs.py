@@ -7,11 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
-from loraplex.api.types import BaseModelDeploymentSpec
+from loraplex.api.types import API_VERSION, LORA_ADAPTER, BaseModelDeploymentSpec
 from loraplex.kube import ApiError, resource_path
 from loraplex.operator import render
 from loraplex.operator.adapters import AdapterView, desired_adapters
 from loraplex.operator.cluster_view import ClusterView, Key
+from loraplex.operator.demand_scaling import holder_levels, replicas_wanted, scaled_replicas
 from loraplex.operator.events import post_event
 from loraplex.operator.naming import ChildNames
 from loraplex.operator.placing import AdapterPlacement, PlacementPlan, largest_size, plan_placement
@@ -48,27 +49,61 @@ class PlacementRuns(ClusterView):
     async def _plan_placement(self, key: Key, spec: BaseModelDeploymentSpec,
                               adapters: list[DesiredAdapter]) -> PlacementPlan:
         record = self._base_model_record(key)
-        if record.replica_slots is None:
-            record.replica_slots = await self._persisted_slots(key)
+        if record.replica_slots is None or record.scaled is None:
+            record.replica_slots, record.scaled = await self._persisted_placement(key)
         views = {view.name: view for view in self.adapters_of(key)}
-        wanted = {a.name: view.spec.replicas for a in adapters
+        wanted = {a.name: replicas_wanted(view.spec, record.scaled.get(a.name)) for a in adapters
                   if (view := views.get(a.name)) is not None and view.spec is not None}
         sizes = {a.name: size for a in adapters
                  if (size := largest_size(self.adapter_entries(key, a.name))) is not None}
         reporting = {pod for pod, entries in self.reports.get(key, ()) if entries}
+        record.scaled = {name: count for name, count in record.scaled.items() if name in wanted}
         plan = plan_placement(spec, adapters, wanted, sizes, self.live_replicas(key), record.replica_slots, reporting)
         record.replica_slots = plan.replica_slots
         return plan
 
-    async def _persisted_slots(self, key: Key) -> dict[str, int]:
-        """The slots the adapter set carries, so that an operator restart keeps every pod's adapters."""
+    async def _persisted_placement(self, key: Key) -> tuple[dict[str, int], dict[str, int]]:
+        """The slots the adapter set carries, and how many each placed adapter holds, so that an operator
+        restart keeps every pod's adapters and every count demand reached."""
         path = resource_path("v1", "configmaps", key[0], ChildNames(key[1]).adapter_set)
         try:
             live = await self.client.get_or_none(path)
-            return dict(AdapterSet.from_configmap_data((live or {}).get("data") or {}).replica_slots or {}) \
-                if live else {}
+            if not live:
+                return {}, {}
+            published = AdapterSet.from_configmap_data(live.get("data") or {})
         except (ApiError, ValueError):
-            return {}  # unreadable: new slots, at the cost of moving adapters once
+            return {}, {}  # unreadable: new slots, at the cost of moving adapters once
+        return (dict(published.replica_slots or {}),
+                {a.name: len(a.slots) for a in published.adapters if a.slots is not None})
+
+    async def scale_with_demand(self, key: Key, adapters: set[str]) -> bool:
+        """Step the count of each of `adapters` that has spec.maxReplicas by the demand its replicas report
+        (demand_scaling.py); True when one changed, and the placement must be made again."""
+        record = self._base_model_record(key)
+        plan = record.placement
+        if plan is None or record.scaled is None:
+            return False
+        changed = False
+        for view in self.adapters_of(key):
+            placed = plan.placements.get(view.name)
+            if view.name not in adapters or view.spec is None or view.spec.max_replicas is None or placed is None:
+                continue
+            current = replicas_wanted(view.spec, record.scaled.get(view.name))
+            assert current is not None and view.spec.replicas is not None
+            levels = holder_levels(placed.pods, placed.awaiting, self.adapter_entries(key, view.name))
+            scaled = scaled_replicas(current, view.spec.replicas, view.spec.max_replicas, levels)
+            if scaled == current:
+                continue
+            record.scaled[view.name] = scaled
+            changed = True
+            why = "its requests queue on every replica holding it" if scaled > current \
+                else "every replica holding it sees no requests"
+            involved = {"apiVersion": API_VERSION, "kind": LORA_ADAPTER.kind,
+                        "metadata": {"namespace": view.namespace, "name": view.name, "uid": view.uid}}
+            await post_event(self.client, involved, "Normal", "Scaled",
+                             f"Wants {scaled} replica(s), was {current}: {why} (spec.replicas {view.spec.replicas}, "
+                             f"spec.maxReplicas {view.spec.max_replicas}).")
+        return changed
 
     async def _update_placement(self, key: Key, body: dict[str, Any], plan: PlacementPlan) -> None:
         """Remember the plan, warn of adapters newly short of room, and re-decide those whose place changed since

@@ -20,11 +20,13 @@ from loraplex.operator.render import peft_volume_limit
 @dataclasses.dataclass(frozen=True)
 class AdapterPlacement:
     """Where one adapter is placed: `pods`, best-ranked first; `awaiting`, the slots it holds whose pod has not
-    been created yet; `shortfall` says why fewer than it wants."""
+    been created yet; `shortfall` says why fewer than it wants; `replicas`, how many it asked for (None: every
+    replica)."""
 
     pods: tuple[str, ...]
     shortfall: str | None = None
     awaiting: int = 0
+    replicas: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +101,7 @@ def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdap
         placements[adapter.name] = AdapterPlacement(
             pods=tuple(pod_of[slot] for slot in slots if slot in pod_of),
             shortfall=placement.shortfalls.get(adapter.name) if all_slots else None,
-            awaiting=0 if everywhere else sum(slot not in pod_of for slot in slots))
+            awaiting=0 if everywhere else sum(slot not in pod_of for slot in slots), replicas=demand.replicas)
     return PlacementPlan(replica_slots=replica_slots, adapters=placed, placements=placements,
                          sizes={name: size for name, size in sizes.items() if name in placements},
                          by_size=capacity.bytes is not None)

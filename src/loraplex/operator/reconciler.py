@@ -313,7 +313,8 @@ class Reconciler(PlacementRuns):
             for name in sorted(changed):
                 if (view := self.adapters.find(namespace, name)) is not None:
                     await self._reconcile_adapter(view)
-            if self.sizes_changed(base, changed):  # a byte budget per replica: place by the new sizes
+            # Place again by new sizes (where a byte budget counts them) or counts demand changed.
+            if self.sizes_changed(base, changed) | await self.scale_with_demand(base, changed):
                 await self._adapter_sets.run(base)
         # Only once decided: a failed run is retried (handlers.py) and must find the same difference again.
         if adapters is None:

@@ -90,6 +90,8 @@ class BaseModelRecord(StatusRecord):
     placement: PlacementPlan | None = None
     propagated_placement: PlacementPlan | None = None
     warned_short: frozenset[str] = frozenset()  # adapters short of room when we last warned
+    # Adapters with spec.maxReplicas -> the replicas demand asks for (None until read back from the adapter set).
+    scaled: dict[str, int] | None = None
 
     def forget_shortcuts(self) -> None:
         super().forget_shortcuts()

@@ -19,6 +19,7 @@ from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.contract import SidecarSettings
 from loraplex.api.runtime_capabilities import adapter_layout, version_note
 from loraplex.api.types import ReplicaState
+from loraplex.sidecar.demand import DemandTracker
 from loraplex.sidecar.lifecycle import AdapterLifecycle
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import ReplicaReporter
@@ -197,6 +198,23 @@ class Agent:
             if lost or (healthy and not was_healthy):
                 self.wake.set()
             was_healthy = healthy
+
+    async def watch_demand(self) -> None:
+        """Sample which adapters have requests running and waiting, and report each Loaded one's demand level."""
+        tracker = DemandTracker(self.settings.demand_queue_seconds, self.settings.demand_idle_seconds)
+        while True:
+            await asyncio.sleep(self.settings.demand_sample_seconds)
+            try:
+                sample = await self.runtime.lora_requests()
+            except RuntimeUnavailable:
+                continue  # nothing is Loaded while it does not answer: no level is reported then
+            if sample is None:
+                continue
+            now = time.monotonic()
+            tracker.record(now, sample)
+            loaded = {slot.name: slot.reported_as for slot in self.slots.values() if slot.loaded and slot.reported_as}
+            tracker.forget(loaded)
+            self.reporter.set_demands({loaded[name]: level for name, level in tracker.levels(now, loaded).items()})
 
     def local_store_changed(self) -> None:
         """A file under the adapter store changed (from the filesystem watcher): rescan soon."""

@@ -75,6 +75,7 @@ async def run(settings: SidecarSettings) -> None:
         asyncio.create_task(agent.run(), name="agent"),
         asyncio.create_task(reporter.run(), name="reporter"),
         asyncio.create_task(agent.watch_runtime(), name="runtime-watch"),
+        asyncio.create_task(agent.watch_demand(), name="demand-watch"),
         asyncio.create_task(reporter.watch(), name="report-watch"),
         asyncio.create_task(agent.watch_local_store(), name="local-store"),
         asyncio.create_task(follow_adapter_set(kube, settings.namespace, settings.adapter_set, agent.on_adapter_set),

@@ -14,10 +14,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from loraplex.api.conditions import utc_now
-from loraplex.api.types import API_VERSION, BASE_MODEL_LABEL, LORA_REPLICA, ReplicaAdapterStatus, ReplicaState
+from loraplex.api.types import (
+    API_VERSION,
+    BASE_MODEL_LABEL,
+    LORA_REPLICA,
+    DemandLevel,
+    ReplicaAdapterStatus,
+    ReplicaState,
+)
 from loraplex.kube import ApiError, Conflict, KubeClient, NotFound, resource_path
 from loraplex.kube.merge_patch import merge_difference
 
@@ -37,6 +45,7 @@ class ReplicaReporter:
         self.pod_uid, self.base_model = pod_uid, base_model
         self.min_interval, self.retry_delays = min_interval, retry_delays
         self._latest: dict[str, ReplicaAdapterStatus] = {}  # adapter -> the entry we want the object to hold
+        self._demand: dict[str, DemandLevel] = {}  # adapter -> the demand seen here, carried while Loaded
         self._written: dict[str, Wire] | None = None  # what the object holds as far as we know; None: no object
         self._written_counts: tuple[int | None, int | None] = (None, None)  # its status.loaded, status.failed
         self._dirty: set[str] = set()
@@ -59,6 +68,9 @@ class ReplicaReporter:
     def set(self, adapter: str, entry: ReplicaAdapterStatus | None) -> None:
         self._set_since_start.add(adapter)
         previous = self._latest.get(adapter)
+        if entry is not None:
+            level = self._demand.get(adapter) if entry.state == ReplicaState.LOADED else None
+            entry = entry if entry.demand == level else entry.model_copy(update={"demand": level})
         if entry is None:
             if previous is None:
                 return
@@ -69,6 +81,14 @@ class ReplicaReporter:
             self._latest[adapter] = entry.model_copy(update={"updated": utc_now()})
         self._dirty.add(adapter)
         self._wake.set()
+
+    def set_demands(self, levels: Mapping[str, DemandLevel]) -> None:
+        """The demand this replica sees of each adapter it has Loaded (sidecar/demand.py); a level rides on the
+        adapter's entry, so only a change of level costs a write."""
+        before, self._demand = self._demand, dict(levels)
+        for adapter in before.keys() | self._demand.keys():
+            if before.get(adapter) != self._demand.get(adapter) and (entry := self._latest.get(adapter)):
+                self.set(adapter, entry)
 
     def drop_unclaimed(self, keep: set[str]) -> None:
         """After the first adapter set: remove what a previous life of this pod reported about adapters that

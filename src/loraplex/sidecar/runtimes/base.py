@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from loraplex.sidecar.demand import LoraRequests
+
 
 class RuntimeUnavailable(Exception):
     """The runtime did not answer; loads wait for it rather than fail."""
@@ -34,6 +36,10 @@ class RuntimeClient(Protocol):
 
     async def retired(self, name: str) -> None:
         """Return once the runtime no longer lists `name`; called after its files are deleted."""
+        ...
+
+    async def lora_requests(self) -> LoraRequests | None:
+        """Which adapters have requests running and waiting now; None when the runtime does not say."""
         ...
 
     async def close(self) -> None:

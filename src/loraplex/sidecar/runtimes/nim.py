@@ -14,6 +14,7 @@ import asyncio
 import time
 
 from loraplex.api.runtime_capabilities import NimPickup
+from loraplex.sidecar.demand import LoraRequests
 from loraplex.sidecar.runtimes.base import LoadFailed, RuntimeUnavailable
 from loraplex.sidecar.runtimes.openai import OpenAiHttp, error_message
 from loraplex.sidecar.runtimes.vllm import is_vllm_error
@@ -95,6 +96,10 @@ class NimClient:
 
     async def retired(self, name: str) -> None:
         await self._wait_until(name, present=False)
+
+    async def lora_requests(self) -> LoraRequests | None:
+        """NIM's metrics for per-adapter requests are not documented where loraplex could check them."""
+        return None
 
     async def close(self) -> None:
         await self.http.close()

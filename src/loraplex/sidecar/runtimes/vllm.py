@@ -12,6 +12,7 @@ import json
 import logging
 import time
 
+from loraplex.sidecar.demand import LoraRequests, parse_lora_requests
 from loraplex.sidecar.runtimes.base import LoadFailed, RuntimeUnavailable
 from loraplex.sidecar.runtimes.openai import OpenAiHttp, error_message
 
@@ -78,6 +79,10 @@ class VllmClient:
 
     async def retired(self, name: str) -> None:
         """Unload already took it out of /v1/models."""
+
+    async def lora_requests(self) -> LoraRequests | None:
+        status, text = await self.http.request("GET", "/metrics")
+        return parse_lora_requests(text) if status == 200 else None
 
     async def close(self) -> None:
         await self.http.close()
