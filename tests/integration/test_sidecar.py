@@ -624,17 +624,19 @@ def test_at_rest_the_sidecar_sends_nothing_and_repairs_its_report_only_when_it_i
 
 
 def test_demand_levels_follow_real_vllms_queue_and_go_idle_when_requests_stop(writer, vllm, sidecar_factory):
-    """Three adapters under load on a vLLM that batches two at a time (--max-loras 2): requests queue, and the
-    sidecar reads it from vLLM's own vllm:lora_requests_info. Then nothing: every adapter goes Idle."""
-    hot = MANY[:3]
+    """Four adapters under load on a vLLM that batches two at a time (--max-loras 2): requests queue, and the
+    sidecar reads it from vLLM's own metrics. Only the adapters whose count follows demand get a level. Then
+    nothing: each of those goes Idle."""
+    hot, fixed = MANY[:3], MANY[3]
     sidecar = sidecar_factory(vllm, LORAPLEX_DEMAND_SAMPLE_SECONDS="0.2", LORAPLEX_DEMAND_QUEUE_SECONDS="2",
                               LORAPLEX_DEMAND_IDLE_SECONDS="6")
     for name in hot:
-        writer.add(name, f"s3://adapters/llama3/{name}")
-    until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in hot), "every adapter Loaded")
+        writer.add(name, f"s3://adapters/llama3/{name}", follows_demand=True)
+    writer.add(fixed, f"s3://adapters/llama3/{fixed}")
+    until(sidecar, lambda: all(writer.state(name) == "Loaded" for name in [*hot, fixed]), "every adapter Loaded")
 
     def demand() -> dict[str, str | None]:
-        return {name: (writer.replica_status(name) or {}).get("demand") for name in hot}
+        return {name: (writer.replica_status(name) or {}).get("demand") for name in [*hot, fixed]}
 
     stop = threading.Event()
 
@@ -642,11 +644,13 @@ def test_demand_levels_follow_real_vllms_queue_and_go_idle_when_requests_stop(wr
         while not stop.is_set():
             vllm.greedy_tokens(name, max_tokens=64)
 
-    with ThreadPoolExecutor(4 * len(hot)) as pool:
-        for name in hot * 4:
+    with ThreadPoolExecutor(4 * 4) as pool:
+        for name in [*hot, fixed] * 4:
             pool.submit(keep_asking, name)
         try:
             until(sidecar, lambda: "Queued" in demand().values(), "an adapter reported Queued", timeout=120)
         finally:
             stop.set()
-    until(sidecar, lambda: set(demand().values()) == {"Idle"}, "every adapter Idle once requests stopped", 60)
+    until(sidecar, lambda: [demand()[name] for name in hot] == ["Idle"] * 3, "each adapter Idle once requests "
+          "stopped", 60)
+    assert demand()[fixed] is None  # its count does not follow demand: no level, no writes for it

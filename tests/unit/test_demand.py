@@ -33,9 +33,28 @@ def test_the_newest_lora_requests_sample_names_the_active_adapters_and_the_engin
     assert idle_engine is not None and not idle_engine.queued("math")
 
 
-def test_a_runtime_without_the_metric_says_nothing_and_an_empty_sample_names_no_adapter():
-    assert parse_lora_requests(METRICS.split("# HELP vllm:lora")[0]) is None
+def test_before_its_first_step_vllm_names_no_adapter_and_a_runtime_without_the_metrics_says_nothing():
+    assert parse_lora_requests(METRICS.split("# HELP vllm:lora")[0]) == LoraRequests(frozenset(), 3.0)
     assert parse_lora_requests(METRICS.replace("1.7634e+09", "1.8e+09")).active == frozenset()
+    assert parse_lora_requests('# TYPE vllm:num_requests_waiting_by_reason gauge\n'
+                               'vllm:num_requests_waiting_by_reason{reason="deferred"} 2.0\n') is None
+
+
+def test_once_queued_an_adapter_stays_queued_until_it_waits_in_fewer_than_a_quarter_of_the_samples():
+    tracker = DemandTracker(queue_window=10, idle_window=30)
+    tracker.levels(0, ["math"])
+    for second in range(0, 11):
+        tracker.record(second, sample("math", waiting=1))
+    assert tracker.levels(10, ["math"]) == {"math": QUEUED}
+    for second in range(11, 14):  # from here on no request waits
+        tracker.record(second, sample("math", waiting=0))
+    assert tracker.levels(13, ["math"]) == {"math": QUEUED}  # 8 of the last 11 samples
+    for second in range(14, 17):
+        tracker.record(second, sample("math", waiting=0))
+    assert tracker.levels(16, ["math"]) == {"math": QUEUED}  # 5 of 11: below a half, not below a quarter
+    for second in range(17, 20):
+        tracker.record(second, sample("math", waiting=0))
+    assert tracker.levels(19, ["math"]) == {"math": SERVING}  # 2 of 11
 
 
 def sample(active: str = "", waiting: float = 0) -> LoraRequests:
@@ -75,20 +94,23 @@ def test_the_windows_must_make_sense():
         DemandTracker(queue_window=30, idle_window=10)
 
 
-@pytest.mark.parametrize(("current", "levels", "expected"), [
-    (1, [QUEUED], 2),
-    (2, [QUEUED, QUEUED], 3),
-    (3, [QUEUED, QUEUED, QUEUED], 3),  # at maxReplicas
-    (2, [QUEUED, SERVING], 2),  # one replica keeps up: no growth
-    (2, [QUEUED, None], 2),  # a holder has not loaded it or has no level yet: wait for it
-    (2, [IDLE, IDLE], 1),
-    (1, [IDLE], 1),  # at spec.replicas
-    (2, [IDLE, SERVING], 2),
-    (2, [], 2),
-    (5, [QUEUED], 3),  # a count from before the range changed is brought back into it
+@pytest.mark.parametrize(("current", "holders", "levels", "expected"), [
+    (1, 1, [QUEUED], 2),
+    (2, 2, [QUEUED, QUEUED], 3),
+    (3, 3, [QUEUED, QUEUED, QUEUED], 3),  # at maxReplicas
+    (2, 2, [QUEUED, SERVING], 2),  # one replica keeps up: no growth
+    (2, 2, [QUEUED, None], 2),  # a holder has not loaded it or has no level yet: wait for it
+    (2, 1, [QUEUED], 2),  # the last step is not placed yet: no second step on an older placement
+    (3, 2, [QUEUED, QUEUED], 3),  # placement found room for 2 of 3: no growth past what it holds
+    (2, 2, [IDLE, IDLE], 1),
+    (3, 2, [IDLE, IDLE], 1),  # shrinks from what it holds, not from a count placement never reached
+    (1, 1, [IDLE], 1),  # at spec.replicas
+    (2, 2, [IDLE, SERVING], 2),
+    (2, 2, [], 2),
+    (5, 1, [QUEUED], 3),  # a count from before the range changed is brought back into it
 ])
-def test_the_count_steps_by_one_only_when_every_holder_agrees(current, levels, expected):
-    assert scaled_replicas(current, least=1, most=3, levels=levels) == expected
+def test_the_count_steps_by_one_only_when_every_holder_agrees(current, holders, levels, expected):
+    assert scaled_replicas(current, holders, least=1, most=3, levels=levels) == expected
 
 
 def test_only_loaded_entries_levels_count_and_pods_still_to_start_say_nothing():

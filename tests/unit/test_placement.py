@@ -9,14 +9,14 @@ import pytest
 from loraplex.operator.placement import (
     BALANCE,
     Capacity,
-    Demand,
+    Claim,
     assign_slots,
     moved,
     place,
     ranking,
 )
 
-MANY = [Demand(f"adapter-{i:04d}", replicas=3) for i in range(2000)]
+MANY = [Claim(f"adapter-{i:04d}", replicas=3) for i in range(2000)]
 
 
 def test_each_adapter_gets_the_replicas_it_wants_on_distinct_slots_whatever_the_slot_order():
@@ -28,7 +28,7 @@ def test_each_adapter_gets_the_replicas_it_wants_on_distinct_slots_whatever_the_
 
 
 def test_an_adapter_without_a_count_is_on_every_replica_and_one_asking_too_many_on_all_there_are():
-    placement = place([0, 1, 2], [Demand("everywhere"), Demand("greedy", replicas=5)], Capacity())
+    placement = place([0, 1, 2], [Claim("everywhere"), Claim("greedy", replicas=5)], Capacity())
     assert sorted(placement.slots["everywhere"]) == [0, 1, 2]
     assert sorted(placement.slots["greedy"]) == [0, 1, 2]
     assert placement.shortfalls == {}
@@ -70,12 +70,12 @@ def test_no_replica_holds_more_than_its_share_of_the_adapters_when_capacity_allo
 
 
 def test_capacity_is_never_exceeded_and_the_earlier_adapters_keep_their_places():
-    demands = [Demand(f"a{i}", replicas=2, size_bytes=100) for i in range(10)]
-    placement = place([0, 1, 2], demands, Capacity(adapters=5, bytes=450))
+    claims = [Claim(f"a{i}", replicas=2, size_bytes=100) for i in range(10)]
+    placement = place([0, 1, 2], claims, Capacity(adapters=5, bytes=450))
     for slot in range(3):
         assert len(placement.held_by(slot)) <= 4  # 450 bytes hold four 100-byte adapters
-    full = [d.key for d in demands if len(placement.slots[d.key]) < 2]
-    assert full and full == [d.key for d in demands][-len(full):]
+    full = [d.key for d in claims if len(placement.slots[d.key]) < 2]
+    assert full and full == [d.key for d in claims][-len(full):]
     # 450 bytes fill up before 5 adapters do: only the limit that stood in the way is named.
     assert placement.shortfalls[full[-1]] == (
         "wants 2 replica(s) but only 0 of 3 have room (each holds at most 450 bytes): "
@@ -83,30 +83,30 @@ def test_capacity_is_never_exceeded_and_the_earlier_adapters_keep_their_places()
 
 
 def test_an_adapter_larger_than_a_replica_is_not_placed_and_says_why():
-    placement = place([0, 1], [Demand("huge", replicas=1, size_bytes=2000)], Capacity(bytes=1000))
+    placement = place([0, 1], [Claim("huge", replicas=1, size_bytes=2000)], Capacity(bytes=1000))
     assert placement.slots["huge"] == ()
     assert placement.shortfalls["huge"] == ("its 2000 bytes exceed what one replica holds (1000 bytes): raise the "
                                            "base model's bytes per replica")
 
 
 def test_without_replicas_nothing_is_placed():
-    placement = place([], [Demand("math", replicas=1)], Capacity())
+    placement = place([], [Claim("math", replicas=1)], Capacity())
     assert placement.slots == {"math": ()}
     assert placement.shortfalls == {"math": "no replica runs"}
 
 
 def test_the_balance_bound_yields_where_only_it_stands_in_the_way():
     # Four adapters on all of two slots: the bound is ceil(1.25 * 8 / 2) = 5, the capacity 4; every one fits.
-    demands = [Demand(f"a{i}") for i in range(4)]
-    placement = place([0, 1], demands, Capacity(adapters=4))
+    claims = [Claim(f"a{i}") for i in range(4)]
+    placement = place([0, 1], claims, Capacity(adapters=4))
     assert placement.shortfalls == {} and all(len(held) == 2 for held in placement.slots.values())
 
 
 def test_repeated_slots_or_adapters_are_refused():
     with pytest.raises(ValueError, match="distinct"):
-        place([1, 1], [Demand("math")], Capacity())
+        place([1, 1], [Claim("math")], Capacity())
     with pytest.raises(ValueError, match="once"):
-        place([1], [Demand("math"), Demand("math")], Capacity())
+        place([1], [Claim("math"), Claim("math")], Capacity())
 
 
 def test_pods_keep_their_slots_and_a_replacement_takes_the_one_freed():

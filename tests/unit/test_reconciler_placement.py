@@ -3,11 +3,13 @@ that survive a pod's replacement and an operator restart, little movement on sca
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import json
 
 from loraplex.api.adapter_set import DATA_KEY
 from loraplex.operator.reconciler import Reconciler
-from tests.unit.test_reconciler import BASE, NS, SETTINGS, Cluster
+from tests.unit.test_reconciler import BASE, NS, SETTINGS, Cluster, merge, replica_path
 
 
 def adapter_set(cluster: Cluster) -> dict:
@@ -133,7 +135,7 @@ async def test_an_adapter_grows_while_its_requests_queue_on_every_holder_and_shr
     [entry] = adapter_set(cluster)["adapters"]
     assert len(entry["slots"]) == 2
     scaled = [e for e in cluster.api.events() if e["reason"] == "Scaled"]
-    assert len(scaled) == 1 and "Wants 2 replica(s), was 1: its requests queue" in scaled[0]["message"]
+    assert len(scaled) == 1 and "Placed on 2 replica(s), was 1: its requests queue" in scaled[0]["message"]
 
     await cluster.report(second, {"hot": loaded()})  # loaded, but no window sampled yet: no step
     assert cluster.status("hot")["wantedReplicas"] == 2
@@ -172,3 +174,52 @@ async def test_an_adapter_grows_while_its_requests_queue_on_every_holder_and_shr
     assert cluster.status("hot")["wantedReplicas"] == 2
     await cluster.report(last, {"hot": loaded("Idle")})
     assert cluster.status("hot")["wantedReplicas"] == 2
+
+
+async def test_a_slot_the_deployment_cannot_fill_is_not_awaited_and_its_adapters_go_to_running_pods():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], NAMES, replicas=3)
+    on_c = {name for name in NAMES if placed_on(cluster, name) == ["pod-c"]}
+    cluster.remove_replica("pod-c")
+    await cluster.reconciler.replicas_changed((NS, BASE))
+    assert all(cluster.condition(name, "Ready")["reason"] == "WaitingForReplica" for name in on_c)
+
+    # The ReplicaSet cannot create the replacement (a quota): the Deployment says so, and nothing waits for it.
+    cluster.indices["deployment_index"][(NS, BASE)] = [{"status": {"replicas": 2, "conditions": [
+        {"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate"}]}}]
+    await cluster.reconciler.converge_owned_objects((NS, BASE))
+    assert all(placed_on(cluster, name) in (["pod-a"], ["pod-b"]) for name in on_c)
+
+
+async def test_demand_takes_only_room_no_adapters_own_replicas_need():
+    cluster = await cluster_with(["pod-a", "pod-b"], [], replicas=2, lora={"adaptersPerReplica": 1})
+    await cluster.create_adapter("hot", replicas=1, maxReplicas=2)
+    await cluster.create_adapter("cold", replicas=1)
+    await cluster.settle("hot", "cold")
+    [hot], [cold] = placed_on(cluster, "hot"), placed_on(cluster, "cold")
+    await cluster.report(cold, {"cold": loaded()})
+    await cluster.report(hot, {"hot": loaded("Queued")})
+    await cluster.settle("hot", "cold")
+    assert (placed_on(cluster, "hot"), placed_on(cluster, "cold")) == ([hot], [cold])
+    assert cluster.status("cold")["phase"] == "Ready" and cluster.status("hot")["wantedReplicas"] == 1
+    assert not [e for e in cluster.api.events() if e["reason"] in ("Scaled", "InsufficientCapacity")]
+
+
+async def test_reports_decided_at_once_on_the_same_placement_step_the_count_once():
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c", "pod-d"], [], replicas=4)
+    await cluster.create_adapter("hot", replicas=2, maxReplicas=4)
+    await cluster.settle("hot")
+    first, second = placed_on(cluster, "hot")
+    await cluster.report(first, {"hot": loaded("Serving")})
+    await cluster.report(second, {"hot": loaded("Serving")})
+    # Both turn Queued, and kopf hands both events over before either decision is placed.
+    for pod in (first, second):
+        path = replica_path(pod)
+        cluster.api.store(path, merge(copy.deepcopy(cluster.api.objects[path]), {"status": {"adapters": {
+            "hot": {**loaded("Queued"), "observedGeneration": 1}}}}))
+    cluster.indices["replica_report_index"][(NS, BASE)] = [
+        (pod, copy.deepcopy(cluster.api.objects[replica_path(pod)]["status"]["adapters"])) for pod in (first, second)]
+    await asyncio.gather(*(cluster.reconciler.report_changed(
+        (NS, BASE), pod, copy.deepcopy(cluster.api.objects[replica_path(pod)]["status"]["adapters"]))
+        for pod in (first, second)))
+    await cluster.settle("hot")
+    assert len(placed_on(cluster, "hot")) == 3 and cluster.status("hot")["wantedReplicas"] == 3

@@ -27,6 +27,8 @@ class DesiredAdapter(Model):
     expected_rank: int | None = None
     sha256: str | None = None
     slots: list[int] | None = Field(default=None, description="The replica slots that hold it; None: every one.")
+    follows_demand: bool | None = Field(
+        default=None, description="True when its replica count follows demand: its holders report their level.")
 
     def assigned_to(self, slot: int | None) -> bool:
         """Whether the pod holding `slot` (None: a pod the operator has not given one yet) should serve it."""

@@ -182,6 +182,7 @@ def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[Adapter
         desired.append(DesiredAdapter(
             name=adapter.name, uid=adapter.uid, generation=adapter.generation, served_name=adapter.served_name,
             source=spec.source, format=spec.format, expected_rank=spec.expected_rank, sha256=spec.sha256,
+            follows_demand=True if spec.max_replicas is not None else None,
         ))
     return desired
 
@@ -231,7 +232,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     asked = placement.replicas if placement is not None else adapter.spec.replicas if adapter.spec else None
     wanted = replicas if asked is None else min(asked, replicas)
     shortfall = placement.shortfall if placement is not None and len(placed) < wanted else None
-    awaiting = placement.awaiting if placement is not None and placed != list(live_replicas) else 0
+    awaiting = placement.awaiting if placement is not None and set(placed) != set(live_replicas) else 0
 
     def conditions(validated: tuple[bool | None, str, str], synced: tuple[bool | None, str, str],
                    ready: tuple[bool | None, str, str]) -> list[dict[str, Any]]:
@@ -268,7 +269,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         synced = (False, reason, message) if reason in _SYNC_FAILURES else (None, "Syncing", message)
         decided = conditions(validated, synced, (False, reason, message))
     elif not placed:
-        if awaiting:
+        if awaiting and not shortfall:
             reason, message = WAITING_FOR_REPLICA, f"Placed on {awaiting} replica(s) the Deployment has yet to " \
                 "create (a pod was deleted or is being added); it loads there once the pod starts."
         else:

@@ -1,11 +1,5 @@
-"""How many replicas an adapter with spec.maxReplicas holds: it grows while its requests queue on every replica
-holding it, and shrinks while every one of them sees it idle, one replica at a time within
-[spec.replicas, spec.maxReplicas]. Pure; the reconciler keeps the count and places by it.
-
-One step at a time, and only once every holder reports a level: a replica added for demand must load the
-adapter and sample a whole window before the next step, which keeps the count from running ahead of what the
-replicas have seen.
-"""
+"""How many replicas an adapter with spec.maxReplicas holds: one more while its requests queue on every replica
+holding it, one fewer while all of them see it idle, within [spec.replicas, spec.maxReplicas]. Pure."""
 
 from __future__ import annotations
 
@@ -15,14 +9,16 @@ from typing import Any
 from loraplex.api.types import DemandLevel, LoraAdapterSpec, ReplicaState
 
 
-def scaled_replicas(current: int, least: int, most: int, levels: Sequence[DemandLevel | None]) -> int:
-    """The next count from `current`, given the level reported for each replica the adapter is placed on (None:
-    that replica has not loaded it, says no level yet, or has not started)."""
+def scaled_replicas(current: int, holders: int, least: int, most: int, levels: Sequence[DemandLevel | None]) -> int:
+    """The next count from `current`, given how many replicas it is placed on (`holders`) and the level reported
+    for each of them (None: not loaded there, no level yet, or not started). It grows only once it holds every
+    replica it has, so a replica added for demand must load the adapter and sample a window before the next
+    step, and a retried or concurrent decision on an older placement cannot step twice."""
     current = min(max(current, least), most)
-    if levels and all(level == DemandLevel.QUEUED for level in levels):
-        return min(current + 1, most)
+    if holders >= current and levels and all(level == DemandLevel.QUEUED for level in levels):
+        return min(holders + 1, most)
     if levels and all(level == DemandLevel.IDLE for level in levels):
-        return max(current - 1, least)
+        return max(min(current, holders) - 1, least)
     return current
 
 
@@ -32,8 +28,10 @@ def holder_levels(pods: Sequence[str], awaiting: int, entries: Mapping[str, Any]
     levels: list[DemandLevel | None] = []
     for pod in pods:
         entry = entries.get(pod)
-        loaded = isinstance(entry, dict) and entry.get("state") == ReplicaState.LOADED.value
-        levels.append(_level(entry.get("demand")) if loaded else None)  # type: ignore[union-attr]
+        if isinstance(entry, dict) and entry.get("state") == ReplicaState.LOADED.value:
+            levels.append(_level(entry.get("demand")))
+        else:
+            levels.append(None)
     return levels + [None] * awaiting
 
 

@@ -23,12 +23,14 @@ BALANCE = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
-class Demand:
-    """One adapter's claim: how many replicas should hold it (None: every one) and its size (0: not known yet)."""
+class Claim:
+    """One adapter's claim: how many replicas should hold it (None: every one), its size (0: not known yet), and
+    how many more it may take where room is left once every claim's `replicas` are placed (`extra`)."""
 
     key: str
     replicas: int | None = None
     size_bytes: int = 0
+    extra: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,59 +60,66 @@ def ranking(key: str, slots: Iterable[int]) -> list[int]:
     return sorted(slots, key=lambda slot: (score(key, slot), slot), reverse=True)
 
 
-def wanted(demand: Demand, slot_count: int) -> int:
-    return slot_count if demand.replicas is None else min(demand.replicas, slot_count)
+def wanted(claim: Claim, slot_count: int, extra: bool = False) -> int:
+    if claim.replicas is None:
+        return slot_count
+    return min(claim.replicas + (claim.extra if extra else 0), slot_count)
 
 
-def place(slots: Sequence[int], demands: Sequence[Demand], capacity: Capacity) -> Placement:
-    """Assign each demand its best-ranked slots with room, in the order given."""
+def place(slots: Sequence[int], claims: Sequence[Claim], capacity: Capacity) -> Placement:
+    """Assign each claim its best-ranked slots with room, in the order given."""
     if len(set(slots)) != len(slots):
         raise ValueError(f"slots must be distinct, got {sorted(slots)}")
-    if len({d.key for d in demands}) != len(demands):
+    if len({d.key for d in claims}) != len(claims):
         raise ValueError("each adapter may appear once")
-    total = sum(wanted(d, len(slots)) for d in demands)
+    total = sum(wanted(claim, len(slots), extra=True) for claim in claims)
     balance_bound = math.ceil(BALANCE * total / len(slots)) if slots else 0
     count = dict.fromkeys(slots, 0)
     used = dict.fromkeys(slots, 0)
+    chosen: dict[str, list[int]] = {claim.key: [] for claim in claims}
 
-    def fits(slot: int, demand: Demand, bound: float) -> bool:
+    def fits(slot: int, claim: Claim, bound: float) -> bool:
         if count[slot] >= bound or (capacity.adapters is not None and count[slot] >= capacity.adapters):
             return False
-        return capacity.bytes is None or used[slot] + demand.size_bytes <= capacity.bytes
+        return capacity.bytes is None or used[slot] + claim.size_bytes <= capacity.bytes
 
-    placed: dict[str, tuple[int, ...]] = {}
-    shortfalls: dict[str, str] = {}
-    for demand in demands:
-        want = wanted(demand, len(slots))
-        preferred = ranking(demand.key, slots)
-        chosen: list[int] = []
+    def take(claim: Claim, want: int) -> None:
+        held = chosen[claim.key]
         # The balance bound is soft: where only it stands in the way, the capacity alone decides.
         for bound in (balance_bound, math.inf):
-            for slot in preferred:
-                if len(chosen) == want:
-                    break
-                if slot not in chosen and fits(slot, demand, bound):
-                    chosen.append(slot)
+            for slot in ranking(claim.key, slots):
+                if len(held) >= want:
+                    return
+                if slot not in held and fits(slot, claim, bound):
+                    held.append(slot)
                     count[slot] += 1
-                    used[slot] += demand.size_bytes
-        placed[demand.key] = tuple(sorted(chosen, key=preferred.index))
-        if len(chosen) < want or not slots:
-            full = [slot for slot in slots if slot not in chosen]
+                    used[slot] += claim.size_bytes
+
+    shortfalls: dict[str, str] = {}
+    for claim in claims:
+        want = wanted(claim, len(slots))
+        take(claim, want)
+        if len(chosen[claim.key]) < want or not slots:
+            full = [slot for slot in slots if slot not in chosen[claim.key]]
             limits = []
             if capacity.adapters is not None and any(count[slot] >= capacity.adapters for slot in full):
                 limits.append(f"{capacity.adapters} adapters")
-            if capacity.bytes is not None and any(used[slot] + demand.size_bytes > capacity.bytes for slot in full):
+            if capacity.bytes is not None and any(used[slot] + claim.size_bytes > capacity.bytes for slot in full):
                 limits.append(f"{capacity.bytes} bytes")
-            shortfalls[demand.key] = _shortfall(demand, want, len(chosen), len(slots), capacity, limits)
+            shortfalls[claim.key] = _shortfall(claim, want, len(chosen[claim.key]), len(slots), capacity, limits)
+    for claim in claims:  # extras only in the room every claim's own replicas left
+        if claim.extra and claim.key not in shortfalls:
+            take(claim, wanted(claim, len(slots), extra=True))
+    placed = {key: tuple(sorted(held, key=ranking(key, slots).index)) for key, held in chosen.items()}
     return Placement(slots=placed, shortfalls=shortfalls)
 
 
-def _shortfall(demand: Demand, want: int, got: int, slot_count: int, capacity: Capacity, limits: list[str]) -> str:
-    """Why `demand` got fewer slots than it wants, naming only the limits that stood in its way."""
+def _shortfall(claim: Claim, want: int, got: int, slot_count: int, capacity: Capacity, limits: list[str]) -> str:
+    """Why `claim` got fewer slots than it wants, naming only the limits that stood in its way."""
     if slot_count == 0:
         return "no replica runs"
-    if capacity.bytes is not None and demand.size_bytes > capacity.bytes:
-        return (f"its {demand.size_bytes} bytes exceed what one replica holds ({capacity.bytes} bytes): "
+    if capacity.bytes is not None and claim.size_bytes > capacity.bytes:
+        return (f"its {claim.size_bytes} bytes exceed what one replica holds ({capacity.bytes} bytes): "
                 "raise the base model's bytes per replica")
     return (f"wants {want} replica(s) but only {got} of {slot_count} have room (each holds at most "
             f"{' and '.join(limits)}): add replicas or raise the capacity per replica")

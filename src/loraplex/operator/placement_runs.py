@@ -8,10 +8,10 @@ from typing import Any
 
 from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.types import API_VERSION, LORA_ADAPTER, BaseModelDeploymentSpec
-from loraplex.kube import ApiError, resource_path
+from loraplex.kube import resource_path
 from loraplex.operator import render
 from loraplex.operator.adapters import AdapterView, desired_adapters
-from loraplex.operator.cluster_view import ClusterView, Key
+from loraplex.operator.cluster_view import ClusterView, Key, first
 from loraplex.operator.demand_scaling import holder_levels, replicas_wanted, scaled_replicas
 from loraplex.operator.events import post_event
 from loraplex.operator.naming import ChildNames
@@ -52,32 +52,54 @@ class PlacementRuns(ClusterView):
         if record.replica_slots is None or record.scaled is None:
             record.replica_slots, record.scaled = await self._persisted_placement(key)
         views = {view.name: view for view in self.adapters_of(key)}
-        wanted = {a.name: replicas_wanted(view.spec, record.scaled.get(a.name)) for a in adapters
-                  if (view := views.get(a.name)) is not None and view.spec is not None}
+        specs = {a.name: view.spec for a in adapters if (view := views.get(a.name)) is not None and view.spec}
+        wanted = {name: adapter_spec.replicas for name, adapter_spec in specs.items()}
+        # A count is kept only while the adapter follows demand: one that stops, then starts again, starts afresh.
+        record.scaled = {name: count for name, count in record.scaled.items()
+                         if name in specs and specs[name].max_replicas is not None}
+        extra = {name: scaled - (specs[name].replicas or 0) for name in record.scaled
+                 if (scaled := replicas_wanted(specs[name], record.scaled[name])) is not None}
         sizes = {a.name: size for a in adapters
                  if (size := largest_size(self.adapter_entries(key, a.name))) is not None}
         reporting = {pod for pod, entries in self.reports.get(key, ()) if entries}
-        record.scaled = {name: count for name, count in record.scaled.items() if name in wanted}
-        plan = plan_placement(spec, adapters, wanted, sizes, self.live_replicas(key), record.replica_slots, reporting)
+        plan = plan_placement(spec, adapters, wanted, sizes, self.live_replicas(key), record.replica_slots,
+                              reporting, extra, self.expected_pods(key, spec))
         record.replica_slots = plan.replica_slots
+        for name in record.scaled:  # what placement found room for, so a count never runs ahead of it
+            record.scaled[name] = plan.placements[name].replicas or record.scaled[name]
         return plan
 
+    def expected_pods(self, key: Key, spec: BaseModelDeploymentSpec) -> int:
+        """The pods placement keeps slots for: spec.replicas, or only the live ones while the Deployment says it
+        cannot create pods (ReplicaFailure, e.g. a quota), so no adapter waits for a pod that will not come."""
+        conditions = ((first(self.deployments, key) or {}).get("status") or {}).get("conditions") or []
+        failing = any(c.get("type") == "ReplicaFailure" and c.get("status") == "True" for c in conditions)
+        return len(self.live_replicas(key)) if failing else spec.replicas
+
+    def placement_outdated(self, key: Key) -> bool:
+        """Whether the pods the last plan expected are no longer what the Deployment will run."""
+        plan = self._base_model_record(key).placement
+        body = self.base_model(key)
+        spec = self.parse_spec(body)[0] if body else None
+        return plan is not None and spec is not None and plan.expected_pods != self.expected_pods(key, spec)
+
     async def _persisted_placement(self, key: Key) -> tuple[dict[str, int], dict[str, int]]:
-        """The slots the adapter set carries, and how many each placed adapter holds, so that an operator
-        restart keeps every pod's adapters and every count demand reached."""
+        """The slots the adapter set carries, and how many replicas each adapter that follows demand holds, so
+        that an operator restart keeps every pod's adapters and every count demand reached. A failed read is
+        an error (the handler retries it): starting afresh would drop every count at once."""
         path = resource_path("v1", "configmaps", key[0], ChildNames(key[1]).adapter_set)
+        live = await self.client.get_or_none(path)
         try:
-            live = await self.client.get_or_none(path)
-            if not live:
-                return {}, {}
-            published = AdapterSet.from_configmap_data(live.get("data") or {})
-        except (ApiError, ValueError):
-            return {}, {}  # unreadable: new slots, at the cost of moving adapters once
+            published = AdapterSet.from_configmap_data((live or {}).get("data") or {}) if live else None
+        except ValueError:
+            published = None  # unreadable: new slots, at the cost of moving adapters once
+        if published is None:
+            return {}, {}
         return (dict(published.replica_slots or {}),
-                {a.name: len(a.slots) for a in published.adapters if a.slots is not None})
+                {a.name: len(a.slots) for a in published.adapters if a.follows_demand and a.slots is not None})
 
     async def scale_with_demand(self, key: Key, adapters: set[str]) -> bool:
-        """Step the count of each of `adapters` that has spec.maxReplicas by the demand its replicas report
+        """Step the count of each of `adapters` that follows demand by the levels its replicas report
         (demand_scaling.py); True when one changed, and the placement must be made again."""
         record = self._base_model_record(key)
         plan = record.placement
@@ -86,24 +108,38 @@ class PlacementRuns(ClusterView):
         changed = False
         for view in self.adapters_of(key):
             placed = plan.placements.get(view.name)
-            if view.name not in adapters or view.spec is None or view.spec.max_replicas is None or placed is None:
+            spec = view.spec
+            if view.name not in adapters or spec is None or spec.max_replicas is None or spec.replicas is None \
+                    or placed is None:
                 continue
-            current = replicas_wanted(view.spec, record.scaled.get(view.name))
-            assert current is not None and view.spec.replicas is not None
+            current = replicas_wanted(spec, record.scaled.get(view.name)) or spec.replicas
+            holders = len(placed.pods) + placed.awaiting
             levels = holder_levels(placed.pods, placed.awaiting, self.adapter_entries(key, view.name))
-            scaled = scaled_replicas(current, view.spec.replicas, view.spec.max_replicas, levels)
+            scaled = scaled_replicas(current, holders, spec.replicas, spec.max_replicas, levels)
             if scaled == current:
                 continue
             record.scaled[view.name] = scaled
+            record.scaling_reasons[view.name] = "its requests queue on every replica holding it" \
+                if scaled > current else "no replica holding it has seen a request for a while"
             changed = True
-            why = "its requests queue on every replica holding it" if scaled > current \
-                else "every replica holding it sees no requests"
+        return changed
+
+    async def _announce_scaling(self, key: Key, before: PlacementPlan | None, plan: PlacementPlan) -> None:
+        """A Scaled Event for each adapter that demand moved to another number of replicas: only once the new
+        placement says so (a step placement finds no room for changes nothing, and says nothing)."""
+        record = self._base_model_record(key)
+        reasons, record.scaling_reasons = record.scaling_reasons, {}
+        views = {view.name: view for view in self.adapters_of(key)}
+        for name, why in sorted(reasons.items()):
+            was = before.placements[name].replicas if before and name in before.placements else None
+            now = plan.placements[name].replicas if name in plan.placements else None
+            if (view := views.get(name)) is None or now is None or was is None or now == was or view.spec is None:
+                continue
             involved = {"apiVersion": API_VERSION, "kind": LORA_ADAPTER.kind,
                         "metadata": {"namespace": view.namespace, "name": view.name, "uid": view.uid}}
             await post_event(self.client, involved, "Normal", "Scaled",
-                             f"Wants {scaled} replica(s), was {current}: {why} (spec.replicas {view.spec.replicas}, "
+                             f"Placed on {now} replica(s), was {was}: {why} (spec.replicas {view.spec.replicas}, "
                              f"spec.maxReplicas {view.spec.max_replicas}).")
-        return changed
 
     async def _update_placement(self, key: Key, body: dict[str, Any], plan: PlacementPlan) -> None:
         """Remember the plan, warn of adapters newly short of room, and re-decide those whose place changed since
@@ -111,6 +147,7 @@ class PlacementRuns(ClusterView):
         record = self._base_model_record(key)
         before = record.propagated_placement
         record.placement = record.propagated_placement = plan
+        await self._announce_scaling(key, before, plan)
         newly_short = plan.short() - record.warned_short
         record.warned_short = plan.short()
         if newly_short:

@@ -1,7 +1,7 @@
 """Placement of one base model's adapters on its pods, as the adapter set carries it and statuses report it.
 
 placement.py decides on slots and sizes; this module turns the cluster's terms into those (pods into stable
-slots, LoraAdapter specs into demands, the base model's limits into a capacity) and the answer back into the
+slots, LoraAdapter specs into claims, the base model's limits into a capacity) and the answer back into the
 adapter set's entries and each adapter's placed pods. Pure: the reconciler reads and writes around it.
 """
 
@@ -13,15 +13,15 @@ from collections.abc import Collection, Mapping, Sequence
 from loraplex.api.adapter_set import DesiredAdapter
 from loraplex.api.contract import parse_quantity
 from loraplex.api.types import BaseModelDeploymentSpec
-from loraplex.operator.placement import Capacity, Demand, assign_slots, place
+from loraplex.operator.placement import Capacity, Claim, assign_slots, place
 from loraplex.operator.render import peft_volume_limit
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterPlacement:
     """Where one adapter is placed: `pods`, best-ranked first; `awaiting`, the slots it holds whose pod has not
-    been created yet; `shortfall` says why fewer than it wants; `replicas`, how many it asked for (None: every
-    replica)."""
+    been created yet; `shortfall` says why fewer than it wants; `replicas`, how many it wants: its spec.replicas
+    and the extra replicas demand got room for (None: every replica)."""
 
     pods: tuple[str, ...]
     shortfall: str | None = None
@@ -36,6 +36,7 @@ class PlacementPlan:
     placements: dict[str, AdapterPlacement]  # LoraAdapter name -> where it is placed
     sizes: dict[str, int]  # the sizes placement went by, so a newly reported size can be told apart
     by_size: bool  # whether sizes matter at all (a byte limit per replica)
+    expected_pods: int = 0  # the pods the Deployment was expected to run
 
     def short(self) -> frozenset[str]:
         """The adapters placed on fewer replicas than they want."""
@@ -78,33 +79,40 @@ def awaited_slots(replica_slots: Mapping[str, int], expected_pods: int) -> list[
 def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdapter],
                    wanted_replicas: Mapping[str, int | None], sizes: Mapping[str, int],
                    live_pods: Sequence[str], previous_slots: Mapping[str, int],
-                   reporting: Collection[str] = ()) -> PlacementPlan:
+                   reporting: Collection[str] = (), extra_replicas: Mapping[str, int] | None = None,
+                   expected_pods: int | None = None) -> PlacementPlan:
     """Place `adapters` (in priority order) on the live pods.
 
-    `wanted_replicas` is each adapter's spec.replicas (None: every replica), `sizes` its largest reported size
-    (absent: not known yet, counted as 0), `previous_slots` the slots the last plan gave, `reporting` the pods
-    whose LoraReplica holds any entry. An adapter on every
-    replica keeps `slots` None, so the adapter set stays small and a pod without a slot yet still serves it.
+    `wanted_replicas` is each adapter's spec.replicas (None: every replica), `extra_replicas` what demand adds to
+    it (placed only in room no adapter's own replicas need), `sizes` its largest reported size (absent: not
+    known yet, counted as 0), `previous_slots` the slots the last plan gave, `reporting` the pods whose
+    LoraReplica holds any entry, `expected_pods` how many pods the Deployment will run (default spec.replicas).
+    An adapter on every replica keeps `slots` None, so the adapter set stays small and a pod without a slot yet
+    still serves it.
     """
-    replica_slots = slots_for_pods(previous_slots, live_pods, reporting, spec.replicas)
-    all_slots = sorted([*replica_slots.values(), *awaited_slots(replica_slots, spec.replicas)])
+    expected = spec.replicas if expected_pods is None else expected_pods
+    replica_slots = slots_for_pods(previous_slots, live_pods, reporting, expected)
+    all_slots = sorted([*replica_slots.values(), *awaited_slots(replica_slots, expected)])
     pod_of = {slot: pod for pod, slot in replica_slots.items()}
-    demands = [Demand(a.name, wanted_replicas.get(a.name), sizes.get(a.name, 0)) for a in adapters]
+    extra = extra_replicas or {}
+    claims = [Claim(a.name, wanted_replicas.get(a.name), sizes.get(a.name, 0), extra.get(a.name, 0))
+              for a in adapters]
     capacity = replica_capacity(spec)
-    placement = place(all_slots, demands, capacity)
+    placement = place(all_slots, claims, capacity)
     placed: list[DesiredAdapter] = []
     placements: dict[str, AdapterPlacement] = {}
-    for adapter, demand in zip(adapters, demands, strict=True):
+    for adapter, claim in zip(adapters, claims, strict=True):
         slots = placement.slots[adapter.name]
-        everywhere = demand.replicas is None and len(slots) == len(all_slots)
+        everywhere = claim.replicas is None and len(slots) == len(all_slots)
         placed.append(adapter.model_copy(update={"slots": None if everywhere else sorted(slots)}))
         placements[adapter.name] = AdapterPlacement(
             pods=tuple(pod_of[slot] for slot in slots if slot in pod_of),
             shortfall=placement.shortfalls.get(adapter.name) if all_slots else None,
-            awaiting=0 if everywhere else sum(slot not in pod_of for slot in slots), replicas=demand.replicas)
+            awaiting=0 if everywhere else sum(slot not in pod_of for slot in slots),
+            replicas=None if claim.replicas is None else max(claim.replicas, len(slots)))
     return PlacementPlan(replica_slots=replica_slots, adapters=placed, placements=placements,
                          sizes={name: size for name, size in sizes.items() if name in placements},
-                         by_size=capacity.bytes is not None)
+                         by_size=capacity.bytes is not None, expected_pods=expected)
 
 
 def largest_size(entries: Mapping[str, object]) -> int | None:

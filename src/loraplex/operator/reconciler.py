@@ -135,6 +135,8 @@ class Reconciler(PlacementRuns):
         """An owned object changed (drift, deletion, Deployment status): repair it and refresh the model's
         status. Adapters depend only on the model's spec, so they are not re-examined here."""
         await self._owned_runs.run(key)
+        if self.placement_outdated(key):  # the Deployment started or stopped failing to create pods
+            await self._adapter_sets.run(key)
 
     async def sync_adapter_set(self, key: Key, live: dict[str, Any] | None) -> None:
         """The adapter-set ConfigMap changed (`live`) or is gone (None): put back what it should say."""
@@ -313,7 +315,8 @@ class Reconciler(PlacementRuns):
             for name in sorted(changed):
                 if (view := self.adapters.find(namespace, name)) is not None:
                     await self._reconcile_adapter(view)
-            # Place again by new sizes (where a byte budget counts them) or counts demand changed.
+            # Place again by new sizes (where a byte budget counts them) or counts demand changed; `|`, not `or`:
+            # demand is stepped even when sizes already call for a new placement.
             if self.sizes_changed(base, changed) | await self.scale_with_demand(base, changed):
                 await self._adapter_sets.run(base)
         # Only once decided: a failed run is retried (handlers.py) and must find the same difference again.

@@ -92,6 +92,7 @@ class BaseModelRecord(StatusRecord):
     warned_short: frozenset[str] = frozenset()  # adapters short of room when we last warned
     # Adapters with spec.maxReplicas -> the replicas demand asks for (None until read back from the adapter set).
     scaled: dict[str, int] | None = None
+    scaling_reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # why each count last stepped
 
     def forget_shortcuts(self) -> None:
         super().forget_shortcuts()

@@ -200,21 +200,26 @@ class Agent:
             was_healthy = healthy
 
     async def watch_demand(self) -> None:
-        """Sample which adapters have requests running and waiting, and report each Loaded one's demand level."""
+        """Sample which adapters have requests in flight and whether requests queue, and report the level of
+        each Loaded adapter whose count follows demand. Without samples (the runtime does not answer, or does
+        not say), no level is reported and what was seen is forgotten."""
         tracker = DemandTracker(self.settings.demand_queue_seconds, self.settings.demand_idle_seconds)
         while True:
             await asyncio.sleep(self.settings.demand_sample_seconds)
             try:
                 sample = await self.runtime.lora_requests()
             except RuntimeUnavailable:
-                continue  # nothing is Loaded while it does not answer: no level is reported then
+                sample = None
             if sample is None:
+                tracker = DemandTracker(self.settings.demand_queue_seconds, self.settings.demand_idle_seconds)
+                self.reporter.set_demands({})
                 continue
             now = time.monotonic()
             tracker.record(now, sample)
-            loaded = {slot.name: slot.reported_as for slot in self.slots.values() if slot.loaded and slot.reported_as}
-            tracker.forget(loaded)
-            self.reporter.set_demands({loaded[name]: level for name, level in tracker.levels(now, loaded).items()})
+            followed = {slot.name: slot.reported_as for slot in self.slots.values()
+                        if slot.loaded and slot.reported_as and slot.desired and slot.desired.follows_demand}
+            tracker.forget(followed)
+            self.reporter.set_demands({followed[name]: level for name, level in tracker.levels(now, followed).items()})
 
     def local_store_changed(self) -> None:
         """A file under the adapter store changed (from the filesystem watcher): rescan soon."""

@@ -69,7 +69,9 @@ class ReplicaReporter:
         self._set_since_start.add(adapter)
         previous = self._latest.get(adapter)
         if entry is not None:
-            level = self._demand.get(adapter) if entry.state == ReplicaState.LOADED else None
+            if entry.state != ReplicaState.LOADED:
+                self._demand.pop(adapter, None)  # a level is of a Loaded adapter: sampled again once it is
+            level = self._demand.get(adapter)
             entry = entry if entry.demand == level else entry.model_copy(update={"demand": level})
         if entry is None:
             if previous is None:

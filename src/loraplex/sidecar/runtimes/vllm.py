@@ -8,6 +8,7 @@ contract.md), with the engine still serving. POST /v1/unload_lora_adapter {lora_
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -82,7 +83,7 @@ class VllmClient:
 
     async def lora_requests(self) -> LoraRequests | None:
         status, text = await self.http.request("GET", "/metrics")
-        return parse_lora_requests(text) if status == 200 else None
+        return await asyncio.to_thread(parse_lora_requests, text) if status == 200 else None
 
     async def close(self) -> None:
         await self.http.close()
