@@ -21,7 +21,7 @@ from loraplex.cli import main
 from loraplex.formats import AdapterPolicy, Rejection, detect_format, inspect, validate
 from loraplex.formats.convert import convert
 from loraplex.formats.for_runtime import validate_or_convert
-from loraplex.formats.safe_pickle import read_dcp_metadata
+from loraplex.formats.safe_pickle.dcp import read_dcp_metadata
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
 from tests.producers import peft_delta_weights, share_fused_lora_a
 from tests.producers_nemo2 import make_nemo2_from_peft

@@ -15,7 +15,8 @@ from typing import Any
 
 from loraplex.api.types import AdapterFormat
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
+from loraplex.formats.safe_pickle.restricted import UnsafeCheckpoint
+from loraplex.formats.safe_pickle.torch_zip import read_state_dict_shapes
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"

@@ -31,7 +31,7 @@ from loraplex.formats.nxd_files import (
 )
 from loraplex.formats.peft_writer import LoraPair, bfloat16_to_float32
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import TensorData
+from loraplex.formats.safe_pickle.restricted import TensorData
 
 FORMAT = AdapterFormat.NXD
 _KEY = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<module>\w+)\."

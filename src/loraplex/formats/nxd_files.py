@@ -13,16 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.formats.report import Rejection
-from loraplex.formats.safe_pickle import (
-    TensorData,
-    TensorInfo,
-    UnsafeCheckpoint,
-    XserReference,
-    read_lightning_checkpoint,
-    read_xser_info,
-    read_xser_structure,
-    read_xser_tensor,
-)
+from loraplex.formats.safe_pickle.lightning import read_lightning_checkpoint
+from loraplex.formats.safe_pickle.restricted import TensorData, TensorInfo, UnsafeCheckpoint
+from loraplex.formats.safe_pickle.xser import XserReference, read_xser_info, read_xser_structure, read_xser_tensor
 
 SINGLE = "adapter_model.pt"  # LoraModel.save_lora, single device
 CONFIG = "adapter_config.json"
