@@ -12,13 +12,13 @@ import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.conditions import find
 from loraplex.api.runtime_capabilities import deployed_version, version_note
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
 from loraplex.kube import ApiError, KubeClient
 from loraplex.operator import naming, render
 from loraplex.operator.adapter_finalizer import set_finalizer
+from loraplex.operator.adapter_set_runs import AdapterSetRuns
 from loraplex.operator.adapters import (
     FINALIZER,
     AdapterView,
@@ -26,15 +26,13 @@ from loraplex.operator.adapters import (
     adapter_status,
     check_adapter,
     cleanup_done,
-    desired_adapters,
     served_name_owners,
 )
-from loraplex.operator.apply import apply_object, in_sync
+from loraplex.operator.apply import apply_object
 from loraplex.operator.base_models import base_model_status
 from loraplex.operator.cluster_view import Key, first
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
-from loraplex.operator.placement_runs import PlacementRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
@@ -42,7 +40,7 @@ from loraplex.operator.status_writes import write_status
 logger = logging.getLogger(__name__)
 
 
-class Reconciler(PlacementRuns):
+class Reconciler(AdapterSetRuns):
     """Decides from what the ClusterView shows and writes the difference, remembering one record per object."""
 
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
@@ -136,16 +134,6 @@ class Reconciler(PlacementRuns):
         status. Adapters depend only on the model's spec, so they are not re-examined here."""
         await self._owned_runs.run(key)
 
-    async def sync_adapter_set(self, key: Key, live: dict[str, Any] | None) -> None:
-        """The adapter-set ConfigMap changed (`live`) or is gone (None): put back what it should say."""
-        record = self.base_model_records.get(key)
-        applied = record.applied_adapter_set if record is not None else None
-        if live is not None and applied is not None and in_sync(applied, live):
-            return  # the echo of our own write
-        if record is not None:
-            record.applied_adapter_set = None
-        await self._adapter_sets.run(key)
-
     async def _reconcile_base_model(self, key: Key) -> None:
         body = self.base_model(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -194,44 +182,6 @@ class Reconciler(PlacementRuns):
         if note and note != record.version_note:
             await post_event(self.client, body, "Warning", "RuntimeVersionAssumed", f"{note[0].upper()}{note[1:]}.")
         record.version_note = note
-
-    async def _sync_adapter_set(self, key: Key) -> None:
-        body = self.base_model(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        spec, _ = self.parse_spec(body)
-        if spec is None or render.spec_problems(spec) or naming.name_problems(body["metadata"]["name"]):
-            return  # keep serving the last good set until the spec is fixed
-        record = self._base_model_record(key)
-        plan = await self._plan_placement(key, spec, desired_adapters(spec, self.adapters_of(key),
-                                                                            self.owners_of(key)))
-        adapters, slots = plan.adapters, plan.replica_slots
-        desired = render.render_adapter_set(body, spec, adapters, slots)
-        left_out: list[Any] = []
-        if len(desired["data"][DATA_KEY]) > self.settings.adapter_set_max_bytes:
-            adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes,
-                                                        slots)
-            desired = render.render_adapter_set(body, spec, adapters, slots)
-        if desired != record.applied_adapter_set:  # else as we last applied it, and nothing moved it
-            await apply_object(self.client, desired)
-            record.applied_adapter_set = desired
-        await self._update_placement(key, body, plan)
-        await self._update_left_out(key, body, {a.uid for a in left_out})
-
-    async def _update_left_out(self, key: Key, body: dict[str, Any], uids: set[str]) -> None:
-        """Record which adapters did not fit, and re-examine those that went in or out."""
-        record = self._base_model_record(key)
-        before = record.left_out
-        if uids == before:
-            return
-        record.left_out = frozenset(uids)
-        if uids - before:
-            await post_event(self.client, body, "Warning", "AdapterSetFull",
-                             f"{len(uids)} adapter(s) do not fit in the adapter set "
-                             f"(at most {self.settings.adapter_set_max_bytes} bytes) and wait for room.")
-        for view in self.adapters_of(key):
-            if view.uid in uids ^ before:
-                await self._reconcile_adapter(view)
 
     async def _write_base_model_status(self, key: Key) -> None:
         body = self.base_model(key)
