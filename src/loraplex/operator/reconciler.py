@@ -13,10 +13,8 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 from loraplex.api.conditions import find
-from loraplex.api.runtime_capabilities import deployed_version, version_note
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
-from loraplex.kube import ApiError, KubeClient
-from loraplex.operator import naming, render
+from loraplex.kube import KubeClient
 from loraplex.operator.adapter_finalizer import set_finalizer
 from loraplex.operator.adapter_set_runs import AdapterSetRuns
 from loraplex.operator.adapters import (
@@ -28,11 +26,11 @@ from loraplex.operator.adapters import (
     cleanup_done,
     served_name_owners,
 )
-from loraplex.operator.apply import apply_object
 from loraplex.operator.base_models import base_model_status
 from loraplex.operator.cluster_view import Key, first
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
+from loraplex.operator.owned_objects import OwnedObjectRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
@@ -40,7 +38,7 @@ from loraplex.operator.status_writes import write_status
 logger = logging.getLogger(__name__)
 
 
-class Reconciler(AdapterSetRuns):
+class Reconciler(AdapterSetRuns, OwnedObjectRuns):
     """Decides from what the ClusterView shows and writes the difference, remembering one record per object."""
 
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
@@ -147,41 +145,6 @@ class Reconciler(AdapterSetRuns):
     async def _converge_owned(self, key: Key) -> None:
         await self._apply_owned(key)
         await self._base_statuses.run(key)
-
-    async def _apply_owned(self, key: Key) -> None:
-        # One at a time per base model, each reading the spec as it is when it starts: the last to finish
-        # has applied, and recorded the problem of, the newest spec.
-        async with self._locks[("owned", *key)]:
-            body = self.base_model(key)
-            if body is not None and not body["metadata"].get("deletionTimestamp"):
-                await self._apply_owned_objects(key, body)
-
-    async def _apply_owned_objects(self, key: Key, body: dict[str, Any]) -> None:
-        spec, error = self.parse_spec(body)
-        # Checked before any write: the API server would refuse each with a 422, on every retry.
-        bad_name = naming.name_problems(body["metadata"]["name"])
-        problem = ("InvalidName", "; ".join(bad_name)) if bad_name else ("InvalidSpec", error) if error else None
-        if spec is not None and not bad_name:
-            try:
-                children = render.render_children(body, spec, self.settings)
-            except render.RenderError as exc:
-                problem = ("InvalidSpec", str(exc))
-            else:
-                try:
-                    for child in children:
-                        await apply_object(self.client, child)
-                except ApiError as exc:
-                    problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
-                await self._note_assumed_version(key, body, version_note(
-                    spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)))
-        self._base_model_record(key).apply_problem = problem
-
-    async def _note_assumed_version(self, key: Key, body: dict[str, Any], note: str | None) -> None:
-        """Warn once per spec that its runtime version is assumed: the rules it is judged by may be wrong."""
-        record = self._base_model_record(key)
-        if note and note != record.version_note:
-            await post_event(self.client, body, "Warning", "RuntimeVersionAssumed", f"{note[0].upper()}{note[1:]}.")
-        record.version_note = note
 
     async def _write_base_model_status(self, key: Key) -> None:
         body = self.base_model(key)
