@@ -41,6 +41,16 @@ def peft_delta_weights(adapter: Path) -> dict[tuple[int, str], torch.Tensor]:
     return deltas
 
 
+def assert_same_delta_weights(converted: Path, original: Path, tolerance: float) -> None:
+    """Both adapters adapt the same modules of the same layers, and each ΔW of `converted` is within `tolerance`
+    of the original's, relative to its largest entry (0: equal to the bit)."""
+    got, want = peft_delta_weights(converted), peft_delta_weights(original)
+    assert got.keys() == want.keys()
+    for (layer, module), delta in want.items():
+        error = float((got[(layer, module)] - delta).abs().max() / delta.abs().max())
+        assert error <= tolerance, f"layer {layer} {module}: ΔW off by {error:.1e} of its largest entry"
+
+
 def _pattern(patterns: dict[str, float], name: str, default: float) -> float:
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):

@@ -21,10 +21,10 @@ from loraplex.formats import AdapterPolicy
 from loraplex.formats.for_runtime import validate_or_convert
 from tests.adapters import LLAMA_LINEAR_MODULES, make_hf_adapter_for
 from tests.producers import (
+    assert_same_delta_weights,
     make_nemo_from_peft,
     make_nxd_from_peft,
     make_trtllm_from_peft,
-    peft_delta_weights,
     share_fused_lora_a,
 )
 from tests.producers_nemo2 import make_nemo2_from_peft
@@ -143,14 +143,6 @@ def vllm_policy(base_config: dict[str, Any]) -> AdapterPolicy:
                          base_config=base_config)
 
 
-def assert_delta_weights_near(converted: Path, original: Path) -> None:
-    got, want = peft_delta_weights(converted), peft_delta_weights(original)
-    assert got.keys() == want.keys()
-    for key, delta in want.items():
-        error = float((got[key] - delta).abs().max() / delta.abs().max())
-        assert error <= ROUNDED_DELTA_TOLERANCE, f"layer {key[0]} {key[1]}: ΔW off by {error:.1e} of its largest entry"
-
-
 @pytest.fixture(scope="module")
 def base_tokens(vllm_model_dir: Path) -> list[int]:
     return reference_tokens(vllm_model_dir, None)
@@ -171,7 +163,7 @@ def test_a_producer_layout_converted_for_vllm_answers_as_the_reference(real_vllm
     assert (report.format, converted_from, report.rank) == (AdapterFormat.HF, case.format, RANK)
     assert set(report.target_modules) == set(LLAMA_LINEAR_MODULES)
     if case.rounded:
-        assert_delta_weights_near(staging, original)
+        assert_same_delta_weights(staging, original, ROUNDED_DELTA_TOLERANCE)
 
     status, text = real_vllm.post("/v1/load_lora_adapter", {"lora_name": case.id, "lora_path": str(staging)})
     assert status == 200, text

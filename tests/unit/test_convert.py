@@ -15,7 +15,7 @@ from loraplex.cli import main
 from loraplex.formats import AdapterPolicy, Rejection, validate
 from loraplex.formats.convert import ConversionError, convert
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
-from tests.producers import make_trtllm_from_peft, peft_delta_weights
+from tests.producers import assert_same_delta_weights, make_trtllm_from_peft, peft_delta_weights
 
 # The tolerance of ΔW after storing B·scale and A in each dtype, relative to the largest entry.
 TOLERANCE = {"float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -28,21 +28,13 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
                            target_modules=LLAMA_LINEAR_MODULES, seed=3)
 
 
-def assert_same_delta(converted: Path, original: Path, tolerance: float) -> None:
-    got, want = peft_delta_weights(converted), peft_delta_weights(original)
-    assert got.keys() == want.keys()
-    for key, delta in want.items():
-        error = (got[key] - delta).abs().max() / delta.abs().max()
-        assert error <= tolerance, f"{key}: relative error {error:.2e}"
-
-
 @pytest.mark.parametrize("storage", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("dora_column", [False, True], ids=["3-columns", "4-columns"])
 def test_trtllm_adapters_convert_back_to_the_same_delta_weights(tmp_path, peft_adapter, storage, dora_column):
     source = make_trtllm_from_peft(peft_adapter, tmp_path / "trtllm", storage, dora_column)
     done = convert(source, tmp_path / "out", TINY_LLAMA)
     assert done.source_format == AdapterFormat.TRTLLM
-    assert_same_delta(tmp_path / "out", peft_adapter, 0.0 if storage == "float32" else TOLERANCE[storage])
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 0.0 if storage == "float32" else TOLERANCE[storage])
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (8, 8, False)
     assert sorted(config["target_modules"]) == sorted(LLAMA_LINEAR_MODULES)

@@ -19,7 +19,7 @@ from loraplex.cli import main
 from loraplex.formats import AdapterPolicy, Rejection, inspect, validate
 from loraplex.formats.convert import ConversionError, convert
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter, make_nemo_adapter, nemo_state_dict
-from tests.producers import make_nemo_from_peft, peft_delta_weights, share_fused_lora_a
+from tests.producers import assert_same_delta_weights, make_nemo_from_peft, share_fused_lora_a
 
 # Four layers, so two pipeline stages hold two layers each; 4 query heads in 2 groups, so QKV interleaves.
 BASE = {**TINY_LLAMA, "num_hidden_layers": 4}
@@ -42,14 +42,6 @@ def peft_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     adapter = make_hf_adapter(tmp_path_factory.mktemp("peft") / "adapter", rank=8, target_modules=LLAMA_LINEAR_MODULES,
                               base_config=BASE, seed=5)
     return share_fused_lora_a(adapter)
-
-
-def assert_same_delta(converted: Path, original: Path, tolerance: float) -> None:
-    got, want = peft_delta_weights(converted), peft_delta_weights(original)
-    assert got.keys() == want.keys()
-    for key, delta in want.items():
-        error = (got[key] - delta).abs().max() / delta.abs().max()
-        assert error <= tolerance, f"{key}: relative error {error:.2e}"
 
 
 def members(directory: Path) -> dict[str, bytes]:
@@ -98,7 +90,7 @@ def test_every_nemo_layout_converts_back_to_the_same_delta_weights(tmp_path, pef
     assert sorted(name for name in members(source) if name.endswith(".ckpt")) == sorted(files)
     done = convert(source, tmp_path / "out", BASE)
     assert done.source_format == AdapterFormat.NEMO
-    assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (8, 8)  # NeMo's alpha/adapter_dim = 2 is now in B
     assert sorted(config["target_modules"]) == sorted(LLAMA_LINEAR_MODULES)
@@ -131,9 +123,9 @@ def test_a_config_without_alpha_means_scale_one(tmp_path, peft_adapter):
     source = make_nemo_from_peft(original, tmp_path / "nemo", BASE, tp=2, alpha=False)
     assert "alpha" not in yaml.safe_load(members(source)["model_config.yaml"])["peft"]["lora_tuning"]
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", original, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", original, 1e-12)
     # The same factors under alpha=16 would be twice as large: the scale really comes from the config.
-    assert_same_delta(convert_with(tmp_path, source, lambda c: c["peft"]["lora_tuning"].update(alpha=16)),
+    assert_same_delta_weights(convert_with(tmp_path, source, lambda c: c["peft"]["lora_tuning"].update(alpha=16)),
                       peft_adapter, 1e-12)
 
 
@@ -149,7 +141,7 @@ def test_bfloat16_shards_stay_bfloat16(tmp_path, peft_adapter):
 
     source = make_nemo_from_peft(peft_adapter, tmp_path / "nemo", BASE, tp=2, pp=2, dtype="bfloat16")
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", peft_adapter, 1.6e-2)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1.6e-2)
     with safe_open(tmp_path / "out" / "adapter_model.safetensors", "pt") as file:
         key = "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight"
         converted = file.get_tensor(key)

@@ -21,9 +21,9 @@ from loraplex.cli import main
 from loraplex.formats import AdapterPolicy, Rejection, detect_format, inspect, validate
 from loraplex.formats.convert import convert
 from loraplex.formats.for_runtime import validate_or_convert
-from loraplex.formats.safe_pickle import read_dcp_metadata
+from loraplex.formats.safe_pickle.dcp import read_dcp_metadata
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
-from tests.producers import peft_delta_weights, share_fused_lora_a
+from tests.producers import assert_same_delta_weights, share_fused_lora_a
 from tests.producers_nemo2 import make_nemo2_from_peft
 
 # Four layers stacked; 4 query heads in 2 groups, so QKV interleaves.
@@ -51,14 +51,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, peft_adapter: Path) -> 
 
 def copy(checkpoint: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
-
-
-def assert_same_delta(converted: Path, original: Path, tolerance: float) -> None:
-    got, want = peft_delta_weights(converted), peft_delta_weights(original)
-    assert got.keys() == want.keys()
-    for key, delta in want.items():
-        error = (got[key] - delta).abs().max() / delta.abs().max()
-        assert error <= tolerance, f"{key}: relative error {error:.2e}"
 
 
 def rejection(directory: Path, base: dict | None = BASE) -> str:
@@ -107,7 +99,7 @@ def test_every_variant_converts_back_to_the_same_delta_weights(tmp_path, peft_ad
     assert (config["r"], config["lora_alpha"]) == (8, 8)  # NeMo's alpha/dim = 2 is now in B
     assert sorted(config["target_modules"]) == sorted(LLAMA_LINEAR_MODULES)
     if dtype == torch.float32:
-        assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+        assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
     else:  # the source holds bf16(A), bf16(B): A is kept bit for bit, B times 2, which is exact in bf16
         with safe_open(tmp_path / "out" / "adapter_model.safetensors", "pt") as got, \
                 safe_open(peft_adapter / "adapter_model.safetensors", "pt") as want:
@@ -149,7 +141,7 @@ def test_megatron_metadata_classes_are_read(tmp_path, peft_adapter):
     source = make_nemo2_from_peft(peft_adapter, tmp_path / "nemo2", BASE, tp=2, megatron_metadata=True)
     assert b"MCoreMetadata" in (source / "weights" / ".metadata").read_bytes()
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
 
 
 def test_per_layer_keys_and_extra_state_convert_like_stacked_ones(tmp_path, checkpoint, peft_adapter):
@@ -165,7 +157,7 @@ def test_per_layer_keys_and_extra_state_convert_like_stacked_ones(tmp_path, chec
     assert "module.decoder.layers.3.mlp.linear_fc2.adapter.linear_in.weight" in read_dcp_metadata(
         (source / "weights" / ".metadata").read_bytes())
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
 
 
 def test_neither_io_json_nor_common_pt_is_loaded(tmp_path, checkpoint, peft_adapter):
@@ -178,14 +170,14 @@ def test_neither_io_json_nor_common_pt_is_loaded(tmp_path, checkpoint, peft_adap
 
     (source / "weights" / "common.pt").write_bytes(pickle.dumps(Boom()))
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
 
 
 def test_dropout_after_the_adapter_changes_nothing_at_inference(tmp_path, checkpoint, peft_adapter):
     source = edit_model_yaml(copy(checkpoint, tmp_path), lambda c: c["model_transform"].update(
         dropout=0.1, dropout_position="post"))
     convert(source, tmp_path / "out", BASE)
-    assert_same_delta(tmp_path / "out", peft_adapter, 1e-12)
+    assert_same_delta_weights(tmp_path / "out", peft_adapter, 1e-12)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------
@@ -290,7 +282,7 @@ def test_every_runtime_gets_nemo2_converted_even_nim_1x(tmp_path, checkpoint, pe
                                                                         base_config=BASE))
     assert (report.format, converted_from) == (AdapterFormat.HF, AdapterFormat.NEMO)
     assert sorted(path.name for path in staging.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    assert_same_delta(staging, peft_adapter, 1e-12)
+    assert_same_delta_weights(staging, peft_adapter, 1e-12)
 
 
 def test_nim_1x_still_loads_a_nemo_archive_as_it_is():

@@ -12,10 +12,10 @@ from loraplex.formats import AdapterPolicy, Rejection
 from loraplex.formats.for_runtime import validate_or_convert
 from tests.adapters import LLAMA_LINEAR_MODULES, TINY_LLAMA, make_hf_adapter
 from tests.producers import (
+    assert_same_delta_weights,
     make_nemo_from_peft,
     make_nxd_from_peft,
     make_trtllm_from_peft,
-    peft_delta_weights,
     share_fused_lora_a,
 )
 
@@ -46,10 +46,7 @@ def test_vllm_gets_a_peft_adapter_converted_in_place(tmp_path, peft_adapter, pro
     report, converted_from = validate_or_convert(staging, policy(Runtime.VLLM))
     assert (report.format, converted_from) == (AdapterFormat.HF, AdapterFormat(producer))
     assert sorted(p.name for p in staging.iterdir()) == PEFT_FILES  # only what vLLM reads is left
-    want = peft_delta_weights(peft_adapter)
-    got = peft_delta_weights(staging)
-    assert got.keys() == want.keys()
-    assert all(((got[key] - want[key]).abs().max() / want[key].abs().max()) < 1e-6 for key in want)
+    assert_same_delta_weights(staging, peft_adapter, 1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["staging"]  # no scratch left beside it
 
 

@@ -19,6 +19,7 @@ import torch
 from loraplex.api.types import AdapterFormat, Runtime
 from loraplex.formats import AdapterPolicy, Rejection, inspect, validate
 from loraplex.formats.nemo import inspect as inspect_nemo
+from loraplex.formats.report import read_json_object
 from tests.adapters import TINY_LLAMA, make_hf_adapter, make_nemo_adapter, make_trtllm_adapter, nemo_state_dict
 from tests.producers import make_trtllm_from_peft
 
@@ -141,6 +142,26 @@ def test_config_that_is_not_json(adapters, tmp_path):
     directory = copy(adapters, "hf", tmp_path)
     (directory / "adapter_config.json").write_text("{not json")
     assert rejection(directory).startswith("adapter_config.json: is not valid JSON")
+
+
+@pytest.mark.parametrize(("content", "complaint"), [
+    (b"{not json", "lora/config.json: is not valid JSON (Expecting property name enclosed in double quotes"),
+    (b"\xff{}", "lora/config.json: is not valid JSON ('utf-8' codec can't decode byte 0xff"),
+    (b'["r", 8]', "lora/config.json: must hold a JSON object"),
+    (b'{"r": 8}' + b" " * 64, "lora/config.json: is 72 bytes, far above any real adapter config"),
+], ids=["not-json", "not-utf8", "array", "too-large"])
+def test_a_json_config_that_is_not_one_small_object_is_refused(tmp_path, content, complaint):
+    path = tmp_path / "config.json"
+    path.write_bytes(content)
+    with pytest.raises(Rejection) as refused:
+        read_json_object(path, "lora/config.json", max_bytes=64)
+    assert str(refused.value).startswith(complaint)
+
+
+def test_a_json_config_object_is_read_as_written(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"r": 8, "target_modules": ["q_proj"]}')
+    assert read_json_object(path, "config.json", max_bytes=64) == {"r": 8, "target_modules": ["q_proj"]}
 
 
 def test_missing_weights(adapters, tmp_path):

@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
-from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import UnsafeCheckpoint, read_state_dict_shapes
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection, read_json_object
+from loraplex.formats.safe_pickle.restricted import UnsafeCheckpoint
+from loraplex.formats.safe_pickle.torch_zip import read_state_dict_shapes
 
 CONFIG = "adapter_config.json"
 SAFETENSORS = "adapter_model.safetensors"
@@ -33,19 +34,6 @@ PEFT_PREFIX = "base_model.model."
 
 def is_hf(directory: Path) -> bool:
     return (directory / CONFIG).is_file()
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise Rejection(CONFIG, f"is {path.stat().st_size} bytes, far above any real adapter config")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejection(CONFIG, f"is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise Rejection(CONFIG, "must hold a JSON object")
-    return config
 
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -130,7 +118,7 @@ def _read_pattern(config: dict[str, Any], field: str, valid: Callable[[Any], boo
 
 
 def inspect(directory: Path) -> AdapterReport:
-    config = _read_config(directory)
+    config = read_json_object(directory / CONFIG, CONFIG, MAX_CONFIG_BYTES)
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         raise Rejection(CONFIG, f"peft_type {peft_type!r} is not LORA")

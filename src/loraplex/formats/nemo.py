@@ -25,7 +25,8 @@ from loraplex.api.types import AdapterFormat
 from loraplex.archives import UnsafeArchive, safe_members
 from loraplex.formats.peft_writer import LoraPair, bfloat16_to_float32
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import TensorData, UnsafeCheckpoint, read_state_dict, read_state_dict_shapes
+from loraplex.formats.safe_pickle.restricted import TensorData, UnsafeCheckpoint
+from loraplex.formats.safe_pickle.torch_zip import read_state_dict, read_state_dict_shapes
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"

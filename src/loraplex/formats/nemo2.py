@@ -21,7 +21,8 @@ from loraplex.api.types import AdapterFormat
 from loraplex.formats import nemo
 from loraplex.formats.peft_writer import LoraPair
 from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import DcpChunk, DcpTensor, UnsafeCheckpoint, read_dcp_metadata, read_saved_tensor
+from loraplex.formats.safe_pickle.dcp import DcpChunk, DcpTensor, read_dcp_metadata, read_saved_tensor
+from loraplex.formats.safe_pickle.restricted import UnsafeCheckpoint
 
 WEIGHTS = "weights"
 METADATA = f"{WEIGHTS}/.metadata"

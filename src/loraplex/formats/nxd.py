@@ -19,6 +19,7 @@ from loraplex.api.types import AdapterFormat
 from loraplex.formats.nxd_files import (
     CONFIG,
     CONFIG_KEY,
+    MAX_CONFIG_BYTES,
     checkpoint_bytes,
     config_file,
     is_nxd_config,
@@ -26,12 +27,11 @@ from loraplex.formats.nxd_files import (
     load_rank,
     locate,
     rank_files,
-    read_config,
     single_files,
 )
 from loraplex.formats.peft_writer import LoraPair, bfloat16_to_float32
-from loraplex.formats.report import AdapterReport, LoraWeights, Rejection
-from loraplex.formats.safe_pickle import TensorData
+from loraplex.formats.report import AdapterReport, LoraWeights, Rejection, read_json_object
+from loraplex.formats.safe_pickle.restricted import TensorData
 
 FORMAT = AdapterFormat.NXD
 _KEY = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.(?P<block>self_attn|mlp)\.(?P<module>\w+)\."
@@ -112,7 +112,7 @@ def _read(directory: Path) -> _Checkpoint:
                                        f"lora_adapter/ folder above it (NxD writes it to lora_adapter/{CONFIG} in the "
                                        "training's working directory: copy it next to the checkpoint)")
         source = str(path.relative_to(directory))
-        config = read_config(path, source)
+        config = read_json_object(path, source, MAX_CONFIG_BYTES)
     _check_config(config, source)
     for rank, label in zip(ranks, labels, strict=True):
         for key, value in rank.items():

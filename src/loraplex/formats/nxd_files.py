@@ -13,16 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from loraplex.formats.report import Rejection
-from loraplex.formats.safe_pickle import (
-    TensorData,
-    TensorInfo,
-    UnsafeCheckpoint,
-    XserReference,
-    read_lightning_checkpoint,
-    read_xser_info,
-    read_xser_structure,
-    read_xser_tensor,
-)
+from loraplex.formats.safe_pickle.lightning import read_lightning_checkpoint
+from loraplex.formats.safe_pickle.restricted import TensorData, TensorInfo, UnsafeCheckpoint
+from loraplex.formats.safe_pickle.xser import XserReference, read_xser_info, read_xser_structure, read_xser_tensor
 
 SINGLE = "adapter_model.pt"  # LoraModel.save_lora, single device
 CONFIG = "adapter_config.json"
@@ -287,15 +280,3 @@ def config_file(directory: Path, first: Path) -> Path | None:
             break
         folder = folder.parent
     return next((path for path in candidates if path.is_file()), None)
-
-
-def read_config(path: Path, label: str) -> dict[str, Any]:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise Rejection(label, f"is {path.stat().st_size} bytes, far above any real adapter config")
-    try:
-        config = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Rejection(label, f"is not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise Rejection(label, "must hold a JSON object")
-    return config

@@ -1,9 +1,12 @@
-"""What inspecting an adapter yields, whatever its format, and how a rejection reads."""
+"""What inspecting an adapter yields, whatever its format, how a rejection reads, and the reading of a JSON config
+that every format refuses in the same words."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from loraplex.api.types import AdapterFormat
@@ -15,6 +18,20 @@ class Rejection(ValueError):
     def __init__(self, file: str, rule: str):
         super().__init__(f"{file}: {rule}")
         self.file, self.rule = file, rule
+
+
+def read_json_object(path: Path, label: str, max_bytes: int) -> dict[str, Any]:
+    """The JSON object an adapter's config file holds; a Rejection naming `label` when the file is larger than
+    `max_bytes`, is not JSON, or holds something other than an object."""
+    if path.stat().st_size > max_bytes:
+        raise Rejection(label, f"is {path.stat().st_size} bytes, far above any real adapter config")
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Rejection(label, f"is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise Rejection(label, "must hold a JSON object")
+    return config
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,13 +12,11 @@ import logging
 from collections.abc import Hashable, Mapping
 from typing import Any
 
-from loraplex.api.adapter_set import DATA_KEY
 from loraplex.api.conditions import find
-from loraplex.api.runtime_capabilities import deployed_version, version_note
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, LORA_ADAPTER
-from loraplex.kube import ApiError, KubeClient
-from loraplex.operator import naming, render
+from loraplex.kube import KubeClient
 from loraplex.operator.adapter_finalizer import set_finalizer
+from loraplex.operator.adapter_set_runs import AdapterSetRuns
 from loraplex.operator.adapters import (
     FINALIZER,
     AdapterView,
@@ -26,15 +24,13 @@ from loraplex.operator.adapters import (
     adapter_status,
     check_adapter,
     cleanup_done,
-    desired_adapters,
     served_name_owners,
 )
-from loraplex.operator.apply import apply_object, in_sync
 from loraplex.operator.base_models import base_model_status
 from loraplex.operator.cluster_view import Key, first
 from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
-from loraplex.operator.placement_runs import PlacementRuns
+from loraplex.operator.owned_objects import OwnedObjectRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
@@ -42,7 +38,7 @@ from loraplex.operator.status_writes import write_status
 logger = logging.getLogger(__name__)
 
 
-class Reconciler(PlacementRuns):
+class Reconciler(AdapterSetRuns, OwnedObjectRuns):
     """Decides from what the ClusterView shows and writes the difference, remembering one record per object."""
 
     def __init__(self, client: KubeClient, settings: OperatorSettings, indices: Mapping[str, Any],
@@ -138,16 +134,6 @@ class Reconciler(PlacementRuns):
         if self.placement_outdated(key):  # the Deployment started or stopped failing to create pods
             await self._adapter_sets.run(key)
 
-    async def sync_adapter_set(self, key: Key, live: dict[str, Any] | None) -> None:
-        """The adapter-set ConfigMap changed (`live`) or is gone (None): put back what it should say."""
-        record = self.base_model_records.get(key)
-        applied = record.applied_adapter_set if record is not None else None
-        if live is not None and applied is not None and in_sync(applied, live):
-            return  # the echo of our own write
-        if record is not None:
-            record.applied_adapter_set = None
-        await self._adapter_sets.run(key)
-
     async def _reconcile_base_model(self, key: Key) -> None:
         body = self.base_model(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -161,79 +147,6 @@ class Reconciler(PlacementRuns):
     async def _converge_owned(self, key: Key) -> None:
         await self._apply_owned(key)
         await self._base_statuses.run(key)
-
-    async def _apply_owned(self, key: Key) -> None:
-        # One at a time per base model, each reading the spec as it is when it starts: the last to finish
-        # has applied, and recorded the problem of, the newest spec.
-        async with self._locks[("owned", *key)]:
-            body = self.base_model(key)
-            if body is not None and not body["metadata"].get("deletionTimestamp"):
-                await self._apply_owned_objects(key, body)
-
-    async def _apply_owned_objects(self, key: Key, body: dict[str, Any]) -> None:
-        spec, error = self.parse_spec(body)
-        # Checked before any write: the API server would refuse each with a 422, on every retry.
-        bad_name = naming.name_problems(body["metadata"]["name"])
-        problem = ("InvalidName", "; ".join(bad_name)) if bad_name else ("InvalidSpec", error) if error else None
-        if spec is not None and not bad_name:
-            try:
-                children = render.render_children(body, spec, self.settings)
-            except render.RenderError as exc:
-                problem = ("InvalidSpec", str(exc))
-            else:
-                try:
-                    for child in children:
-                        await apply_object(self.client, child)
-                except ApiError as exc:
-                    problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
-                await self._note_assumed_version(key, body, version_note(
-                    spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)))
-        self._base_model_record(key).apply_problem = problem
-
-    async def _note_assumed_version(self, key: Key, body: dict[str, Any], note: str | None) -> None:
-        """Warn once per spec that its runtime version is assumed: the rules it is judged by may be wrong."""
-        record = self._base_model_record(key)
-        if note and note != record.version_note:
-            await post_event(self.client, body, "Warning", "RuntimeVersionAssumed", f"{note[0].upper()}{note[1:]}.")
-        record.version_note = note
-
-    async def _sync_adapter_set(self, key: Key) -> None:
-        body = self.base_model(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        spec, _ = self.parse_spec(body)
-        if spec is None or render.spec_problems(spec) or naming.name_problems(body["metadata"]["name"]):
-            return  # keep serving the last good set until the spec is fixed
-        record = self._base_model_record(key)
-        plan = await self._plan_placement(key, spec, desired_adapters(spec, self.adapters_of(key),
-                                                                            self.owners_of(key)))
-        adapters, slots = plan.adapters, plan.replica_slots
-        desired = render.render_adapter_set(body, spec, adapters, slots)
-        left_out: list[Any] = []
-        if len(desired["data"][DATA_KEY]) > self.settings.adapter_set_max_bytes:
-            adapters, left_out = render.fit_adapter_set(body, spec, adapters, self.settings.adapter_set_max_bytes,
-                                                        slots)
-            desired = render.render_adapter_set(body, spec, adapters, slots)
-        if desired != record.applied_adapter_set:  # else as we last applied it, and nothing moved it
-            await apply_object(self.client, desired)
-            record.applied_adapter_set = desired
-        await self._update_placement(key, body, plan)
-        await self._update_left_out(key, body, {a.uid for a in left_out})
-
-    async def _update_left_out(self, key: Key, body: dict[str, Any], uids: set[str]) -> None:
-        """Record which adapters did not fit, and re-examine those that went in or out."""
-        record = self._base_model_record(key)
-        before = record.left_out
-        if uids == before:
-            return
-        record.left_out = frozenset(uids)
-        if uids - before:
-            await post_event(self.client, body, "Warning", "AdapterSetFull",
-                             f"{len(uids)} adapter(s) do not fit in the adapter set "
-                             f"(at most {self.settings.adapter_set_max_bytes} bytes) and wait for room.")
-        for view in self.adapters_of(key):
-            if view.uid in uids ^ before:
-                await self._reconcile_adapter(view)
 
     async def _write_base_model_status(self, key: Key) -> None:
         body = self.base_model(key)

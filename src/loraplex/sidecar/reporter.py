@@ -26,7 +26,7 @@ from loraplex.api.types import (
     ReplicaAdapterStatus,
     ReplicaState,
 )
-from loraplex.kube import ApiError, Conflict, KubeClient, NotFound, resource_path
+from loraplex.kube import ApiError, Conflict, KubeClient, NotFound, follow_object, resource_path
 from loraplex.kube.merge_patch import merge_difference
 
 logger = logging.getLogger(__name__)
@@ -283,27 +283,8 @@ class ReplicaReporter:
 
     async def watch(self, backoff: float = 1.0) -> None:
         """Follow this pod's LoraReplica (list + watch, field selector on its name) and repair it."""
-        path = resource_path(API_VERSION, LORA_REPLICA.plural, self.namespace)
-        selector = f"metadata.name={self.pod_name}"
-        while True:
-            try:
-                listing = await self.client.list(path, field_selector=selector)
-                items = listing.get("items") or []
-                self.observe(items[0] if items else None)
-                async for event in self.client.watch(path, listing["metadata"]["resourceVersion"],
-                                                     field_selector=selector):
-                    if event["type"] in ("ADDED", "MODIFIED"):
-                        self.observe(event["object"])
-                    elif event["type"] == "DELETED":
-                        self.observe(None)
-                continue  # the server closed the watch (timeout): re-list and watch again
-            except asyncio.CancelledError:
-                raise
-            except (ApiError, OSError, TimeoutError, ValueError) as exc:
-                logger.warning("LoraReplica watch interrupted (%s); re-listing in %.0fs", exc, backoff)
-            except Exception as exc:  # aiohttp payload errors and the like: never let the watch die
-                logger.warning("LoraReplica watch failed (%s: %s); re-listing", type(exc).__name__, exc)
-            await asyncio.sleep(backoff)
+        await follow_object(self.client, resource_path(API_VERSION, LORA_REPLICA.plural, self.namespace),
+                            self.pod_name, self.observe, "LoraReplica", logger, backoff)
 
 
 def _reported(obj: dict[str, Any]) -> tuple[dict[str, Wire], tuple[int | None, int | None]]:
