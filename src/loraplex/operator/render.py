@@ -277,7 +277,7 @@ def render_service_account(owner: dict[str, Any], spec: BaseModelDeploymentSpec)
 
 
 def render_sidecar_role(owner: dict[str, Any]) -> dict[str, Any]:
-    """Least privilege: read its own adapter set, write the status of adapters. Nothing else."""
+    """Least privilege: read its own adapter set, and create and report in its own pod's LoraReplica. Nothing else."""
     names = ChildNames(owner["metadata"]["name"])
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1",
