@@ -86,8 +86,9 @@ def client_through(proxy: ApiProxy, token: str, path: Path) -> kubernetes.client
     return kubernetes.client.ApiClient(configuration)
 
 
-def build_sources(work: Path, moto: MotoServer, names: list[str]) -> dict[str, tuple[str, int]]:
-    """Upload one adapter per name (ranks in turn) into moto; each name's source URI and size in bytes."""
+def build_sources(work: Path, moto: MotoServer, names: list[str], base_models: int) -> dict[str, tuple[str, int]]:
+    """Upload one adapter per name into moto, each base model's (every `base_models`-th name) taking the ranks in
+    turn, so that every base model holds the same mix of sizes; each name's source URI and size in bytes."""
     make_tiny_model(work / "model")
     variants = {}
     for rank in RANKS:
@@ -99,7 +100,7 @@ def build_sources(work: Path, moto: MotoServer, names: list[str]) -> dict[str, t
         s3.create_bucket(Bucket=bucket)
     jobs, sources = [], {}
     for index, name in enumerate(names):
-        files = variants[RANKS[index % len(RANKS)]]
+        files = variants[RANKS[index // base_models % len(RANKS)]]
         bucket = f"adapters-{index // ADAPTERS_PER_BUCKET}"
         sources[name] = (f"s3://{bucket}/{name}/", sum(path.stat().st_size for path in files))
         jobs += [(bucket, f"{name}/{path.name}", path) for path in files]
@@ -344,7 +345,7 @@ def run(args: argparse.Namespace, total: int, work: Path) -> dict[str, Any]:
     clients: Clients | None = None
     bench: Bench | None = None
     try:
-        sources = build_sources(work, moto, [f"a{index:05d}" for index in range(total)])
+        sources = build_sources(work, moto, [f"a{index:05d}" for index in range(total)], args.base_models)
         cluster = Cluster.start(work)
         clients = Clients(cluster)
         bench = Bench(args, work, cluster, clients, moto)
