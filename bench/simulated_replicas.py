@@ -1,8 +1,9 @@
 """Stand-ins for the inference pods' sidecars in bench/operator_scale.py. The pods are real: the Deployment
 controller makes them from the operator's Deployments, and with no kubelet they stay Pending, which the
 operator counts as replicas. For every pod, this follows its base model's adapter-set ConfigMap and reports
-each adapter in it Loaded on that pod in the pod's LoraReplica, as the real sidecar does: the object is
-created once, then every round's new adapters go in one merge patch of its status.
+the adapters placed on that pod (AdapterSet.assigned_to, as the real sidecar syncs them) Loaded in the pod's
+LoraReplica: the object is created once, then every round's new adapters, and those placed elsewhere since,
+go in one merge patch of its status.
 
     python bench/simulated_replicas.py KUBECONFIG NAMESPACE MODEL [MODEL ...]
 
@@ -22,12 +23,15 @@ from typing import Any
 import aiohttp
 import yaml
 
+from loraplex.api.adapter_set import AdapterSet
+
 GROUP, VERSION = "loraplex.io", "v1alpha1"
 BASE_MODEL_LABEL = "loraplex.io/base-model"
 
 
 async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, namespace: str, pod: dict[str, Any],
-                 base_model: str, adapters: list[tuple[str, int]], reported: set[tuple[str, int]]) -> None:
+                 base_model: str, adapters: list[tuple[str, int]], removed: list[tuple[str, int]],
+                 reported: set[tuple[str, int]]) -> None:
     meta = pod["metadata"]
     replicas = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/lorareplicas"
     body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "LoraReplica",
@@ -35,8 +39,9 @@ async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, names
                          "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": meta["name"],
                                               "uid": meta["uid"]}]},
             "spec": {"baseModel": base_model}}
-    entries = {adapter: {"state": "Loaded", "observedGeneration": generation, "format": "hf", "rank": 8}
-               for adapter, generation in adapters}
+    entries: dict[str, Any] = {adapter: None for adapter, _ in removed}
+    entries.update({adapter: {"state": "Loaded", "observedGeneration": generation, "format": "hf", "rank": 8}
+                    for adapter, generation in adapters})
     patch = {"status": {"adapters": entries}}
     async with limit:
         async with session.post(replicas, data=json.dumps(body), headers={"Content-Type": "application/json"}
@@ -48,8 +53,9 @@ async def report(session: aiohttp.ClientSession, limit: asyncio.Semaphore, names
                                      headers={"Content-Type": "application/merge-patch+json"}) as response:
                 await response.read()
                 created = response.status < 400
-        if not created:
-            reported.difference_update(adapters)  # the next round tries again
+        if not created:  # the next round tries again
+            reported.difference_update(adapters)
+            reported.update(removed)
 
 
 async def main(config: dict[str, Any], namespace: str, base_models: list[str]) -> None:
@@ -71,16 +77,20 @@ async def main(config: dict[str, Any], namespace: str, base_models: list[str]) -
                     if response.status != 200:
                         continue
                     data = (await response.json()).get("data") or {}
-                wanted = {(a["name"], a["generation"]) for a in json.loads(data["adapters.json"])["adapters"]}
+                published = AdapterSet.from_configmap_data(data)
                 for pod in pods:
                     meta = pod["metadata"]
                     if meta["labels"][BASE_MODEL_LABEL] != name or meta.get("deletionTimestamp"):
                         continue
+                    wanted = {(a.name, a.generation) for a in published.assigned_to(meta["name"])}
                     done = reported.setdefault(meta["name"], set())
                     new = sorted(wanted - done)
-                    if new:
+                    kept = {adapter for adapter, _ in wanted}
+                    removed = sorted(entry for entry in done - wanted if entry[0] not in kept)
+                    if new or removed:
                         done.update(new)
-                        task = asyncio.create_task(report(session, limit, namespace, pod, name, new, done))
+                        done.difference_update(removed)
+                        task = asyncio.create_task(report(session, limit, namespace, pod, name, new, removed, done))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
             await asyncio.sleep(0.5)
