@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 @pytest.mark.parametrize("arguments", [
-    ["bench/operator_scale.py", "--base-models", "2", "--adapters", "3", "5"],
+    ["bench/operator_scale.py", "--base-models", "2", "--adapters", "3"],
     ["bench/apply_to_ready.py", "--adapters", "2", "--replicas", "1"],
     ["bench/sidecar_scale.py", "--adapters", "5"],
     ["bench/transfer.py", "--sizes-mb", "1", "3", "--runs", "1"],
