@@ -326,3 +326,11 @@ def test_growing_with_demand_is_refused_on_a_runtime_that_publishes_no_demand():
     verdict = check_adapter(view, base(runtime="nim", image="nvcr.io/nim/meta/llama3:1.3.0"), [view])
     assert (verdict.accepted, verdict.reason) == (False, "DemandUnknown")
     assert "NIM 1.x, which publishes none" in verdict.message
+
+
+def test_an_every_replica_adapter_counts_every_live_pod_even_before_the_plan_has_seen_a_new_one():
+    view = adapter()
+    stale = AdapterPlacement(pods=("pod-a",))  # planned before pod-b started
+    update = adapter_status(view, check_adapter(view, base(), [view]), ["pod-a", "pod-b"],
+                            {"pod-a": replica("Loaded")}, stale)
+    assert (update.phase, update.status["ready"], update.status["placedOn"]) == ("Loading", "1/2", ["pod-a", "pod-b"])

@@ -223,7 +223,10 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
     if not verdict.accepted or adapter.deleting:
         placed: list[str] = []
     else:
-        placed = list(live_replicas) if placement is None else [p for p in placement.pods if p in live_replicas]
+        # An adapter on every replica with room everywhere is on whichever pods live now, whatever pods the
+        # last plan saw: a plan is made again only after the pods' events, and status must not run ahead of it.
+        everywhere = placement is None or (placement.replicas is None and not placement.shortfall)
+        placed = list(live_replicas) if everywhere else [p for p in placement.pods if p in live_replicas]
     current = {pod: entry for pod, entry in reported.items()
                if pod in placed and entry.observed_generation == generation}
     loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
