@@ -201,8 +201,15 @@ class LocalStack:
         return self._custom("basemodeldeployments", name)
 
     def replica_report(self, pod: str) -> dict[str, Any]:
-        """The LoraReplica the pod's sidecar reports into."""
-        return self._custom("lorareplicas", pod)
+        """The LoraReplica the pod's sidecar reports into; empty while the sidecar has not created it."""
+        import kubernetes
+
+        try:
+            return self._custom("lorareplicas", pod)
+        except kubernetes.client.ApiException as exc:
+            if exc.status == 404:
+                return {}
+            raise
 
     def phase(self, name: str) -> str | None:
         return (self.adapter(name).get("status") or {}).get("phase")

@@ -178,8 +178,13 @@ class Cluster:
         except ApiException as exc:
             if exc.status != 409:
                 raise
-        self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "lorareplicas", pod,
-                                                          {"status": {"adapters": {adapter: entry}}})
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, "lorareplicas", pod,
+                                                              {"status": {"adapters": {adapter: entry}}})
+        except ApiException as exc:
+            if exc.status == 404 and entry is None:
+                return  # the pod went meanwhile, and its LoraReplica with it: nothing is left to remove
+            raise
 
     def replicas(self, base_model: str = "llama3") -> list[str]:
         """The names of the base model's pods that count as replicas: neither terminating nor finished.

@@ -152,3 +152,20 @@ def test_a_replacement_seen_before_its_predecessor_is_gone_still_takes_its_slot_
     # A pod already serving keeps its slot: scaling down moves only what the removed pod held.
     assert slots_for_pods(previous, ["pod-a", "pod-b", "pod-d"], reporting={"pod-a", "pod-b", "pod-d"}) == {
         "pod-a": 0, "pod-b": 1, "pod-d": 3}
+
+
+def test_a_deleted_pods_slot_is_awaited_and_taken_by_its_replacement_even_with_a_lower_slot_free():
+    three = base().model_copy(update={"replicas": 3})
+    wanted = dict.fromkeys((a.name for a in ADAPTERS), 1)
+    previous = {"pod-a": 0, "pod-b": 1, "pod-c": 3}  # slot 2 went free earlier
+    before = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b", "pod-c"], previous,
+                            {"pod-a", "pod-b", "pod-c"})
+    assert before.replica_slots == previous
+    gone = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b"], before.replica_slots, {"pod-a", "pod-b"})
+    assert gone.awaited == (3,)
+    again = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b"], gone.replica_slots, {"pod-a", "pod-b"},
+                           previous_awaited=gone.awaited)
+    assert again.awaited == (3,) and [a.slots for a in again.adapters] == [a.slots for a in before.adapters]
+    replaced = plan_placement(three, ADAPTERS, wanted, {}, ["pod-a", "pod-b", "pod-d"], again.replica_slots,
+                              previous_awaited=again.awaited)
+    assert replaced.replica_slots["pod-d"] == 3

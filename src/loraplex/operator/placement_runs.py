@@ -62,8 +62,9 @@ class PlacementRuns(ClusterView):
         sizes = {a.name: size for a in adapters
                  if (size := largest_size(self.adapter_entries(key, a.name))) is not None}
         reporting = {pod for pod, entries in self.reports.get(key, ()) if entries}
+        previous_awaited = record.placement.awaited if record.placement is not None else ()
         plan = plan_placement(spec, adapters, wanted, sizes, self.live_replicas(key), record.replica_slots,
-                              reporting, extra, self.expected_pods(key, spec))
+                              reporting, extra, self.expected_pods(key, spec), previous_awaited)
         record.replica_slots = plan.replica_slots
         for name in record.scaled:  # what placement found room for, so a count never runs ahead of it
             record.scaled[name] = plan.placements[name].replicas or record.scaled[name]

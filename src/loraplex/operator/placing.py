@@ -8,12 +8,12 @@ adapter set's entries and each adapter's placed pods. Pure: the reconciler reads
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 
 from loraplex.api.adapter_set import DesiredAdapter
 from loraplex.api.contract import parse_quantity
 from loraplex.api.types import BaseModelDeploymentSpec
-from loraplex.operator.placement import Capacity, Claim, assign_slots, place
+from loraplex.operator.placement import Capacity, Claim, place
 from loraplex.operator.render import peft_volume_limit
 
 
@@ -37,6 +37,7 @@ class PlacementPlan:
     sizes: dict[str, int]  # the sizes placement went by, so a newly reported size can be told apart
     by_size: bool  # whether sizes matter at all (a byte limit per replica)
     expected_pods: int = 0  # the pods the Deployment was expected to run
+    awaited: tuple[int, ...] = ()  # the slots kept for pods still to be created
 
     def short(self) -> frozenset[str]:
         """The adapters placed on fewer replicas than they want."""
@@ -51,36 +52,54 @@ def replica_capacity(spec: BaseModelDeploymentSpec) -> Capacity:
 
 
 def slots_for_pods(previous: Mapping[str, int], live_pods: Sequence[str], reporting: Collection[str],
-                   expected_pods: int = 0) -> dict[str, int]:
-    """Each live pod's slot: the one it had, and for a new pod the lowest free one (assign_slots).
+                   expected_pods: int = 0, vacated: Collection[int] = ()) -> dict[str, int]:
+    """Each live pod's slot: the one it had, and for a new pod a free one: first those pods just left (`vacated`,
+    with the adapters that wait there), then the lowest.
 
     The operator sees pods' events in no set order across pods, so a replacement pod may come before its
     predecessor is seen gone, and take a new slot rather than the predecessor's. Such a pod, one that reports
     nothing yet, gives up a slot beyond the number of pods (live, or the Deployment's count when more), and takes
-    the lowest free one instead.
+    a free one instead.
     """
-    count = max(len(set(live_pods)), expected_pods)
-    kept = {pod: slot for pod, slot in previous.items() if slot < count or pod in reporting}
-    return assign_slots(kept, live_pods)
+    live = sorted(set(live_pods))
+    count = max(len(live), expected_pods)
+    kept = {pod: slot for pod, slot in previous.items() if pod in live and (slot < count or pod in reporting)}
+    if len(set(kept.values())) != len(kept):
+        raise ValueError("two pods hold the same slot")
+    gone = [slot for pod, slot in previous.items() if pod not in live]
+    free = _free_slots(set(kept.values()), [*vacated, *gone])
+    return {**kept, **{pod: next(free) for pod in live if pod not in kept}}
 
 
-def awaited_slots(replica_slots: Mapping[str, int], expected_pods: int) -> list[int]:
-    """The slots kept for pods the Deployment is still to create: the lowest free ones, up to its count.
+def _free_slots(taken: Collection[int], first: Iterable[int]) -> Iterator[int]:
+    used = set(taken)
+    for slot in sorted(set(first)):
+        if slot not in used:
+            used.add(slot)
+            yield slot
+    slot = 0
+    while True:
+        if slot not in used:
+            yield slot
+        slot += 1
+
+
+def awaited_slots(replica_slots: Mapping[str, int], expected_pods: int, vacated: Collection[int] = ()) -> list[int]:
+    """The slots kept for pods the Deployment is still to create, up to its count: first those pods left
+    (`vacated`), then the lowest free ones.
 
     Keeping a deleted pod's slot until its replacement takes it is what lets the adapters wait for the replacement
     instead of moving to another pod and back, and it spares the first rollout the reshuffles of a placement
     over one, then two, then three pods."""
-    taken = set(replica_slots.values())
-    missing = expected_pods - len(replica_slots)
-    free = (slot for slot in range(len(taken) + max(missing, 0)) if slot not in taken)
-    return [next(free) for _ in range(max(missing, 0))]
+    free = _free_slots(set(replica_slots.values()), vacated)
+    return [next(free) for _ in range(max(expected_pods - len(replica_slots), 0))]
 
 
 def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdapter],
                    wanted_replicas: Mapping[str, int | None], sizes: Mapping[str, int],
                    live_pods: Sequence[str], previous_slots: Mapping[str, int],
                    reporting: Collection[str] = (), extra_replicas: Mapping[str, int] | None = None,
-                   expected_pods: int | None = None) -> PlacementPlan:
+                   expected_pods: int | None = None, previous_awaited: Collection[int] = ()) -> PlacementPlan:
     """Place `adapters` (in priority order) on the live pods.
 
     `wanted_replicas` is each adapter's spec.replicas (None: every replica), `extra_replicas` what demand adds to
@@ -91,8 +110,10 @@ def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdap
     still serves it.
     """
     expected = spec.replicas if expected_pods is None else expected_pods
-    replica_slots = slots_for_pods(previous_slots, live_pods, reporting, expected)
-    all_slots = sorted([*replica_slots.values(), *awaited_slots(replica_slots, expected)])
+    vacated = [*previous_awaited, *(slot for pod, slot in previous_slots.items() if pod not in set(live_pods))]
+    replica_slots = slots_for_pods(previous_slots, live_pods, reporting, expected, previous_awaited)
+    awaited = awaited_slots(replica_slots, expected, vacated)
+    all_slots = sorted([*replica_slots.values(), *awaited])
     pod_of = {slot: pod for pod, slot in replica_slots.items()}
     extra = extra_replicas or {}
     claims = [Claim(a.name, wanted_replicas.get(a.name), sizes.get(a.name, 0), extra.get(a.name, 0))
@@ -112,7 +133,7 @@ def plan_placement(spec: BaseModelDeploymentSpec, adapters: Sequence[DesiredAdap
             replicas=None if claim.replicas is None else max(claim.replicas, len(slots)))
     return PlacementPlan(replica_slots=replica_slots, adapters=placed, placements=placements,
                          sizes={name: size for name, size in sizes.items() if name in placements},
-                         by_size=capacity.bytes is not None, expected_pods=expected)
+                         by_size=capacity.bytes is not None, expected_pods=expected, awaited=tuple(awaited))
 
 
 def largest_size(entries: Mapping[str, object]) -> int | None:
