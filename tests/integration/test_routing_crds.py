@@ -144,3 +144,21 @@ def test_broken_routing_objects_are_refused_with_the_rule_they_break(kubectl, ma
     result = dry_run(kubectl, manifest)
     assert result.returncode != 0, f"the apiserver accepted:\n{manifest}"
     assert rule in result.stderr, result.stderr
+
+
+def test_what_the_operator_renders_for_routing_passes_a_server_side_dry_run(kubectl, namespace):
+    """The InferencePool against the upstream CRD's schema and rules; the picker's Deployment, Service, config
+    and RBAC against the apiserver's own validation."""
+    from loraplex.api.types import BaseModelDeploymentSpec
+    from loraplex.operator.routing import render_routing
+
+    owner = {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment",
+             "metadata": {"name": "llama3-8b", "namespace": namespace, "uid": "5f0b6a55-0000-4000-8000-000000000001"}}
+    spec = BaseModelDeploymentSpec.model_validate({"model": "m", "runtime": "vllm", "image": "i", "routing": {}})
+    objects = render_routing(owner, spec)
+    for obj in objects:
+        obj["metadata"].pop("ownerReferences")  # the owner does not exist in a dry run
+    result = dry_run(kubectl, yaml.safe_dump_all(objects))
+    assert result.returncode == 0, result.stderr
+    kinds = [item["kind"] for item in json.loads(result.stdout)["items"]]
+    assert sorted(kinds) == sorted(obj["kind"] for obj in objects)

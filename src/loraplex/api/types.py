@@ -235,6 +235,27 @@ class SidecarSpec(Model):
     log_level: Literal["debug", "info", "warning", "error"] = Field(default="info", description="Log level.")
 
 
+ENDPOINT_PICKER_IMAGE = "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
+
+
+class EndpointPickerSpec(Model):
+    image: str = Field(default=ENDPOINT_PICKER_IMAGE, min_length=1, description="The endpoint picker's image.")
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(
+        default="FailOpen",
+        description="What the gateway does when the picker does not answer: FailOpen sends the request to any "
+        "pod of the pool, FailClose refuses it.",
+    )
+    resources: ComputeResources | None = Field(default=None, description="The endpoint picker's resources.")
+
+
+class RoutingSpec(Model):
+    """Adapter-aware routing through the Gateway API Inference Extension: an InferencePool of the base model's
+    pods and an endpoint picker that scores them by the adapters they hold (docs/routing/upstream.md)."""
+
+    endpoint_picker: EndpointPickerSpec = Field(
+        default_factory=EndpointPickerSpec, description="The endpoint picker the InferencePool calls.")
+
+
 class BaseModelDeploymentSpec(Model):
     model: str = Field(min_length=1, description="Model name the runtime serves (also clients' base model).")
     model_source: str | None = Field(
@@ -272,6 +293,8 @@ class BaseModelDeploymentSpec(Model):
     lora: LoraLimits = nested(LoraLimits, "LoRA limits, enforced by the operator and the sidecar.")
     storage: StorageSpec | None = Field(default=None, description="Adapter storage access.")
     sidecar: SidecarSpec = nested(SidecarSpec, "loraplex sidecar settings.")
+    routing: RoutingSpec | None = Field(
+        default=None, description="Adapter-aware routing (an InferencePool and its endpoint picker); off when unset.")
 
 
 class BaseModelDeploymentStatus(Model):

@@ -36,6 +36,15 @@ class ChildNames:
     def adapter_set(self) -> str:
         return f"{self.base_model}-adapters"
 
+    @property
+    def inference_pool(self) -> str:
+        return self.base_model
+
+    @property
+    def endpoint_picker(self) -> str:
+        """The picker's Deployment, Service, ServiceAccount, Role and config."""
+        return f"{self.base_model}-epp"
+
 
 def selector_labels(base_model: str) -> dict[str, str]:
     return {BASE_MODEL_LABEL: base_model}

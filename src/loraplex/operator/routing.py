@@ -1,0 +1,174 @@
+"""What adapter-aware routing adds to a BaseModelDeployment: an InferencePool of its pods (Gateway API Inference
+Extension, inference.networking.k8s.io/v1) and the endpoint picker the pool calls, with the picker's config,
+Service and least-privilege RBAC. Pure; names and flags as docs/routing/upstream.md records them upstream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec
+from loraplex.operator.naming import ChildNames, object_metadata, selector_labels
+
+POOL_GROUP = "inference.networking.k8s.io"
+POOL_API_VERSION = f"{POOL_GROUP}/v1"
+# InferenceObjective and InferenceModelRewrite: the picker reads llm-d.ai, and the older group when that is absent.
+OBJECTIVE_GROUPS = ("llm-d.ai", "inference.networking.x-k8s.io")
+PICKER_CONFIG_API_VERSION = "llm-d.ai/v1alpha1"
+EXT_PROC_PORT, HEALTH_PORT, METRICS_PORT = 9002, 9003, 9090
+CONFIG_FILE = "config.yaml"
+# The scorers and weights: KServe's defaults for a model with adapters (lora-affinity 4 beside the queue,
+# KV-cache and prefix-cache scorers), without its no-hit LRU scorer.
+SCORERS = (("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("prefix-cache-scorer", 3),
+           ("lora-affinity-scorer", 4))
+COMPONENT = "endpoint-picker"
+
+
+def routing_of(spec: BaseModelDeploymentSpec) -> RoutingSpec | None:
+    return spec.routing
+
+
+def picker_labels(base_model: str) -> dict[str, str]:
+    """The picker's pods: without the base-model label, which would make them inference pods of the pool, the
+    Service and the operator's replica count."""
+    return {"app.kubernetes.io/name": "loraplex-endpoint-picker", "app.kubernetes.io/instance": base_model,
+            "app.kubernetes.io/managed-by": "loraplex"}
+
+
+def render_inference_pool(owner: dict[str, Any], spec: BaseModelDeploymentSpec, routing: RoutingSpec
+                          ) -> dict[str, Any]:
+    names = ChildNames(owner["metadata"]["name"])
+    return {
+        "apiVersion": POOL_API_VERSION,
+        "kind": "InferencePool",
+        "metadata": object_metadata(owner, names.inference_pool, "inference-pool"),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(names.base_model)},
+            "targetPorts": [{"number": spec.port}],
+            "endpointPickerRef": {"name": names.endpoint_picker, "port": {"number": EXT_PROC_PORT},
+                                  "failureMode": routing.endpoint_picker.failure_mode},
+        },
+    }
+
+
+def endpoint_picker_config() -> dict[str, Any]:
+    """The picker's EndpointPickerConfig: one profile scoring pods by queue, KV cache, prefix cache and the
+    adapters they hold, the best score winning."""
+    return {
+        "apiVersion": PICKER_CONFIG_API_VERSION,
+        "kind": "EndpointPickerConfig",
+        "plugins": [{"type": scorer} for scorer, _ in SCORERS]
+        + [{"type": "max-score-picker"}, {"type": "single-profile-handler"}],
+        "schedulingProfiles": [{"name": "default", "plugins": [
+            *({"pluginRef": scorer, "weight": weight} for scorer, weight in SCORERS),
+            {"pluginRef": "max-score-picker"}]}],
+    }
+
+
+def render_picker_config_map(owner: dict[str, Any]) -> dict[str, Any]:
+    names = ChildNames(owner["metadata"]["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_metadata(owner, names.endpoint_picker, COMPONENT),
+        "data": {CONFIG_FILE: yaml.safe_dump(endpoint_picker_config(), sort_keys=False)},
+    }
+
+
+def render_picker_deployment(owner: dict[str, Any], routing: RoutingSpec) -> dict[str, Any]:
+    """One replica, replaced rather than rolled (two pickers would each keep their own view of the pods)."""
+    names = ChildNames(owner["metadata"]["name"])
+    picker = routing.endpoint_picker
+    labels = picker_labels(names.base_model)
+    probe = {"grpc": {"port": HEALTH_PORT, "service": "inference-extension"}, "periodSeconds": 10}
+    container: dict[str, Any] = {
+        "name": "endpoint-picker",
+        "image": picker.image,
+        "args": ["--pool-name", names.inference_pool, "--pool-namespace", owner["metadata"]["namespace"],
+                 "--pool-group", POOL_GROUP, "--config-file", f"/config/{CONFIG_FILE}",
+                 "--grpc-port", str(EXT_PROC_PORT), "--grpc-health-port", str(HEALTH_PORT),
+                 "--metrics-port", str(METRICS_PORT),
+                 # Authenticating its /metrics needs a ClusterRole, which a namespaced operator cannot grant.
+                 "--metrics-endpoint-auth=false", "--zap-encoder", "json"],
+        "env": [{"name": "NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "ports": [{"name": "grpc", "containerPort": EXT_PROC_PORT},
+                  {"name": "grpc-health", "containerPort": HEALTH_PORT},
+                  {"name": "metrics", "containerPort": METRICS_PORT}],
+        "livenessProbe": {**probe, "initialDelaySeconds": 5},
+        "readinessProbe": probe,
+        "volumeMounts": [{"name": "config", "mountPath": "/config", "readOnly": True}],
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    if picker.resources is not None:
+        container["resources"] = picker.resources.model_dump(by_alias=True, exclude_none=True)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": object_metadata(owner, names.endpoint_picker, COMPONENT),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"serviceAccountName": names.endpoint_picker, "terminationGracePeriodSeconds": 130,
+                         "containers": [container],
+                         "volumes": [{"name": "config", "configMap": {"name": names.endpoint_picker}}]},
+            },
+        },
+    }
+
+
+def render_picker_service(owner: dict[str, Any]) -> dict[str, Any]:
+    names = ChildNames(owner["metadata"]["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_metadata(owner, names.endpoint_picker, COMPONENT),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": picker_labels(names.base_model),
+            "ports": [
+                {"name": "grpc-ext-proc", "port": EXT_PROC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                 "appProtocol": "kubernetes.io/h2c"},
+                {"name": "grpc-health", "port": HEALTH_PORT, "targetPort": "grpc-health", "protocol": "TCP"},
+                {"name": "http-metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def render_picker_rbac(owner: dict[str, Any]) -> list[dict[str, Any]]:
+    """Its ServiceAccount, and a Role to read the pods, its pool, and the objectives and rewrites of either group."""
+    names = ChildNames(owner["metadata"]["name"])
+    read = ["get", "list", "watch"]
+
+    def metadata() -> dict[str, Any]:
+        return object_metadata(owner, names.endpoint_picker, COMPONENT)
+
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata()},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": metadata(), "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+            {"apiGroups": [POOL_GROUP], "resources": ["inferencepools"], "verbs": read},
+            {"apiGroups": list(OBJECTIVE_GROUPS), "resources": ["inferenceobjectives", "inferencemodelrewrites"],
+             "verbs": read},
+        ]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": metadata(),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": names.endpoint_picker},
+         "subjects": [{"kind": "ServiceAccount", "name": names.endpoint_picker,
+                       "namespace": owner["metadata"]["namespace"]}]},
+    ]
+
+
+def render_routing(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list[dict[str, Any]]:
+    """Every object routing adds, or none when it is off."""
+    routing = routing_of(spec)
+    if routing is None:
+        return []
+    return [render_inference_pool(owner, spec, routing), render_picker_config_map(owner),
+            *render_picker_rbac(owner), render_picker_deployment(owner, routing), render_picker_service(owner)]
