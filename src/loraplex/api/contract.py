@@ -19,6 +19,9 @@ from loraplex.api.runtime_capabilities import Version, format_version, parse_ver
 from loraplex.api.types import Runtime
 
 SIDECAR_PORT = 9090  # the sidecar's HTTP endpoints: /healthz, /readyz, /metrics
+# The gauge on the sidecar's /metrics that tells the endpoint picker which adapters this replica holds, in the
+# model-server protocol's LoRA format (docs/routing/upstream.md, d); the operator points the picker at it.
+RESIDENCY_METRIC = "loraplex_sidecar_lora_residency"
 # The sidecar mounts the whole PEFT volume here; the runtime mounts only its adapters/ folder, so
 # staging and bookkeeping are never visible to the runtime.
 SIDECAR_VOLUME_DIR = "/var/lib/loraplex"
