@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,35 +23,6 @@ from tests.integration.harness import Cluster, OperatorProcess, kubeconfig_token
 pytestmark = pytest.mark.integration
 WRITES = ("create", "update", "patch", "delete", "deletecollection")
 OPERATOR_CLIENTS = ("kopf", "aiohttp")  # kopf's watches, and loraplex.kube.KubeClient (aiohttp's own agent)
-
-
-@pytest.fixture
-def cluster(api_client, namespace) -> Cluster:
-    return Cluster(api_client, namespace)
-
-
-@pytest.fixture
-def operator_proxy_kubeconfig(proxy: ApiProxy, operator_kubeconfig: Path, namespace: str, tmp_path: Path) -> Path:
-    """The operator's own ServiceAccount token (the chart's RBAC), pointed at the proxy."""
-    return proxy.write_kubeconfig(tmp_path / "operator.kubeconfig", kubeconfig_token(operator_kubeconfig),
-                                  namespace)
-
-
-@pytest.fixture
-def start_operator(operator_proxy_kubeconfig: Path, namespace: str, tmp_path: Path
-                   ) -> Iterator[Callable[..., OperatorProcess]]:
-    """Start operators watching the test's namespace; each is stopped when the test ends."""
-    started: list[OperatorProcess] = []
-
-    def start(log_name: str = "operator", kubeconfig: Path | None = None, **options: Any) -> OperatorProcess:
-        process = OperatorProcess(kubeconfig or operator_proxy_kubeconfig, namespace, tmp_path / f"{log_name}.log",
-                                  **options)
-        started.append(process.start())
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
 
 
 @pytest.fixture

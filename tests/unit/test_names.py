@@ -118,7 +118,7 @@ async def test_the_reconciler_writes_nothing_under_a_name_too_long_and_says_why(
     name = "a" * 64
     client = RecordingClient()
     indices = {"base_model_index": {("ns", name): [owner(name)]}, "replica_index": {}, "replica_report_index": {},
-               "deployment_index": {}}
+               "deployment_index": {}, "picker_index": {}}
     reconciler = Reconciler(client, SETTINGS, indices)  # type: ignore[arg-type]
     await reconciler.reconcile_base_model(("ns", name))
 

@@ -125,7 +125,8 @@ class Cluster:
     def __init__(self, settings: OperatorSettings = SETTINGS) -> None:
         self.api = FakeApiServer()
         self.indices: dict[str, dict[Any, list[Any]]] = {
-            "base_model_index": {}, "replica_index": {}, "replica_report_index": {}, "deployment_index": {}}
+            "base_model_index": {}, "replica_index": {}, "replica_report_index": {}, "deployment_index": {},
+            "picker_index": {}}
         self.reconciler = Reconciler(self.api, settings, self.indices)  # type: ignore[arg-type]
         self._clock = itertools.count(1)
 

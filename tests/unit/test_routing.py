@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
 import yaml
 
-from loraplex.api.types import BaseModelDeploymentSpec
+from loraplex.api.conditions import condition
+from loraplex.api.contract import RESIDENCY_METRIC, SIDECAR_PORT
+from loraplex.api.types import BaseModelDeploymentSpec, Runtime
+from loraplex.kube import NotFound
 from loraplex.operator import render
-from loraplex.operator.routing import SCORERS, endpoint_picker_config, render_routing
+from loraplex.operator.routing import (
+    SCORERS,
+    endpoint_picker_config,
+    render_routing,
+    routing_condition,
+    routing_name_problem,
+    routing_object_refs,
+)
+from loraplex.operator.routing_runs import discover_routing_apis
 from loraplex.operator.settings import OperatorSettings
 
 OWNER = {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment",
@@ -66,16 +80,21 @@ def test_the_picker_runs_on_its_pool_with_its_config_mounted():
     config_map = objects["ConfigMap"]
     assert deployment["spec"]["template"]["spec"]["volumes"] == [
         {"name": "config", "configMap": {"name": config_map["metadata"]["name"]}}]
-    assert yaml.safe_load(config_map["data"]["config.yaml"]) == endpoint_picker_config()
+    assert yaml.safe_load(config_map["data"]["config.yaml"]) == endpoint_picker_config(Runtime.VLLM)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == objects["ServiceAccount"]["metadata"]["name"]
     assert container["image"] == "ghcr.io/llm-d/llm-d-router-endpoint-picker:v0.10.0"
 
 
-def test_the_picker_scores_by_the_adapters_pods_hold_and_every_plugin_it_refers_to_is_declared():
-    config = endpoint_picker_config()
-    declared = {plugin.get("name", plugin["type"]) for plugin in config["plugins"]}
+@pytest.mark.parametrize("runtime", list(Runtime))
+def test_the_picker_scores_by_the_adapters_pods_hold_and_every_plugin_it_refers_to_is_declared(runtime):
+    config = endpoint_picker_config(runtime)
+    names = [plugin["name"] for plugin in config["plugins"]]
+    declared = set(names)
+    assert len(names) == len(declared)  # the picker refuses duplicate names
     [profile] = config["schedulingProfiles"]
     assert {ref["pluginRef"] for ref in profile["plugins"]} <= declared
+    sources = config["dataLayer"]["sources"]
+    assert {s["pluginRef"] for s in sources} | {e["pluginRef"] for s in sources for e in s["extractors"]} <= declared
     weights = {ref["pluginRef"]: ref.get("weight") for ref in profile["plugins"]}
     assert weights["lora-affinity-scorer"] == 4 and dict(SCORERS) == {k: v for k, v in weights.items() if v}
     assert {"max-score-picker", "single-profile-handler"} <= declared
@@ -86,3 +105,76 @@ def test_the_picker_may_only_read():
     assert {verb for rule in role["rules"] for verb in rule["verbs"]} == {"get", "list", "watch"}
     assert {group for rule in role["rules"] for group in rule["apiGroups"]} == {
         "", "inference.networking.k8s.io", "llm-d.ai", "inference.networking.x-k8s.io"}
+
+
+def test_routing_condition_is_absent_without_routing_and_says_what_is_missing_with_it():
+    assert routing_condition(spec(), None, None, "llama3", 3) is None
+    assert routing_condition(None, None, None, "llama3", 3) is None
+    on = spec(routing={})
+    problem = ("InferencePoolUnavailable", "The cluster does not serve inferencepools.")
+    assert routing_condition(on, problem, {"status": {"availableReplicas": 1}}, "llama3", 3) \
+        == condition("Routing", False, *problem, 3)
+    missing = routing_condition(on, None, None, "llama3", 3)
+    assert (missing["status"], missing["reason"]) == ("False", "EndpointPickerMissing")
+    starting = routing_condition(on, None, {"status": {"replicas": 1}}, "llama3", 3)
+    assert (starting["status"], starting["reason"]) == ("False", "EndpointPickerUnavailable")
+    assert "sends requests to any replica (failureMode FailOpen)" in starting["message"]
+    routed = routing_condition(on, None, {"status": {"availableReplicas": 1}}, "llama3", 3)
+    assert (routed["status"], routed["reason"]) == ("True", "EndpointPickerAvailable")
+    assert "llama3-epp" in routed["message"]
+
+
+@pytest.mark.parametrize(("length", "problem"), [(59, False), (60, True)])
+def test_routing_needs_room_in_the_name_for_the_pickers_service(length, problem):
+    name = "m" * length
+    found = routing_name_problem(name)
+    assert (found is not None) == problem
+    if problem:
+        assert "at most 59 characters" in found and len(f"{name}-epp") == 63 + 1
+
+
+def test_every_object_routing_renders_is_pruned_by_kind_and_name():
+    rendered = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in render_routing(OWNER, spec(routing={}))}
+    assert set(routing_object_refs("llama3")) == rendered
+
+
+class FakeDiscovery:
+    def __init__(self, answer):
+        self.answer = answer
+
+    async def get(self, path):
+        assert path == "/apis/inference.networking.k8s.io/v1"
+        if self.answer is None:
+            raise NotFound(404, "NotFound", "the server could not find the requested resource")
+        return self.answer
+
+
+@pytest.mark.parametrize(("answer", "served"), [
+    (None, False),
+    ({"resources": [{"name": "inferencepools"}, {"name": "inferencepools/status"}]}, True),
+    ({"resources": [{"name": "somethingelse"}]}, False),
+])
+def test_the_pool_api_is_discovered(answer, served):
+    assert asyncio.run(discover_routing_apis(FakeDiscovery(answer))).inference_pool is served
+
+
+def plugin(config, name):
+    return next(p for p in config["plugins"] if p["name"] == name)
+
+
+@pytest.mark.parametrize(("runtime", "path", "queue"), [
+    (Runtime.VLLM, "/metrics", "vllm:num_requests_waiting"), (Runtime.NIM, "/v1/metrics", "num_requests_waiting")])
+def test_the_picker_reads_load_from_the_runtime_and_residency_only_from_the_sidecar(runtime, path, queue):
+    config = endpoint_picker_config(runtime)
+    # No source of the picker's own, which would read the runtime's LoRA metric over the sidecar's residency.
+    assert config["dataLayer"]["injectDefaults"] is False
+    runtime_source, residency_source = (plugin(config, s["pluginRef"]) for s in config["dataLayer"]["sources"])
+    assert runtime_source["parameters"] == {"scheme": "http", "path": path}  # the pool's target port
+    assert residency_source["parameters"] == {"scheme": "http", "path": "/metrics", "port": SIDECAR_PORT}
+    [engine] = plugin(config, "runtime-metrics-extractor")["parameters"]["engineConfigs"]
+    # An engine given here replaces the built-in one of that name whole: every load metric is restated.
+    assert engine["loraSpec"] == "" and engine["queuedRequestsSpec"] == queue and engine["kvUsageSpec"]
+    residency = plugin(config, "lora-residency-extractor")["parameters"]
+    assert {e["name"] for e in residency["engineConfigs"]} >= {"vllm", "sglang", "trtllm-serve", "triton",
+                                                                "triton-tensorrt-llm", residency["defaultEngine"]}
+    assert all(e == {"name": e["name"], "loraSpec": RESIDENCY_METRIC} for e in residency["engineConfigs"])

@@ -46,12 +46,14 @@ def replica_problem(pod_status: Mapping[str, Any]) -> str | None:
 def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None,
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
                       adapters: list[AdapterView], phases: Mapping[str, str] | None = None,
-                      replica_problems: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      replica_problems: Mapping[str, str] | None = None,
+                      routing: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every operator-owned status field; conditions carry no transition times yet.
 
     `problem` is the (reason, message) of why the spec could not be applied, or None. `phases` are the
     adapters' phases by name as the operator last decided them, which its watch may not show yet.
-    `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem).
+    `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem). `routing` is the
+    Routing condition (routing.routing_condition), None when routing is off.
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
@@ -109,5 +111,5 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         adapters_ready=len(ready_adapters),
         # Given even when None, so the reconciler removes an endpoint that no longer holds.
         endpoint=endpoint(meta["name"], meta["namespace"], spec.port) if spec and named else None,
-        conditions=[reconciled, available, adapters_ready],
+        conditions=[reconciled, available, adapters_ready, *([routing] if routing else [])],
     ).to_patch()

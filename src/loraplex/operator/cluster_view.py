@@ -1,5 +1,5 @@
-"""What the operator knows of the cluster: kopf's indices of base models, replicas, their LoraReplica reports and
-Deployments, and its own index of LoraAdapters, with the lookups every decision starts from."""
+"""What the operator knows of the cluster: kopf's indices of base models, replicas, their LoraReplica reports,
+Deployments and endpoint pickers, and its own index of LoraAdapters, with the lookups every decision starts from."""
 
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ class ClusterView:
         self.replicas = indices["replica_index"]
         self.reports = indices["replica_report_index"]  # (namespace, base model) -> [(pod, {adapter: entry})]
         self.deployments = indices["deployment_index"]
+        self.pickers = indices["picker_index"]  # the endpoint pickers' Deployments, where routing is on
 
     def base_model(self, key: Key) -> dict[str, Any] | None:
         return first(self.base_models, key)

@@ -18,7 +18,7 @@ from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, LORA_
 from loraplex.kube import KubeClient
 from loraplex.operator.base_models import replica_problem
 from loraplex.operator.metrics import OperatorMetrics
-from loraplex.operator.naming import BASE_MODEL_LABEL
+from loraplex.operator.naming import BASE_MODEL_LABEL, ChildNames
 from loraplex.operator.reconciler import Key, Reconciler
 from loraplex.operator.settings import OperatorSettings
 
@@ -49,6 +49,18 @@ def _owned(meta: Any, **_: Any) -> bool:
     return owning_base_model(meta) is not None
 
 
+def _owned_as(child: str) -> Callable[..., bool]:
+    """A filter for the object a base model owns under the ChildNames property `child`."""
+    def is_it(meta: Any, name: str, **_: Any) -> bool:
+        owner = owning_base_model(meta)
+        return owner is not None and name == getattr(ChildNames(owner), child)
+    return is_it
+
+
+def _owned_besides_adapter_set(meta: Any, name: str, **_: Any) -> bool:
+    return _owned(meta) and not _owned_as("adapter_set")(meta, name)
+
+
 # ---- indices: kopf keeps them current from its watches, before any handler runs ---------------------
 
 @kopf.index(GROUP, VERSION, BASE_MODEL_DEPLOYMENT.plural)
@@ -71,8 +83,13 @@ def replica_report_index(namespace: str, name: str, spec: Any, status: Any, **_:
     return {(namespace, spec.get("baseModel") or ""): (name, dict(status.get("adapters") or {}))}
 
 
-@kopf.index("apps", "v1", "deployments", when=_owned)
+@kopf.index("apps", "v1", "deployments", when=_owned_as("deployment"))
 def deployment_index(namespace: str, meta: Any, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
+    return {(namespace, owning_base_model(meta) or ""): _plain(body)}
+
+
+@kopf.index("apps", "v1", "deployments", when=_owned_as("endpoint_picker"))
+def picker_index(namespace: str, meta: Any, body: Any, **_: Any) -> dict[Key, dict[str, Any]]:
     return {(namespace, owning_base_model(meta) or ""): _plain(body)}
 
 
@@ -203,7 +220,7 @@ async def owned_object_event(namespace: str, meta: Any, memo: kopf.Memo, **_: An
     await _guarded(memo, ("owned", key), lambda: memo.reconciler.converge_owned_objects(key))
 
 
-@kopf.on.event("", "v1", "configmaps", when=_owned)
+@kopf.on.event("", "v1", "configmaps", when=_owned_as("adapter_set"))
 async def adapter_set_event(type: str | None, body: Any, namespace: str, meta: Any, memo: kopf.Memo,
                             **_: Any) -> None:
     """Mostly the echo of our own adapter-set write; otherwise someone edited or deleted it."""
@@ -214,3 +231,5 @@ async def adapter_set_event(type: str | None, body: Any, namespace: str, meta: A
 
 for _group, _version, _plural in OWNED_RESOURCES:
     kopf.on.event(_group, _version, _plural, when=_owned, id=f"owned-{_plural}")(owned_object_event)
+# The endpoint picker's config; the InferencePool has no watch (its CRD may be absent): resyncs repair it.
+kopf.on.event("", "v1", "configmaps", when=_owned_besides_adapter_set, id="owned-configmaps")(owned_object_event)

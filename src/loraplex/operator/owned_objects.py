@@ -1,6 +1,6 @@
 """The reconciler's part in a base model's owned objects: render the Deployment, Service and RBAC from its spec,
-apply them, and remember what stopped them (for the Reconciled condition); warn once per spec when the runtime
-version its rules go by is assumed.
+apply them and then routing's (routing_runs.py), and remember what stopped them (for the Reconciled and Routing
+conditions); warn once per spec when the runtime version its rules go by is assumed.
 """
 
 from __future__ import annotations
@@ -13,13 +13,14 @@ from loraplex.api.runtime_capabilities import deployed_version, version_note
 from loraplex.kube import ApiError
 from loraplex.operator import naming, render
 from loraplex.operator.apply import apply_object
-from loraplex.operator.cluster_view import ClusterView, Key
+from loraplex.operator.cluster_view import Key
 from loraplex.operator.events import post_event
 from loraplex.operator.records import BaseModelRecord
+from loraplex.operator.routing_runs import RoutingRuns
 from loraplex.operator.settings import OperatorSettings
 
 
-class OwnedObjectRuns(ClusterView):
+class OwnedObjectRuns(RoutingRuns):
     """Mixed into the Reconciler, which provides the settings, the locks and the records."""
 
     settings: OperatorSettings
@@ -41,6 +42,7 @@ class OwnedObjectRuns(ClusterView):
         # Checked before any write: the API server would refuse each with a 422, on every retry.
         bad_name = naming.name_problems(body["metadata"]["name"])
         problem = ("InvalidName", "; ".join(bad_name)) if bad_name else ("InvalidSpec", error) if error else None
+        routing_problem = None
         if spec is not None and not bad_name:
             try:
                 children = render.render_children(body, spec, self.settings)
@@ -52,9 +54,12 @@ class OwnedObjectRuns(ClusterView):
                         await apply_object(self.client, child)
                 except ApiError as exc:
                     problem = ("ApplyFailed", f"Applying owned objects failed: {exc}")
+                else:
+                    routing_problem = await self.apply_routing(key, body, spec)
                 await self._note_assumed_version(key, body, version_note(
                     spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)))
-        self._base_model_record(key).apply_problem = problem
+        record = self._base_model_record(key)
+        record.apply_problem, record.routing_problem = problem, routing_problem
 
     async def _note_assumed_version(self, key: Key, body: dict[str, Any], note: str | None) -> None:
         """Warn once per spec that its runtime version is assumed: the rules it is judged by may be wrong."""

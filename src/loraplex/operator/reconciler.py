@@ -32,6 +32,7 @@ from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
 from loraplex.operator.owned_objects import OwnedObjectRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
+from loraplex.operator.routing import PICKER_STARTING, routing_condition
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
 
@@ -99,10 +100,11 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
 
     def forget_shortcuts(self) -> None:
         """Trust the indices alone again: forget the status we wrote, the finalizers we gave, the adapter
-        sets we applied, what we reconciled and the served-name owners, keeping our decisions. The
-        periodic resync calls this, so its pass undoes any external edit."""
+        sets we applied, what we reconciled, the served-name owners and the routing APIs served, keeping our
+        decisions. The periodic resync calls this, so its pass undoes any external edit."""
         for record in [*self.base_model_records.values(), *self.adapter_records.values()]:
             record.forget_shortcuts()
+        self.forget_routing_apis()
 
     # ---- BaseModelDeployment ----------------------------------------------------------------------
 
@@ -160,12 +162,19 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         # Our own status writes reach the index later than we know their outcome: count what we decided.
         phases = {a.name: adapter.facts.phase for a in adapters
                   if (adapter := self.adapter_records.get((key[0], a.name))) and adapter.facts}
-        desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key))
-        before = find(record.known_status(body.get("status") or {}).get("conditions"), "Reconciled")
+        routing = routing_condition(spec, record.routing_problem, first(self.pickers, key), key[1],
+                                    int(body["metadata"].get("generation") or 1))
+        desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key),
+                                    routing)
+        known = record.known_status(body.get("status") or {}).get("conditions")
+        before = {kind: find(known, kind) for kind in ("Reconciled", "Routing")}
         await write_status(self.client, record, BASE_MODEL_DEPLOYMENT.plural, body, desired)
-        after = desired["conditions"][0]
-        if after["status"] == "False" and (before is None or before.get("message") != after["message"]):
-            await post_event(self.client, body, "Warning", after["reason"], after["message"])
+        for kind, was in before.items():
+            after = find(desired["conditions"], kind)
+            # A picker that is still starting is no news: the condition says so.
+            if after is not None and after["status"] == "False" and after["reason"] not in PICKER_STARTING \
+                    and (was is None or was.get("message") != after["message"]):
+                await post_event(self.client, body, "Warning", after["reason"], after["message"])
 
     async def refresh_base_model_status(self, key: Key) -> None:
         await self._base_statuses.run(key)

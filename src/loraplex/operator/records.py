@@ -80,6 +80,7 @@ class BaseModelRecord(StatusRecord):
     # The adapter set as we last applied it, so echoes of our own writes cost nothing.
     applied_adapter_set: dict[str, Any] | None = None
     version_note: str | None = None  # the runtime-version assumption we last warned of
+    routing_problem: tuple[str, str] | None = None  # (reason, message) of why routing is not in place
     # What the last full reconcile saw of the object: (uid, generation, deletionTimestamp).
     reconciled: tuple[Any, ...] | None = None
     # Who holds each served name among its adapters; None whenever an adapter's claim changes.

@@ -5,12 +5,15 @@ Service and least-privilege RBAC. Pure; names and flags as docs/routing/upstream
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import yaml
 
-from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec
-from loraplex.operator.naming import ChildNames, object_metadata, selector_labels
+from loraplex.api.conditions import condition
+from loraplex.api.contract import RESIDENCY_METRIC, SIDECAR_PORT
+from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec, Runtime
+from loraplex.operator.naming import MAX_NAME_LENGTH, ChildNames, object_metadata, selector_labels
 
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_API_VERSION = f"{POOL_GROUP}/v1"
@@ -24,6 +27,7 @@ CONFIG_FILE = "config.yaml"
 SCORERS = (("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("prefix-cache-scorer", 3),
            ("lora-affinity-scorer", 4))
 COMPONENT = "endpoint-picker"
+PICKER_STARTING = frozenset({"EndpointPickerMissing", "EndpointPickerUnavailable"})
 
 
 def routing_of(spec: BaseModelDeploymentSpec) -> RoutingSpec | None:
@@ -53,27 +57,73 @@ def render_inference_pool(owner: dict[str, Any], spec: BaseModelDeploymentSpec, 
     }
 
 
-def endpoint_picker_config() -> dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class EngineMetrics:
+    """Where the picker reads a runtime's load (its core-metrics-extractor engine, docs/routing/upstream.md g)."""
+
+    engine: str
+    path: str
+    specs: dict[str, str]
+
+
+ENGINE_METRICS = {
+    Runtime.VLLM: EngineMetrics("vllm", "/metrics", {
+        "queuedRequestsSpec": "vllm:num_requests_waiting", "runningRequestsSpec": "vllm:num_requests_running",
+        "kvUsageSpec": "vllm:kv_cache_usage_perc", "cacheInfoSpec": "vllm:cache_config_info"}),
+    Runtime.NIM: EngineMetrics("nim", "/v1/metrics", {
+        "queuedRequestsSpec": "num_requests_waiting", "runningRequestsSpec": "num_requests_running",
+        "kvUsageSpec": "gpu_cache_usage_perc"}),
+}
+# The picker's built-in engines, each selected by a pod label; the residency extractor redefines them all, so
+# that whatever engine a pod is labelled with, it reads nothing but residency from the sidecar.
+BUILT_IN_ENGINES = ("vllm", "sglang", "trtllm-serve", "triton-tensorrt-llm", "triton")
+RESIDENCY_ENGINE = "loraplex"
+
+
+def endpoint_picker_config(runtime: Runtime) -> dict[str, Any]:
     """The picker's EndpointPickerConfig: one profile scoring pods by queue, KV cache, prefix cache and the
-    adapters they hold, the best score winning."""
+    adapters they hold, the best score winning. Load comes from the runtime's metrics; which adapters a pod
+    holds comes only from its sidecar's residency gauge, never from the runtime's own LoRA metric, which
+    forgets idle adapters (docs/routing/residency.md)."""
+    engine = ENGINE_METRICS[runtime]
+    runtime_extractor = {"defaultEngine": engine.engine,
+                         "engineConfigs": [{"name": engine.engine, **engine.specs, "loraSpec": ""}]}
+    residency_extractor = {"defaultEngine": RESIDENCY_ENGINE, "engineConfigs": [
+        {"name": name, "loraSpec": RESIDENCY_METRIC} for name in (RESIDENCY_ENGINE, *BUILT_IN_ENGINES)]}
+    plugins: list[dict[str, Any]] = [
+        *({"name": scorer, "type": scorer} for scorer, _ in SCORERS),
+        {"name": "max-score-picker", "type": "max-score-picker"},
+        {"name": "single-profile-handler", "type": "single-profile-handler"},
+        {"name": "runtime-metrics", "type": "metrics-data-source",
+         "parameters": {"scheme": "http", "path": engine.path}},
+        {"name": "runtime-metrics-extractor", "type": "core-metrics-extractor", "parameters": runtime_extractor},
+        {"name": "lora-residency", "type": "metrics-data-source",
+         "parameters": {"scheme": "http", "path": "/metrics", "port": SIDECAR_PORT}},
+        {"name": "lora-residency-extractor", "type": "core-metrics-extractor", "parameters": residency_extractor},
+    ]
     return {
         "apiVersion": PICKER_CONFIG_API_VERSION,
         "kind": "EndpointPickerConfig",
-        "plugins": [{"type": scorer} for scorer, _ in SCORERS]
-        + [{"type": "max-score-picker"}, {"type": "single-profile-handler"}],
+        "plugins": plugins,
         "schedulingProfiles": [{"name": "default", "plugins": [
             *({"pluginRef": scorer, "weight": weight} for scorer, weight in SCORERS),
             {"pluginRef": "max-score-picker"}]}],
+        # Without this the picker adds a source of its own that reads the runtime's LoRA metric, and it would
+        # overwrite the residency the sidecar publishes.
+        "dataLayer": {"injectDefaults": False, "sources": [
+            {"pluginRef": "runtime-metrics", "extractors": [{"pluginRef": "runtime-metrics-extractor"}]},
+            {"pluginRef": "lora-residency", "extractors": [{"pluginRef": "lora-residency-extractor"}]},
+        ]},
     }
 
 
-def render_picker_config_map(owner: dict[str, Any]) -> dict[str, Any]:
+def render_picker_config_map(owner: dict[str, Any], runtime: Runtime) -> dict[str, Any]:
     names = ChildNames(owner["metadata"]["name"])
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": object_metadata(owner, names.endpoint_picker, COMPONENT),
-        "data": {CONFIG_FILE: yaml.safe_dump(endpoint_picker_config(), sort_keys=False)},
+        "data": {CONFIG_FILE: yaml.safe_dump(endpoint_picker_config(runtime), sort_keys=False)},
     }
 
 
@@ -170,5 +220,46 @@ def render_routing(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list
     routing = routing_of(spec)
     if routing is None:
         return []
-    return [render_inference_pool(owner, spec, routing), render_picker_config_map(owner),
+    return [render_inference_pool(owner, spec, routing), render_picker_config_map(owner, spec.runtime),
             *render_picker_rbac(owner), render_picker_deployment(owner, routing), render_picker_service(owner)]
+
+
+def routing_object_refs(base_model: str) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every object render_routing makes, to prune them once routing is off."""
+    picker = ChildNames(base_model).endpoint_picker
+    return [(POOL_API_VERSION, "InferencePool", ChildNames(base_model).inference_pool), ("v1", "ConfigMap", picker),
+            ("v1", "ServiceAccount", picker), ("rbac.authorization.k8s.io/v1", "Role", picker),
+            ("rbac.authorization.k8s.io/v1", "RoleBinding", picker), ("apps/v1", "Deployment", picker),
+            ("v1", "Service", picker)]
+
+
+def routing_name_problem(base_model: str) -> str | None:
+    picker = ChildNames(base_model).endpoint_picker
+    if len(picker) <= MAX_NAME_LENGTH:
+        return None
+    return (f"the endpoint picker's Service would be named {picker!r}, {len(picker)} characters, and a Service name "
+            f"allows at most {MAX_NAME_LENGTH}: routing needs a metadata.name of at most "
+            f"{MAX_NAME_LENGTH - len(picker) + len(base_model)} characters")
+
+
+def routing_condition(spec: BaseModelDeploymentSpec | None, problem: tuple[str, str] | None,
+                      picker: dict[str, Any] | None, base_model: str, generation: int) -> dict[str, Any] | None:
+    """The Routing condition: whether requests reach the replicas that hold their adapter. None when routing is
+    off (or the spec unreadable, which the Ready condition says)."""
+    if spec is None or spec.routing is None:
+        return None
+    if problem is not None:
+        return condition("Routing", False, *problem, generation)
+    names = ChildNames(base_model)
+    if picker is None:
+        return condition("Routing", False, "EndpointPickerMissing",
+                         f"The endpoint picker's Deployment {names.endpoint_picker} does not exist yet.", generation)
+    if int(((picker.get("status") or {}).get("availableReplicas")) or 0) < 1:
+        fallback = ("sends requests to any replica" if spec.routing.endpoint_picker.failure_mode == "FailOpen"
+                    else "refuses requests")
+        return condition("Routing", False, "EndpointPickerUnavailable",
+                         f"The endpoint picker {names.endpoint_picker} has no available replica; until it has, the "
+                         f"gateway {fallback} (failureMode {spec.routing.endpoint_picker.failure_mode}).", generation)
+    return condition("Routing", True, "EndpointPickerAvailable",
+                     f"InferencePool {names.inference_pool} sends each request to a replica holding its adapter, "
+                     f"chosen by the endpoint picker {names.endpoint_picker}.", generation)
