@@ -110,6 +110,20 @@ def test_the_scorer_prefers_holders_then_replicas_loading_it_and_never_a_replica
         assert lora_affinity_score(pod, "math", distinct_room=True) == lora_affinity_score(pod, "math")
 
 
+def test_the_worked_example_of_docs_routing_residency():
+    """Three replicas; math placed on r0 and, still downloading, on r1; vLLM with --max-loras 4 and code busy
+    on r1."""
+    sidecar = [scraped(Residency(running=("code", "math"))), scraped(Residency(running=("code",), waiting=("math",))),
+               scraped(Residency(running=("chat",)))]
+    vllm = [LoraMetrics(max_active=4), LoraMetrics(frozenset({"code"}), frozenset({"code"}), 4),
+            LoraMetrics(max_active=4)]
+    table = {model: ([lora_affinity_score(pod, model) for pod in sidecar],
+                     [lora_affinity_score(pod, model) for pod in vllm])
+             for model in ("math", "chat", "code", "meta/llama3")}
+    assert table == {"math": ([1.0, 0.6, 0.0], [0.8, 0.8, 0.8]), "chat": ([0.0, 0.0, 1.0], [0.8, 0.8, 0.8]),
+                     "code": ([1.0, 1.0, 0.0], [0.8, 1.0, 0.8]), "meta/llama3": ([0.0, 0.0, 0.0], [0.8, 0.8, 0.8])}
+
+
 # ---- the picker's side, tests/epp_scorer.py ------------------------------------------------------------------
 
 VLLM_LIKE = """\
