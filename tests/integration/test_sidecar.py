@@ -17,10 +17,12 @@ from pathlib import Path
 import kubernetes
 import pytest
 
+from loraplex.api.contract import RESIDENCY_METRIC
 from loraplex.api.types import AdapterFormat, BaseModelDeploymentSpec, Runtime
 from loraplex.local.apiproxy import ApiProxy
 from loraplex.operator.runtimes.nim import NimProfile
 from tests.adapters import make_hf_adapter_for, make_nemo_adapter
+from tests.epp_scorer import LoraMetrics, latest_series, lora_affinity_score, lora_metrics
 from tests.fakes.files import FileServer, self_signed_certificate
 from tests.fakes.runtime import FakeNim, Switch
 from tests.integration.harness import wait_for
@@ -654,3 +656,33 @@ def test_demand_levels_follow_real_vllms_queue_and_go_idle_when_requests_stop(wr
     until(sidecar, lambda: [demand()[name] for name in hot] == ["Idle"] * 3, "each adapter Idle once requests "
           "stopped", 60)
     assert demand()[fixed] is None  # its count does not follow demand: no level, no writes for it
+
+
+def test_the_picker_sees_an_idle_adapter_on_the_sidecars_residency_and_not_on_vllms_own_metric(
+        writer, vllm, sidecar_factory):
+    """Both /metrics scraped as the endpoint picker would (tests/epp_scorer.py): once math's request is over,
+    vLLM's newest series no longer names it, while the sidecar's still does and scores it 1.0 here; squad,
+    placed on another replica, scores 0."""
+    sidecar = sidecar_factory(vllm)
+    writer.add("math", "s3://adapters/llama3/math")
+    writer.add("squad", "s3://adapters/llama3/squad", slots=[1])  # this pod has no slot: not placed here
+    until(sidecar, lambda: writer.state("math") == "Loaded", "math Loaded")
+    vllm.greedy_tokens("math")
+
+    def scraped() -> tuple[LoraMetrics, LoraMetrics]:
+        return (lora_metrics(sidecar.get("/metrics")[1], RESIDENCY_METRIC),
+                lora_metrics(vllm.request("GET", "/metrics")[1], "vllm:lora_requests_info"))
+
+    # vLLM sets its gauge once more just after it answers, the sidecar once math's worker is done.
+    until(sidecar, lambda: "math" in scraped()[0].active and "math" not in scraped()[1].active,
+          "the sidecar naming math and vLLM's newest series not")
+    residency, vllms = scraped()
+    # vLLM did see math, while its request ran: that series is still there, older than the newest.
+    vllm_metrics = vllm.request("GET", "/metrics")[1]
+    assert 'running_lora_adapters="math"' in vllm_metrics
+    assert latest_series(vllm_metrics, "vllm:lora_requests_info") == {
+        "max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert residency == LoraMetrics(active=frozenset({"math"}), waiting=frozenset(), max_active=1)
+    assert (lora_affinity_score(residency, "math"), lora_affinity_score(residency, "squad")) == (1.0, 0.0)
+    assert "math" not in vllms.active | vllms.waiting and lora_affinity_score(vllms, "math") < 1.0
+    assert writer.state("squad") is None and "squad" not in vllm.adapters()

@@ -23,6 +23,7 @@ from loraplex.sidecar.demand import DemandTracker
 from loraplex.sidecar.lifecycle import AdapterLifecycle
 from loraplex.sidecar.metrics import SidecarMetrics
 from loraplex.sidecar.reporter import ReplicaReporter
+from loraplex.sidecar.residency import residency_of
 from loraplex.sidecar.runtimes import RuntimeClient, RuntimeUnavailable
 from loraplex.sidecar.slots import AdapterSlot, Remove, Sync, Worker
 from loraplex.sidecar.store import VolumeStore
@@ -256,6 +257,7 @@ class Agent:
                 counts[slot.state] += 1
         for state, count in counts.items():
             self.metrics.adapters.labels(state=state.value).set(count)
+        self.metrics.residency.publish(residency_of(self.slots.values()), time.time())
 
 
 def default_session() -> aiohttp.ClientSession:

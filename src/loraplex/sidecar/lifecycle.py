@@ -187,6 +187,7 @@ class AdapterLifecycle:
                     # The folder is about to be replaced: the runtime must drop the old weights first.
                     await self.runtime.unload(slot.name)
                     slot.mark_unloaded()
+                    self.wake()  # the published residency must stop naming it as served at once
                 slot.installed = await asyncio.to_thread(self.store.install, staging, record)
                 if fetched.fingerprint is not None:
                     self.local_fingerprints[adapter.source] = fetched.fingerprint

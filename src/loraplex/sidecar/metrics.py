@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from loraplex.sidecar.residency import ResidencyGauge
+
 
 class SidecarMetrics:
     def __init__(self) -> None:
@@ -20,3 +22,4 @@ class SidecarMetrics:
         self.load_seconds = Histogram("loraplex_sidecar_runtime_load_seconds", "Seconds the runtime took to load "
                                       "an adapter", registry=self.registry,
                                       buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.residency = ResidencyGauge(self.registry)
