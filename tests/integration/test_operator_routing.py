@@ -132,3 +132,64 @@ def test_a_name_too_long_for_the_pickers_service_is_refused_for_routing_only(clu
     assert "at most 59 characters" in message and f"{name}-epp" in message
     assert cluster.condition(cluster.base_model(name), "Reconciled")["status"] == "True"
     assert cluster.apps.read_namespaced_deployment(name, cluster.namespace)
+
+
+REWRITES = ("inference.networking.x-k8s.io", "v1alpha2", "inferencemodelrewrites")  # the vendored CRDs' group
+
+
+def rewrites(cluster: Cluster) -> dict[str, list[tuple[str, int]]]:
+    """The model rewrites in the namespace: model name -> [(served name, weight)]."""
+    items = cluster.custom.list_namespaced_custom_object(*REWRITES[:2], cluster.namespace, REWRITES[2])["items"]
+    return {rule["matches"][0]["model"]["value"]: [(t["modelRewrite"], t["weight"]) for t in rule["targets"]]
+            for item in items for rule in item["spec"]["rules"]}
+
+
+def traffic(cluster: Cluster) -> dict[str, dict]:
+    return {m["model"]: m for m in cluster.base_model("llama3").get("status", {}).get("traffic") or []}
+
+
+def test_versions_share_a_model_name_and_a_failed_version_is_rolled_back(cluster, start_operator, admin):
+    admin("apply", "-f", str(UPSTREAM_CRDS))
+    admin("wait", "--for=condition=Established", "--timeout=60s", f"crd/{POOL_CRD}",
+          "crd/inferencemodelrewrites.inference.networking.x-k8s.io")
+    operator = start_operator()
+    cluster.apply_base_model("llama3", replicas=2, routing={})
+    cluster.apply_adapter("math-v1", traffic={"model": "math", "weight": 90})
+    cluster.apply_adapter("math-v2", traffic={"model": "math", "weight": 10})
+    pods = replicas(operator, cluster, 2)
+
+    # Nothing is loaded yet: no request for math can be answered, so none is rewritten.
+    until(operator, lambda: traffic(cluster).get("math", {}).get("problem")
+          == "No adapter naming it is loaded on any replica", "math: nothing loaded yet")
+    assert rewrites(cluster) == {}
+
+    for pod in pods:
+        cluster.report("math-v1", pod, "Loaded")
+    until(operator, lambda: rewrites(cluster) == {"math": [("math-v1", 90)]}, "math -> v1 only")
+    for pod in pods:
+        cluster.report("math-v2", pod, "Loaded")
+    until(operator, lambda: rewrites(cluster) == {"math": [("math-v1", 90), ("math-v2", 10)]}, "math -> v1, v2")
+    until(operator, lambda: [t["adapter"] for t in traffic(cluster)["math"]["targets"]] == ["math-v1", "math-v2"],
+          "status.traffic: math shared by v1 and v2")
+
+    # The new version fails to load on one replica: it is withdrawn from math's requests, and the status and an
+    # Event say so; the old version gets them all.
+    cluster.report("math-v2", pods[1], "Failed", reason="LoadFailed", message="the runtime refused it")
+    until(operator, lambda: rewrites(cluster) == {"math": [("math-v1", 90)]}, "v2 rolled back")
+    until(operator, lambda: traffic(cluster)["math"].get("withheld") == [
+        {"adapter": "math-v2", "reason": "it is Failed; the requests go to math-v1"}], "status.traffic: v2 withheld")
+    until(operator, lambda: any(e.reason == "TrafficWithdrawn" and "math-v2" in e.message
+                                for e in cluster.events_for("llama3")), "a TrafficWithdrawn Event")
+
+    # A model name another adapter serves is not taken from it.
+    cluster.apply_adapter("chat", source="s3://adapters/chat")
+    cluster.apply_adapter("chat-v2", traffic={"model": "chat"})
+    until(operator, lambda: "served name of LoraAdapter chat" in (traffic(cluster).get("chat", {}).get("problem")
+                                                                  or ""), "chat: the name is taken")
+    assert "chat" not in rewrites(cluster)
+
+    # No adapter shares math any more: its rewrite is deleted.
+    for name in ("math-v1", "math-v2"):
+        cluster.custom.patch_namespaced_custom_object("loraplex.io", "v1alpha1", cluster.namespace, "loraadapters",
+                                                      name, {"spec": {"traffic": None}})
+    until(operator, lambda: rewrites(cluster) == {} and "math" not in traffic(cluster), "math's rewrite deleted")

@@ -22,6 +22,7 @@ from loraplex.operator.routing import (
 )
 from loraplex.operator.routing_runs import discover_routing_apis
 from loraplex.operator.settings import OperatorSettings
+from tests.epp_scorer import LoraMetrics, lora_affinity_score
 
 OWNER = {"apiVersion": "loraplex.io/v1alpha1", "kind": "BaseModelDeployment",
          "metadata": {"name": "llama3", "namespace": "inference", "uid": "uid-1"}}
@@ -96,7 +97,7 @@ def test_the_picker_scores_by_the_adapters_pods_hold_and_every_plugin_it_refers_
     sources = config["dataLayer"]["sources"]
     assert {s["pluginRef"] for s in sources} | {e["pluginRef"] for s in sources for e in s["extractors"]} <= declared
     weights = {ref["pluginRef"]: ref.get("weight") for ref in profile["plugins"]}
-    assert weights["lora-affinity-scorer"] == 4 and dict(SCORERS) == {k: v for k, v in weights.items() if v}
+    assert weights["lora-affinity-scorer"] > 0 and dict(SCORERS) == {k: v for k, v in weights.items() if v}
     assert {"max-score-picker", "single-profile-handler"} <= declared
 
 
@@ -139,23 +140,31 @@ def test_every_object_routing_renders_is_pruned_by_kind_and_name():
 
 
 class FakeDiscovery:
-    def __init__(self, answer):
-        self.answer = answer
+    def __init__(self, answers):
+        self.answers = answers  # group/version -> its resources' names
 
     async def get(self, path):
-        assert path == "/apis/inference.networking.k8s.io/v1"
-        if self.answer is None:
+        resources = self.answers.get(path.removeprefix("/apis/"))
+        if resources is None:
             raise NotFound(404, "NotFound", "the server could not find the requested resource")
-        return self.answer
+        return {"resources": [{"name": name} for name in resources]}
 
 
-@pytest.mark.parametrize(("answer", "served"), [
-    (None, False),
-    ({"resources": [{"name": "inferencepools"}, {"name": "inferencepools/status"}]}, True),
-    ({"resources": [{"name": "somethingelse"}]}, False),
+POOL_API = "inference.networking.k8s.io/v1"
+LLMD, XK8S = "llm-d.ai/v1alpha2", "inference.networking.x-k8s.io/v1alpha2"
+
+
+@pytest.mark.parametrize(("answers", "pool", "rewrite"), [
+    ({}, False, None),
+    ({POOL_API: ["inferencepools", "inferencepools/status"]}, True, None),
+    ({POOL_API: ["somethingelse"]}, False, None),
+    ({POOL_API: ["inferencepools"], XK8S: ["inferenceobjectives", "inferencemodelrewrites"]}, True, XK8S),
+    ({POOL_API: ["inferencepools"], XK8S: ["inferencemodelrewrites"], LLMD: ["inferencemodelrewrites"]}, True, LLMD),
+    ({LLMD: ["inferenceobjectives"], XK8S: ["inferencemodelrewrites"]}, False, XK8S),
 ])
-def test_the_pool_api_is_discovered(answer, served):
-    assert asyncio.run(discover_routing_apis(FakeDiscovery(answer))).inference_pool is served
+def test_the_routing_apis_are_discovered_and_llm_d_preferred_as_the_picker_does(answers, pool, rewrite):
+    apis = asyncio.run(discover_routing_apis(FakeDiscovery(answers)))
+    assert (apis.inference_pool, apis.model_rewrite) == (pool, rewrite)
 
 
 def plugin(config, name):
@@ -178,3 +187,19 @@ def test_the_picker_reads_load_from_the_runtime_and_residency_only_from_the_side
     assert {e["name"] for e in residency["engineConfigs"]} >= {"vllm", "sglang", "trtllm-serve", "triton",
                                                                 "triton-tensorrt-llm", residency["defaultEngine"]}
     assert all(e == {"name": e["name"], "loraSpec": RESIDENCY_METRIC} for e in residency["engineConfigs"])
+
+
+def test_a_pod_holding_the_adapter_wins_over_any_other_whatever_the_load():
+    """The profile's total, as the picker sums it (each scorer clamped to 0..1 times its weight), on residency as the
+    sidecar publishes it: the holder at its busiest against the best other pods, by the picker's own rule."""
+    weights = dict(SCORERS)
+    load = sum(weight for name, weight in weights.items() if name != "lora-affinity-scorer")
+
+    def total(residency: LoraMetrics, load_scores: float) -> float:
+        return weights["lora-affinity-scorer"] * lora_affinity_score(residency, "math") + load_scores * load
+
+    holder = LoraMetrics(active=frozenset({"math", "chat"}), waiting=frozenset(), max_active=2)
+    loading = LoraMetrics(active=frozenset({"chat"}), waiting=frozenset({"math"}), max_active=2)
+    other = LoraMetrics(active=frozenset({"chat"}), waiting=frozenset(), max_active=1)
+    empty = LoraMetrics(active=frozenset(), waiting=frozenset(), max_active=0)
+    assert total(holder, 0.0) > total(loading, 1.0) > total(other, 1.0) == total(empty, 1.0)

@@ -88,6 +88,9 @@ app.kubernetes.io/component: operator
   resources: [inferencepools]
   verbs: [get, list, watch, create, update, patch, delete]
 - apiGroups: [llm-d.ai, inference.networking.x-k8s.io]
-  resources: [inferenceobjectives, inferencemodelrewrites]
+  resources: [inferencemodelrewrites]
+  verbs: [get, list, watch, create, update, patch, delete]
+- apiGroups: [llm-d.ai, inference.networking.x-k8s.io]
+  resources: [inferenceobjectives]
   verbs: [get, list, watch]
 {{- end }}

@@ -297,6 +297,27 @@ class BaseModelDeploymentSpec(Model):
         default=None, description="Adapter-aware routing (an InferencePool and its endpoint picker); off when unset.")
 
 
+class TrafficTarget(Model):
+    adapter: str = Field(description="The LoraAdapter.")
+    served_name: str = Field(description="The name requests are rewritten to.")
+    weight: int = Field(description="Its relative share of the requests.")
+
+
+class WithheldTarget(Model):
+    adapter: str = Field(description="The LoraAdapter.")
+    reason: str = Field(description="Why it gets no requests for the model now.")
+
+
+class ModelTraffic(Model):
+    """How requests for one model name are shared among the adapters whose spec.traffic names it."""
+
+    model: str = Field(description="The model name clients request.")
+    targets: list[TrafficTarget] | None = Field(default=None, description="The adapters that get its requests.")
+    withheld: list[WithheldTarget] | None = Field(
+        default=None, description="Adapters that name it but get none of its requests now, and why.")
+    problem: str | None = Field(default=None, description="Why no request for it is rewritten at all.")
+
+
 class BaseModelDeploymentStatus(Model):
     observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
     replicas: int | None = Field(default=None, description="Pods of the current Deployment.")
@@ -305,6 +326,8 @@ class BaseModelDeploymentStatus(Model):
     adapters_ready: int | None = Field(default=None, description="Adapters Ready on every replica.")
     endpoint: str | None = Field(default=None, description="OpenAI-compatible endpoint (Service DNS).")
     conditions: list[Condition] | None = Field(default=None, description="Observations of the state.")
+    traffic: list[ModelTraffic] | None = Field(
+        default=None, description="Model names shared among adapters (their spec.traffic), by routing.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +335,16 @@ class BaseModelDeploymentStatus(Model):
 
 
 MAX_REPLICAS_RULE = "spec.maxReplicas needs spec.replicas (the fewest replicas) and must be at least it"
+
+
+class TrafficSpec(Model):
+    model: str = Field(
+        pattern=SERVED_NAME, max_length=MAX_SERVED_NAME,
+        description="A model name clients request that this adapter serves a share of: the endpoint picker rewrites "
+                    "it to this adapter's served name for weight parts of its requests. The adapters naming the "
+                    "same model share it while they serve; one that fails or is not loaded anywhere gets none. "
+                    "Needs spec.routing on the base model.")
+    weight: int = Field(default=1, ge=1, le=1_000_000, description="This adapter's relative share of the requests.")
 
 
 class LoraAdapterSpec(Model):
@@ -343,6 +376,8 @@ class LoraAdapterSpec(Model):
         description="The most replicas the operator may grow this adapter to while its requests queue on every "
                     "replica holding it; it shrinks back towards replicas when they go idle.",
     )
+    traffic: TrafficSpec | None = Field(
+        default=None, description="Serve a share of another model name's requests (canaries, versions).")
 
     model_config = ConfigDict(json_schema_extra={"x-kubernetes-validations": [
         {"rule": "!has(self.maxReplicas) || (has(self.replicas) && self.maxReplicas >= self.replicas)",

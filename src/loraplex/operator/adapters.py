@@ -200,6 +200,10 @@ class AdapterStatusUpdate:
     def phase(self) -> str:
         return self.status["phase"]
 
+    @property
+    def serving(self) -> bool:
+        return int(self.status.get("readyReplicas") or 0) > 0
+
 
 def replica_reports(entries: Mapping[str, Any]) -> dict[str, ReplicaAdapterStatus]:
     """One adapter's entries in the replicas' LoraReplicas, parsed, by pod name. An entry that does not parse

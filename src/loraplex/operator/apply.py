@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 PLURALS = {
     "Deployment": "deployments", "Service": "services", "ServiceAccount": "serviceaccounts",
     "ConfigMap": "configmaps", "Role": "roles", "RoleBinding": "rolebindings", "InferencePool": "inferencepools",
+    "InferenceModelRewrite": "inferencemodelrewrites",
 }
 
 

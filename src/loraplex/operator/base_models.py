@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loraplex.api.conditions import condition
-from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec, BaseModelDeploymentStatus
+from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec, BaseModelDeploymentStatus, ModelTraffic
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.naming import endpoint
 
@@ -47,13 +47,15 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
                       adapters: list[AdapterView], phases: Mapping[str, str] | None = None,
                       replica_problems: Mapping[str, str] | None = None,
-                      routing: dict[str, Any] | None = None) -> dict[str, Any]:
+                      routing: dict[str, Any] | None = None,
+                      traffic: list[ModelTraffic] | None = None) -> dict[str, Any]:
     """Every operator-owned status field; conditions carry no transition times yet.
 
     `problem` is the (reason, message) of why the spec could not be applied, or None. `phases` are the
     adapters' phases by name as the operator last decided them, which its watch may not show yet.
     `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem). `routing` is the
-    Routing condition (routing.routing_condition), None when routing is off.
+    Routing condition (routing.routing_condition), None when routing is off; `traffic` the plan of shared model
+    names (traffic.plan_traffic).
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
@@ -112,4 +114,5 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
         # Given even when None, so the reconciler removes an endpoint that no longer holds.
         endpoint=endpoint(meta["name"], meta["namespace"], spec.port) if spec and named else None,
         conditions=[reconciled, available, adapters_ready, *([routing] if routing else [])],
+        traffic=traffic or None,
     ).to_patch()

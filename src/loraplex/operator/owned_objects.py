@@ -60,6 +60,8 @@ class OwnedObjectRuns(RoutingRuns):
                     spec.runtime, deployed_version(spec.runtime, spec.image, spec.runtime_version)))
         record = self._base_model_record(key)
         record.apply_problem, record.routing_problem = problem, routing_problem
+        if spec is not None and not bad_name:
+            await self.apply_traffic(key)
 
     async def _note_assumed_version(self, key: Key, body: dict[str, Any], note: str | None) -> None:
         """Warn once per spec that its runtime version is assumed: the rules it is judged by may be wrong."""

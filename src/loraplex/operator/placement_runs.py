@@ -10,7 +10,7 @@ from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.types import API_VERSION, LORA_ADAPTER, BaseModelDeploymentSpec
 from loraplex.kube import resource_path
 from loraplex.operator import render
-from loraplex.operator.adapters import AdapterView, desired_adapters
+from loraplex.operator.adapters import AdapterStatusUpdate, AdapterView, desired_adapters
 from loraplex.operator.cluster_view import ClusterView, Key, first
 from loraplex.operator.demand_scaling import holder_levels, replicas_wanted, scaled_replicas
 from loraplex.operator.events import post_event
@@ -25,7 +25,7 @@ class PlacementRuns(ClusterView):
     def _base_model_record(self, key: Key) -> BaseModelRecord:
         raise NotImplementedError
 
-    async def _reconcile_adapter(self, view: AdapterView) -> str:
+    async def _reconcile_adapter(self, view: AdapterView) -> AdapterStatusUpdate:
         raise NotImplementedError
 
     def owners_of(self, key: Key) -> dict[str, AdapterView]:

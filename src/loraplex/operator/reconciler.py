@@ -19,6 +19,7 @@ from loraplex.operator.adapter_finalizer import set_finalizer
 from loraplex.operator.adapter_set_runs import AdapterSetRuns
 from loraplex.operator.adapters import (
     FINALIZER,
+    AdapterStatusUpdate,
     AdapterView,
     adapter_set_full,
     adapter_status,
@@ -57,6 +58,7 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         # burst of adapter changes is published a few times a second, not once per adapter.
         self._adapter_sets = Coalescer(self._sync_adapter_set, settings.batch_seconds)
         self._base_statuses = Coalescer(self._write_base_model_status, settings.batch_seconds)
+        self._traffic_runs = Coalescer(self.apply_traffic)
 
     # ---- served names ------------------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         routing = routing_condition(spec, record.routing_problem, first(self.pickers, key), key[1],
                                     int(body["metadata"].get("generation") or 1))
         desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key),
-                                    routing)
+                                    routing, record.traffic)
         known = record.known_status(body.get("status") or {}).get("conditions")
         before = {kind: find(known, kind) for kind in ("Reconciled", "Routing")}
         await write_status(self.client, record, BASE_MODEL_DEPLOYMENT.plural, body, desired)
@@ -205,7 +207,9 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
             if before is None or before.claim != claim:
                 for base in {claim.base, before.claim.base if before else None}:
                     self._forget_owners((namespace, base or ""))
-            after = AdapterFacts(claim, await self._reconcile_adapter(view))
+            update = await self._reconcile_adapter(view)
+            after = AdapterFacts(claim, update.phase, update.serving,
+                                 view.spec.traffic.model if view.spec and view.spec.traffic else None)
             self._adapter_record(view).facts = after
         if before == after:
             return  # most events are status writes and replica reports: nothing else depends on them
@@ -214,6 +218,8 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
             if claim_changed:
                 await self._adapter_sets.run((namespace, base))
                 await self._recheck_served_name_rivals((namespace, base), key, before, after)
+            if any(facts is not None and facts.traffic for facts in (before, after)):
+                await self._traffic_runs.run((namespace, base))
             await self._base_statuses.run((namespace, base))
 
     async def _recheck_served_name_rivals(self, base: Key, key: Key, before: AdapterFacts | None,
@@ -252,8 +258,8 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         for view in self.adapters_of(key):
             await self._reconcile_adapter(view)
 
-    async def _reconcile_adapter(self, view: AdapterView) -> str:
-        """Finalizer, verdict and status of one adapter; returns the phase it now has."""
+    async def _reconcile_adapter(self, view: AdapterView) -> AdapterStatusUpdate:
+        """Finalizer, verdict and status of one adapter; returns the status it now has."""
         async with self._locks[("adapter", view.namespace, view.name)]:
             record = self._adapter_record(view)
             if not view.deleting and FINALIZER not in view.finalizers and record.finalizer_given_to != view.uid:
@@ -281,7 +287,7 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
                 await self._announce_phase(view, update.phase, update.status)
             if view.deleting and FINALIZER in view.finalizers and cleanup_done(replicas, entries):
                 await set_finalizer(self.client, view, present=False)
-            return update.phase
+            return update
 
     async def _announce_phase(self, view: AdapterView, phase: str, status: dict[str, Any]) -> None:
         ready = next(c for c in status["conditions"] if c["type"] == "Ready")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from loraplex.api.types import ModelTraffic
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.placing import PlacementPlan
 
@@ -30,10 +31,13 @@ class AdapterClaim:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFacts:
-    """The parts of an adapter that other objects depend on: its claim, and its phase (for the counts)."""
+    """The parts of an adapter that other objects depend on: its claim, its phase (for the counts), and whether it
+    serves a shared model name's requests."""
 
     claim: AdapterClaim
     phase: str
+    serving: bool = False  # loaded on at least one replica
+    traffic: str | None = None  # the model name its spec.traffic shares, if any
 
 
 @dataclasses.dataclass
@@ -81,6 +85,8 @@ class BaseModelRecord(StatusRecord):
     applied_adapter_set: dict[str, Any] | None = None
     version_note: str | None = None  # the runtime-version assumption we last warned of
     routing_problem: tuple[str, str] | None = None  # (reason, message) of why routing is not in place
+    traffic: list[ModelTraffic] | None = None  # the last plan of shared model names (None: none made yet)
+    applied_rewrites: set[str] | None = None  # names of the InferenceModelRewrites it owns (None: unknown)
     # What the last full reconcile saw of the object: (uid, generation, deletionTimestamp).
     reconciled: tuple[Any, ...] | None = None
     # Who holds each served name among its adapters; None whenever an adapter's claim changes.
@@ -100,3 +106,4 @@ class BaseModelRecord(StatusRecord):
         self.applied_adapter_set = None
         self.reconciled = None
         self.served_name_owners = None
+        self.applied_rewrites = None

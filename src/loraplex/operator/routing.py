@@ -6,26 +6,34 @@ Service and least-privilege RBAC. Pure; names and flags as docs/routing/upstream
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import re
 from typing import Any
 
 import yaml
 
 from loraplex.api.conditions import condition
 from loraplex.api.contract import RESIDENCY_METRIC, SIDECAR_PORT
-from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec, Runtime
+from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec, Runtime, TrafficTarget
 from loraplex.operator.naming import MAX_NAME_LENGTH, ChildNames, object_metadata, selector_labels
 
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_API_VERSION = f"{POOL_GROUP}/v1"
 # InferenceObjective and InferenceModelRewrite: the picker reads llm-d.ai, and the older group when that is absent.
 OBJECTIVE_GROUPS = ("llm-d.ai", "inference.networking.x-k8s.io")
+OBJECTIVE_VERSION = "v1alpha2"
+MODEL_LABEL_ANNOTATION = "loraplex.io/model"
 PICKER_CONFIG_API_VERSION = "llm-d.ai/v1alpha1"
 EXT_PROC_PORT, HEALTH_PORT, METRICS_PORT = 9002, 9003, 9090
 CONFIG_FILE = "config.yaml"
-# The scorers and weights: KServe's defaults for a model with adapters (lora-affinity 4 beside the queue,
-# KV-cache and prefix-cache scorers), without its no-hit LRU scorer.
-SCORERS = (("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("prefix-cache-scorer", 3),
-           ("lora-affinity-scorer", 4))
+# The scorers and weights. Queue, KV cache and prefix cache as in the picker's own default; the adapter scorer
+# outweighs them all: under loraplex a pod answers only for the adapters placed on it, so their load must only
+# choose among the pods that hold the adapter. Each scorer gives 0..1, and the adapter scorer gives 1 to a pod
+# holding it, 0.6 to one still loading it and 0 to the rest, so a weight above 2.5 times the others' sum makes a
+# holder outrank a loading pod, and a loading pod any other, whatever their load (tests/unit/test_routing.py).
+LOAD_SCORERS = (("queue-scorer", 2), ("kv-cache-utilization-scorer", 2), ("prefix-cache-scorer", 3))
+LORA_AFFINITY_WEIGHT = sum(weight for _, weight in LOAD_SCORERS) * 5 // 2 + 1
+SCORERS = (*LOAD_SCORERS, ("lora-affinity-scorer", LORA_AFFINITY_WEIGHT))
 COMPONENT = "endpoint-picker"
 PICKER_STARTING = frozenset({"EndpointPickerMissing", "EndpointPickerUnavailable"})
 
@@ -263,3 +271,29 @@ def routing_condition(spec: BaseModelDeploymentSpec | None, problem: tuple[str, 
     return condition("Routing", True, "EndpointPickerAvailable",
                      f"InferencePool {names.inference_pool} sends each request to a replica holding its adapter, "
                      f"chosen by the endpoint picker {names.endpoint_picker}.", generation)
+
+
+def model_rewrite_name(base_model: str, model: str) -> str:
+    """A name per (base model, model name): the model name made DNS-safe, with a hash so that names differing
+    only in case or punctuation stay apart."""
+    slug = re.sub(r"[^a-z0-9]+", "-", model.lower()).strip("-")[:40].strip("-")
+    return f"{base_model}-{slug}-{hashlib.sha256(model.encode()).hexdigest()[:8]}"
+
+
+def render_model_rewrite(owner: dict[str, Any], model: str, targets: list[TrafficTarget], api_version: str
+                         ) -> dict[str, Any]:
+    """An InferenceModelRewrite of the base model's pool: requests for `model` are rewritten to one target's
+    served name, drawn by weight, before the picker scores the pods by it."""
+    names = ChildNames(owner["metadata"]["name"])
+    metadata = object_metadata(owner, model_rewrite_name(names.base_model, model), "model-rewrite")
+    metadata["annotations"] = {MODEL_LABEL_ANNOTATION: model}
+    return {
+        "apiVersion": api_version,
+        "kind": "InferenceModelRewrite",
+        "metadata": metadata,
+        "spec": {
+            "poolRef": {"group": POOL_GROUP, "kind": "InferencePool", "name": names.inference_pool},
+            "rules": [{"matches": [{"model": {"type": "Exact", "value": model}}],
+                       "targets": [{"modelRewrite": t.served_name, "weight": t.weight} for t in targets]}],
+        },
+    }
