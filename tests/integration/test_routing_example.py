@@ -171,3 +171,37 @@ def test_what_the_operator_renders_for_the_example_passes_a_server_side_dry_run(
     pool = next(doc for doc in stored if doc["kind"] == "InferencePool")
     assert pool["metadata"]["name"] == one(manifests(EXAMPLE / "gateway"), "HTTPRoute")["spec"]["rules"][0][
         "backendRefs"][0]["name"]
+
+
+def test_the_canary_shares_a_served_name_and_its_rewrite_passes_a_server_side_dry_run(inference_pool_crd,
+                                                                                     kubeconfig: Path, namespace,
+                                                                                     tmp_path):
+    """canary/: the versions parse and the API server takes them as they are; the rewrite the operator makes of
+    them once both serve passes the vendored InferenceModelRewrite CRD (inference.networking.x-k8s.io)."""
+    from loraplex.api.types import LoraAdapterSpec
+    from loraplex.operator.routing import render_model_rewrite
+    from loraplex.operator.traffic import Candidate, plan_traffic
+
+    versions = [doc for doc in manifests(EXAMPLE / "canary") if doc["kind"] == "LoraAdapter"]
+    specs = {doc["metadata"]["name"]: LoraAdapterSpec.model_validate(doc["spec"]) for doc in versions}
+    served = {name: spec.served_name or name for name, spec in specs.items()}
+    [model] = {spec.traffic.model for spec in specs.values()}
+    assert model in served.values()  # the version serving under that name shares it, so it is not taken from it
+    kubectl = kubectl_with(kubeconfig, tmp_path / "kube-cache")
+    adapters = [{**doc, "metadata": {**doc["metadata"], "namespace": namespace}} for doc in versions]
+    result = kubectl("apply", "--dry-run=server", "--validate=strict", "-o", "json", "-f", "-",
+                     stdin=yaml.safe_dump_all(adapters), check=False)
+    assert result.returncode == 0, result.stderr
+
+    [plan] = plan_traffic([Candidate(name, served[name], spec.traffic.model, spec.traffic.weight, "Ready", True)
+                           for name, spec in specs.items()], {served[n]: n for n in specs}, None)
+    body, _ = example_base_model()
+    body = {**body, "metadata": {**body["metadata"], "namespace": namespace}}
+    rewrite = render_model_rewrite(body, plan.model, plan.targets, "inference.networking.x-k8s.io/v1alpha2")
+    rewrite["metadata"].pop("ownerReferences")
+    result = kubectl("apply", "--dry-run=server", "--validate=strict", "-o", "json", "-f", "-",
+                     stdin=yaml.safe_dump(rewrite), check=False)
+    assert result.returncode == 0, result.stderr
+    targets = json.loads(result.stdout)["spec"]["rules"][0]["targets"]
+    assert targets == [{"modelRewrite": "llama3-8b-math", "weight": 9}, {"modelRewrite": "llama3-8b-math-v2",
+                                                                         "weight": 1}]
