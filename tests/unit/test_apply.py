@@ -1,9 +1,10 @@
+import asyncio
 import json
 
 import pytest
 
 from loraplex.api.types import BaseModelDeploymentSpec
-from loraplex.operator.apply import in_sync, is_quantity, is_subset
+from loraplex.operator.apply import TakenByAnother, apply_object, in_sync, is_quantity, is_subset, other_controller
 from loraplex.operator.render import render_deployment
 from loraplex.operator.settings import OperatorSettings
 
@@ -95,3 +96,32 @@ def test_a_rendered_deployment_stays_in_sync_after_the_api_server_normalises_its
         for key, value in obj.items()})
     assert live != desired  # the server did rewrite some
     assert in_sync(desired, live)
+
+
+def owned_by(kind, name, uid):
+    return {"metadata": {"name": "x", "ownerReferences": [
+        {"apiVersion": "loraplex.io/v1alpha1", "kind": kind, "name": name, "uid": uid, "controller": True}]}}
+
+
+def test_an_object_another_owner_controls_is_not_taken_over():
+    desired = {"kind": "Service", **owned_by("BaseModelDeployment", "foo", "uid-foo")}
+    # "foo-epp", the picker Service of model foo, is also the Service of a model named foo-epp.
+    assert other_controller(desired, owned_by("BaseModelDeployment", "foo-epp", "uid-2"))["name"] == "foo-epp"
+    # The same owner, or an earlier object of its kind and name (deleted and made again): converged as ours.
+    assert other_controller(desired, owned_by("BaseModelDeployment", "foo", "uid-foo")) is None
+    assert other_controller(desired, owned_by("BaseModelDeployment", "foo", "uid-old")) is None
+    # Nobody controls it (made by hand, say): adopted.
+    assert other_controller(desired, {"metadata": {"name": "x"}}) is None
+
+
+def test_taking_over_refuses_with_a_sentence_naming_both():
+    class Client:
+        async def get_or_none(self, path):
+            return {"apiVersion": "v1", "kind": "Service", **owned_by("BaseModelDeployment", "foo-epp", "uid-2")}
+
+    desired = {"apiVersion": "v1", "kind": "Service",
+               "metadata": {**owned_by("BaseModelDeployment", "foo", "uid-foo")["metadata"], "name": "foo-epp",
+                            "namespace": "ns"}}
+    with pytest.raises(TakenByAnother, match="Service foo-epp exists and is controlled by BaseModelDeployment "
+                                             "foo-epp; loraplex does not take it over"):
+        asyncio.run(apply_object(Client(), desired))

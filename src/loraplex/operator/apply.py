@@ -7,7 +7,7 @@ from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
 
-from loraplex.kube import KubeClient, NotFound, resource_path, retry_on_conflict
+from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +69,38 @@ def in_sync(desired: dict[str, Any], live: dict[str, Any]) -> bool:
             and live_meta.get("ownerReferences") == meta.get("ownerReferences"))
 
 
+class TakenByAnother(ApiError):
+    """The object's name is held by an object another owner controls (a BaseModelDeployment named like this one's
+    derived names, say): taking it over would steal that owner's object."""
+
+    def __init__(self, desired: dict[str, Any], controller: dict[str, Any]):
+        meta = desired["metadata"]
+        super().__init__(409, "AlreadyExists", f"{desired['kind']} {meta['name']} exists and is controlled by "
+                         f"{controller.get('kind')} {controller.get('name')}; loraplex does not take it over")
+
+
+def other_controller(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
+    """The controller of `live` when it is not the owner we render, nor an earlier object of that owner's kind and
+    name (a BaseModelDeployment deleted and created again, whose children the garbage collector has yet to take)."""
+    ours = next((r for r in desired["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
+    theirs = next((r for r in (live.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None)
+    if ours is None or theirs is None:
+        return None
+    same = all(theirs.get(field) == ours.get(field) for field in ("apiVersion", "kind", "name"))
+    return None if same else theirs
+
+
 async def apply_object(client: KubeClient, desired: dict[str, Any]) -> str:
-    """Create or converge one object; returns 'created', 'updated' or 'unchanged'."""
+    """Create or converge one object; returns 'created', 'updated' or 'unchanged'. Raises TakenByAnother when the
+    name is held by an object someone else controls."""
 
     async def attempt() -> str:
         live = await client.get_or_none(object_path(desired))
         if live is None:
             await client.create(object_path(desired, with_name=False), desired)
             return "created"
+        if (controller := other_controller(desired, live)) is not None:
+            raise TakenByAnother(desired, controller)
         if in_sync(desired, live):
             return "unchanged"
         meta, live_meta = desired["metadata"], live["metadata"]
