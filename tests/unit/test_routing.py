@@ -184,8 +184,10 @@ def test_the_picker_reads_load_from_the_runtime_and_residency_only_from_the_side
     # An engine given here replaces the built-in one of that name whole: every load metric is restated.
     assert engine["loraSpec"] == "" and engine["queuedRequestsSpec"] == queue and engine["kvUsageSpec"]
     residency = plugin(config, "lora-residency-extractor")["parameters"]
-    assert {e["name"] for e in residency["engineConfigs"]} >= {"vllm", "sglang", "trtllm-serve", "triton",
-                                                                "triton-tensorrt-llm", residency["defaultEngine"]}
+    names = [e["name"] for e in residency["engineConfigs"]]
+    assert len(names) == len(set(names))  # the picker refuses an engine defined twice
+    assert set(names) >= {"vllm", "sglang", "trtllm-serve", "triton", "triton-tensorrt-llm", engine["name"],
+                          residency["defaultEngine"]}
     assert all(e == {"name": e["name"], "loraSpec": RESIDENCY_METRIC} for e in residency["engineConfigs"])
 
 

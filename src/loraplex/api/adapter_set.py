@@ -20,7 +20,9 @@ DATA_KEY = "adapters.json"
 class DesiredAdapter(Model):
     name: str = Field(description="LoraAdapter metadata.name, where the sidecar reports status.")
     uid: str
-    generation: int = Field(description="LoraAdapter generation this entry was rendered from.")
+    generation: int = Field(description="The LoraAdapter generation at which what replicas load last changed (its "
+                                        "served name, source, format, expected rank or checksum). Other edits, "
+                                        "such as replicas or traffic, keep it, so they reload nothing.")
     served_name: str
     source: str
     format: AdapterFormat = AdapterFormat.AUTO

@@ -187,6 +187,23 @@ def desired_adapters(base_model: BaseModelDeploymentSpec, adapters: list[Adapter
     return desired
 
 
+def loaded_content(adapter: DesiredAdapter) -> tuple[object, ...]:
+    """What a replica loads for an adapter: a change to any of it is a new version to sync and load."""
+    return (adapter.served_name, adapter.source, adapter.format, adapter.expected_rank, adapter.sha256)
+
+
+def keep_generations(desired: list[DesiredAdapter], decided: Mapping[str, DesiredAdapter]) -> list[DesiredAdapter]:
+    """Each adapter at the generation already decided for what its replicas load (`decided`, by uid), unless that
+    changed: an edit of its replicas or traffic must not make every replica load it again."""
+    kept = []
+    for adapter in desired:
+        before = decided.get(adapter.uid)
+        same = before is not None and before.generation <= adapter.generation \
+            and loaded_content(before) == loaded_content(adapter)
+        kept.append(adapter.model_copy(update={"generation": before.generation}) if same and before else adapter)
+    return kept
+
+
 _VALIDATION_FAILURES = {FailureReason.VALIDATION_FAILED.value, FailureReason.CHECKSUM_MISMATCH.value}
 _SYNC_FAILURES = {FailureReason.DOWNLOAD_FAILED.value, FailureReason.SOURCE_NOT_FOUND.value,
                   FailureReason.ACCESS_DENIED.value, FailureReason.DISK_FULL.value}
@@ -218,11 +235,15 @@ def replica_reports(entries: Mapping[str, Any]) -> dict[str, ReplicaAdapterStatu
 
 
 def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[str],
-                   entries: Mapping[str, Any], placement: AdapterPlacement | None = None) -> AdapterStatusUpdate:
+                   entries: Mapping[str, Any], placement: AdapterPlacement | None = None,
+                   loaded_generation: int | None = None) -> AdapterStatusUpdate:
     """The status of `adapter` given its entries in the replicas' LoraReplicas (`entries`, by pod name) and the
     pods it is placed on (`placement`; None: every live replica). Only live replicas count, and only theirs are
-    shown in status.replicaStatus; only the pods it is placed on make it Ready or Failed."""
+    shown in status.replicaStatus; only the pods it is placed on make it Ready or Failed. Entries count when
+    they are of `loaded_generation`, the generation the adapter set gives it (keep_generations), by default its
+    own."""
     generation = adapter.generation
+    loaded_generation = generation if loaded_generation is None else loaded_generation
     reported = {pod: entry for pod, entry in replica_reports(entries).items() if pod in live_replicas}
     if not verdict.accepted or adapter.deleting:
         placed: list[str] = []
@@ -232,7 +253,7 @@ def adapter_status(adapter: AdapterView, verdict: Verdict, live_replicas: list[s
         everywhere = placement is None or (placement.replicas is None and not placement.shortfall)
         placed = list(live_replicas) if everywhere else [p for p in placement.pods if p in live_replicas]
     current = {pod: entry for pod, entry in reported.items()
-               if pod in placed and entry.observed_generation == generation}
+               if pod in placed and entry.observed_generation == loaded_generation}
     loaded = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.LOADED)
     failed = sorted(pod for pod, entry in current.items() if entry.state == ReplicaState.FAILED)
     replicas = len(live_replicas)

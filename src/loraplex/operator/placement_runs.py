@@ -10,7 +10,7 @@ from loraplex.api.adapter_set import AdapterSet, DesiredAdapter
 from loraplex.api.types import API_VERSION, LORA_ADAPTER, BaseModelDeploymentSpec
 from loraplex.kube import resource_path
 from loraplex.operator import render
-from loraplex.operator.adapters import AdapterStatusUpdate, AdapterView, desired_adapters
+from loraplex.operator.adapters import AdapterStatusUpdate, AdapterView, desired_adapters, keep_generations
 from loraplex.operator.cluster_view import ClusterView, Key, first
 from loraplex.operator.demand_scaling import holder_levels, replicas_wanted, scaled_replicas
 from loraplex.operator.events import post_event
@@ -31,6 +31,11 @@ class PlacementRuns(ClusterView):
     def owners_of(self, key: Key) -> dict[str, AdapterView]:
         raise NotImplementedError
 
+    def loaded_generation(self, key: Key, uid: str) -> int | None:
+        """The generation the adapter set gives an adapter (keep_generations); None before any plan has it."""
+        decided = self._base_model_record(key).decided
+        return decided[uid].generation if decided and uid in decided else None
+
     async def placement_of(self, key: Key, adapter: str) -> AdapterPlacement | None:
         """Where the plan puts an accepted adapter; None while its base model has no valid spec (every replica).
 
@@ -49,8 +54,10 @@ class PlacementRuns(ClusterView):
     async def _plan_placement(self, key: Key, spec: BaseModelDeploymentSpec,
                               adapters: list[DesiredAdapter]) -> PlacementPlan:
         record = self._base_model_record(key)
-        if record.replica_slots is None or record.scaled is None:
-            record.replica_slots, record.scaled = await self._persisted_placement(key)
+        if record.replica_slots is None or record.scaled is None or record.decided is None:
+            record.replica_slots, record.scaled, record.decided = await self._persisted_placement(key)
+        adapters = keep_generations(adapters, record.decided)
+        record.decided = {a.uid: a for a in adapters}
         views = {view.name: view for view in self.adapters_of(key)}
         specs = {a.name: view.spec for a in adapters if (view := views.get(a.name)) is not None and view.spec}
         wanted = {name: adapter_spec.replicas for name, adapter_spec in specs.items()}
@@ -84,10 +91,12 @@ class PlacementRuns(ClusterView):
         spec = self.parse_spec(body)[0] if body else None
         return plan is not None and spec is not None and plan.expected_pods != self.expected_pods(key, spec)
 
-    async def _persisted_placement(self, key: Key) -> tuple[dict[str, int], dict[str, int]]:
-        """The slots the adapter set carries, and how many replicas each adapter that follows demand holds, so
-        that an operator restart keeps every pod's adapters and every count demand reached. A failed read is
-        an error (the handler retries it): starting afresh would drop every count at once."""
+    async def _persisted_placement(self, key: Key
+                                   ) -> tuple[dict[str, int], dict[str, int], dict[str, DesiredAdapter]]:
+        """The slots the adapter set carries, how many replicas each adapter that follows demand holds, and each
+        adapter's entry by uid (the generation its replicas load), so that an operator restart keeps every pod's
+        adapters, every count demand reached and every version loaded. A failed read is an error (the handler
+        retries it): starting afresh would drop every count at once."""
         path = resource_path("v1", "configmaps", key[0], ChildNames(key[1]).adapter_set)
         live = await self.client.get_or_none(path)
         try:
@@ -95,9 +104,10 @@ class PlacementRuns(ClusterView):
         except ValueError:
             published = None  # unreadable: new slots, at the cost of moving adapters once
         if published is None:
-            return {}, {}
+            return {}, {}, {}
         return (dict(published.replica_slots or {}),
-                {a.name: len(a.slots) for a in published.adapters if a.follows_demand and a.slots is not None})
+                {a.name: len(a.slots) for a in published.adapters if a.follows_demand and a.slots is not None},
+                {a.uid: a for a in published.adapters})
 
     async def scale_with_demand(self, key: Key, adapters: set[str]) -> bool:
         """Step the count of each of `adapters` that follows demand by the levels its replicas report
@@ -129,11 +139,15 @@ class PlacementRuns(ClusterView):
         """A Scaled Event for each adapter that demand moved to another number of replicas: only once the new
         placement says so (a step placement finds no room for changes nothing, and says nothing)."""
         record = self._base_model_record(key)
-        reasons, record.scaling_reasons = record.scaling_reasons, {}
         views = {view.name: view for view in self.adapters_of(key)}
-        for name, why in sorted(reasons.items()):
+        for name, why in sorted(record.scaling_reasons.items()):
             was = before.placements[name].replicas if before and name in before.placements else None
             now = plan.placements[name].replicas if name in plan.placements else None
+            # A plan made before the step was decided has yet to show it: its reason waits for the next plan.
+            target = (record.scaled or {}).get(name)
+            if now is not None and now == was and target is not None and now != target:
+                continue
+            del record.scaling_reasons[name]
             if (view := views.get(name)) is None or now is None or was is None or now == was or view.spec is None:
                 continue
             involved = {"apiVersion": API_VERSION, "kind": LORA_ADAPTER.kind,

@@ -58,7 +58,7 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         # burst of adapter changes is published a few times a second, not once per adapter.
         self._adapter_sets = Coalescer(self._sync_adapter_set, settings.batch_seconds)
         self._base_statuses = Coalescer(self._write_base_model_status, settings.batch_seconds)
-        self._traffic_runs = Coalescer(self.apply_traffic)
+        self._traffic_runs = Coalescer(self.apply_traffic, settings.batch_seconds)
 
     # ---- served names ------------------------------------------------------------------------------
 
@@ -218,7 +218,8 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
             if claim_changed:
                 await self._adapter_sets.run((namespace, base))
                 await self._recheck_served_name_rivals((namespace, base), key, before, after)
-            if any(facts is not None and facts.traffic for facts in (before, after)):
+            # A shared name depends on the sharers' phases, and on which names the others serve.
+            if claim_changed or any(facts is not None and facts.traffic for facts in (before, after)):
                 await self._traffic_runs.run((namespace, base))
             await self._base_statuses.run((namespace, base))
 
@@ -278,7 +279,8 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
             replicas = self.live_replicas(base_key) if view.base_model else []
             entries = self.adapter_entries(base_key, view.name) if view.base_model else {}
             placed = await self.placement_of(base_key, view.name) if verdict.accepted and not view.deleting else None
-            update = adapter_status(view, verdict, replicas, entries, placed)
+            loaded = self.loaded_generation(base_key, view.uid) if view.base_model else None
+            update = adapter_status(view, verdict, replicas, entries, placed, loaded)
             adapter_body = {"metadata": {"namespace": view.namespace, "name": view.name},
                             "status": view.status}
             previous_phase = record.known_status(view.status).get("phase")

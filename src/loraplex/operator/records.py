@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from loraplex.api.adapter_set import DesiredAdapter
 from loraplex.api.types import ModelTraffic
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.placing import PlacementPlan
@@ -85,6 +86,7 @@ class BaseModelRecord(StatusRecord):
     applied_adapter_set: dict[str, Any] | None = None
     version_note: str | None = None  # the runtime-version assumption we last warned of
     routing_problem: tuple[str, str] | None = None  # (reason, message) of why routing is not in place
+    routing_applied: bool | None = None  # whether we applied routing objects (None: unknown, since start or resync)
     traffic: list[ModelTraffic] | None = None  # the last plan of shared model names (None: none made yet)
     applied_rewrites: set[str] | None = None  # names of the InferenceModelRewrites it owns (None: unknown)
     # What the last full reconcile saw of the object: (uid, generation, deletionTimestamp).
@@ -97,6 +99,9 @@ class BaseModelRecord(StatusRecord):
     placement: PlacementPlan | None = None
     propagated_placement: PlacementPlan | None = None
     warned_short: frozenset[str] = frozenset()  # adapters short of room when we last warned
+    # Each adapter's entry by uid as last planned: the generation its replicas load (None until read back from the
+    # adapter set), kept while what they load is unchanged.
+    decided: dict[str, DesiredAdapter] | None = None
     # Adapters with spec.maxReplicas -> the replicas demand asks for (None until read back from the adapter set).
     scaled: dict[str, int] | None = None
     scaling_reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # why each count last stepped
@@ -107,3 +112,5 @@ class BaseModelRecord(StatusRecord):
         self.reconciled = None
         self.served_name_owners = None
         self.applied_rewrites = None
+        if self.routing_applied is False:
+            self.routing_applied = None

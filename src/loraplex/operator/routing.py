@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import re
 from typing import Any
 
@@ -22,7 +23,8 @@ POOL_API_VERSION = f"{POOL_GROUP}/v1"
 # InferenceObjective and InferenceModelRewrite: the picker reads llm-d.ai, and the older group when that is absent.
 OBJECTIVE_GROUPS = ("llm-d.ai", "inference.networking.x-k8s.io")
 OBJECTIVE_VERSION = "v1alpha2"
-MODEL_LABEL_ANNOTATION = "loraplex.io/model"
+MODEL_ANNOTATION = "loraplex.io/model"
+CONFIG_HASH_ANNOTATION = "loraplex.io/config-hash"
 PICKER_CONFIG_API_VERSION = "llm-d.ai/v1alpha1"
 EXT_PROC_PORT, HEALTH_PORT, METRICS_PORT = 9002, 9003, 9090
 CONFIG_FILE = "config.yaml"
@@ -97,7 +99,8 @@ def endpoint_picker_config(runtime: Runtime) -> dict[str, Any]:
     runtime_extractor = {"defaultEngine": engine.engine,
                          "engineConfigs": [{"name": engine.engine, **engine.specs, "loraSpec": ""}]}
     residency_extractor = {"defaultEngine": RESIDENCY_ENGINE, "engineConfigs": [
-        {"name": name, "loraSpec": RESIDENCY_METRIC} for name in (RESIDENCY_ENGINE, *BUILT_IN_ENGINES)]}
+        {"name": name, "loraSpec": RESIDENCY_METRIC}
+        for name in dict.fromkeys((RESIDENCY_ENGINE, engine.engine, *BUILT_IN_ENGINES))]}
     plugins: list[dict[str, Any]] = [
         *({"name": scorer, "type": scorer} for scorer, _ in SCORERS),
         {"name": "max-score-picker", "type": "max-score-picker"},
@@ -135,9 +138,13 @@ def render_picker_config_map(owner: dict[str, Any], runtime: Runtime) -> dict[st
     }
 
 
-def render_picker_deployment(owner: dict[str, Any], routing: RoutingSpec) -> dict[str, Any]:
-    """One replica, replaced rather than rolled (two pickers would each keep their own view of the pods)."""
+def render_picker_deployment(owner: dict[str, Any], routing: RoutingSpec, config: dict[str, Any]
+                             ) -> dict[str, Any]:
+    """One replica, replaced rather than rolled (two pickers would each keep their own view of the pods). The
+    picker reads its config file once, at start: the template carries the config's hash, so a new config
+    replaces the pod."""
     names = ChildNames(owner["metadata"]["name"])
+    config_hash = hashlib.sha256(json.dumps(config["data"], sort_keys=True).encode()).hexdigest()[:16]
     picker = routing.endpoint_picker
     labels = picker_labels(names.base_model)
     probe = {"grpc": {"port": HEALTH_PORT, "service": "inference-extension"}, "periodSeconds": 10}
@@ -172,7 +179,7 @@ def render_picker_deployment(owner: dict[str, Any], routing: RoutingSpec) -> dic
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": labels},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": labels, "annotations": {CONFIG_HASH_ANNOTATION: config_hash}},
                 "spec": {"serviceAccountName": names.endpoint_picker, "terminationGracePeriodSeconds": 130,
                          "containers": [container],
                          "volumes": [{"name": "config", "configMap": {"name": names.endpoint_picker}}]},
@@ -228,8 +235,9 @@ def render_routing(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list
     routing = routing_of(spec)
     if routing is None:
         return []
-    return [render_inference_pool(owner, spec, routing), render_picker_config_map(owner, spec.runtime),
-            *render_picker_rbac(owner), render_picker_deployment(owner, routing), render_picker_service(owner)]
+    config = render_picker_config_map(owner, spec.runtime)
+    return [render_inference_pool(owner, spec, routing), config, *render_picker_rbac(owner),
+            render_picker_deployment(owner, routing, config), render_picker_service(owner)]
 
 
 def routing_object_refs(base_model: str) -> list[tuple[str, str, str]]:
@@ -286,7 +294,7 @@ def render_model_rewrite(owner: dict[str, Any], model: str, targets: list[Traffi
     served name, drawn by weight, before the picker scores the pods by it."""
     names = ChildNames(owner["metadata"]["name"])
     metadata = object_metadata(owner, model_rewrite_name(names.base_model, model), "model-rewrite")
-    metadata["annotations"] = {MODEL_LABEL_ANNOTATION: model}
+    metadata["annotations"] = {MODEL_ANNOTATION: model}
     return {
         "apiVersion": api_version,
         "kind": "InferenceModelRewrite",

@@ -89,14 +89,19 @@ class RoutingRuns(ClusterView):
     async def apply_routing(self, key: Key, body: dict[str, Any], spec: BaseModelDeploymentSpec
                             ) -> tuple[str, str] | None:
         """Bring routing to what the spec asks; the (reason, message) of what keeps it from working, or None."""
+        record = self._base_model_record(key)
         if spec.routing is None:
-            if first(self.pickers, key) is not None:
+            # Left over from routing turned off: known from the picker, or looked for once after each start and
+            # resync (an apply that failed halfway leaves no picker but the rest).
+            if record.routing_applied is not False or first(self.pickers, key) is not None:
                 await self._prune_routing(key, body)
+                record.routing_applied = False
             return None
         if (bad_name := routing_name_problem(key[1])) is not None:
             return ("InvalidName", f"Routing cannot be set up: {bad_name}.")
         if not (await self.routing_apis()).inference_pool:
             return pool_unavailable()
+        record.routing_applied = True
         try:
             for child in render_routing(body, spec):
                 await apply_object(self.client, child)
@@ -108,9 +113,11 @@ class RoutingRuns(ClusterView):
         """Delete what routing added, each object only if this base model controls it."""
         meta = owner["metadata"]
         if (api_version := (await self.routing_apis()).model_rewrite) is not None:
-            record = self._base_model_record(key)
-            record.applied_rewrites = None
-            await self._converge_rewrites(owner, record, [], api_version)
+            # Under the traffic lock: a traffic run that read the spec before routing went off finishes first.
+            async with self._locks[("traffic", *key)]:
+                record = self._base_model_record(key)
+                record.applied_rewrites = None
+                await self._converge_rewrites(owner, record, [], api_version)
         for api_version, kind, name in routing_object_refs(meta["name"]):
             path = resource_path(api_version, PLURALS[kind], meta["namespace"], name)
             live = await self.client.get_or_none(path)
@@ -129,8 +136,11 @@ class RoutingRuns(ClusterView):
             if view.spec is None or view.spec.traffic is None or view.deleting:
                 continue
             facts = (record := self.adapter_records.get((key[0], view.name))) and record.facts
+            # Not decided since the operator started: as its status says, not as if it served nowhere.
+            phase = facts.phase if facts else view.status.get("phase")
+            serving = facts.serving if facts else int(view.status.get("readyReplicas") or 0) > 0
             candidates.append(Candidate(view.name, view.served_name, view.spec.traffic.model, view.spec.traffic.weight,
-                                        facts.phase if facts else None, facts.serving if facts else False))
+                                        phase, serving))
         return candidates
 
     async def apply_traffic(self, key: Key) -> None:
@@ -154,7 +164,7 @@ class RoutingRuns(ClusterView):
                        else "The cluster serves no InferenceModelRewrite API (llm-d.ai/v1alpha2, or "
                             "inference.networking.x-k8s.io/v1alpha2): install the endpoint picker's CRDs")
             served = {name: view.name for name, view in self.owners_of(key).items()}
-            plan = plan_traffic(candidates, served, problem)
+            plan = plan_traffic(candidates, served, problem, spec.model)
             if apis is not None and apis.model_rewrite:
                 desired = [render_model_rewrite(body, m.model, m.targets, apis.model_rewrite)
                            for m in plan if m.targets]

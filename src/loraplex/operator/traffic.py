@@ -27,20 +27,25 @@ class Candidate:
 
 
 def plan_traffic(candidates: Iterable[Candidate], served_names: Mapping[str, str],
-                 routing_problem: str | None) -> list[ModelTraffic]:
+                 routing_problem: str | None, base_model: str | None = None) -> list[ModelTraffic]:
     """Per model name, the adapters its requests go to and those withheld. `served_names` maps each served name
-    of the base model's accepted adapters to its adapter; `routing_problem` says why nothing is rewritten."""
+    of the base model's accepted adapters to its adapter; `routing_problem` says why nothing is rewritten;
+    `base_model` is the name the runtime serves the base model under, never taken either."""
     by_model: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         by_model.setdefault(candidate.model, []).append(candidate)
-    return [_plan_model(model, sorted(named, key=lambda c: c.adapter), served_names, routing_problem)
+    return [_plan_model(model, sorted(named, key=lambda c: c.adapter), served_names, routing_problem, base_model)
             for model, named in sorted(by_model.items())]
 
 
 def _plan_model(model: str, named: list[Candidate], served_names: Mapping[str, str],
-                routing_problem: str | None) -> ModelTraffic:
+                routing_problem: str | None, base_model: str | None) -> ModelTraffic:
     if routing_problem is not None:
         return ModelTraffic(model=model, problem=routing_problem)
+    if model == base_model:
+        return ModelTraffic(model=model, problem=(
+            f"{model!r} is the base model's own name: rewriting it would send every request for the base model to "
+            "adapters"))
     owner = served_names.get(model)
     if owner is not None and owner not in {c.adapter for c in named}:
         return ModelTraffic(model=model, problem=(
