@@ -82,9 +82,10 @@ class RoutingRuns(ClusterView):
         self._routing_apis = None
 
     async def routing_apis(self) -> RoutingApis:
-        if self._routing_apis is None:
-            self._routing_apis = await discover_routing_apis(self.client)
-        return self._routing_apis
+        async with self._locks["routing-apis"]:  # every base model's first run asks at once: one lookup serves all
+            if self._routing_apis is None:
+                self._routing_apis = await discover_routing_apis(self.client)
+            return self._routing_apis
 
     async def apply_routing(self, key: Key, body: dict[str, Any], spec: BaseModelDeploymentSpec
                             ) -> tuple[str, str] | None:
