@@ -130,25 +130,27 @@ class PlacementRuns(ClusterView):
             if scaled == current:
                 continue
             record.scaled[view.name] = scaled
-            record.scaling_reasons[view.name] = "its requests queue on every replica holding it" \
-                if scaled > current else "no replica holding it has seen a request for a while"
+            why = "its requests queue on every replica holding it" if scaled > current \
+                else "no replica holding it has seen a request for a while"
+            # The count an Event will say it was: the one before the first step not yet placed.
+            was = record.scaling_reasons[view.name][1] if view.name in record.scaling_reasons else current
+            record.scaling_reasons[view.name] = (why, was)
             changed = True
         return changed
 
-    async def _announce_scaling(self, key: Key, before: PlacementPlan | None, plan: PlacementPlan) -> None:
-        """A Scaled Event for each adapter that demand moved to another number of replicas: only once the new
-        placement says so (a step placement finds no room for changes nothing, and says nothing)."""
+    async def _announce_scaling(self, key: Key, plan: PlacementPlan) -> None:
+        """A Scaled Event for each adapter that demand moved to another number of replicas, once a propagated plan
+        places the count demand asked (or placement clamped it): not before, as a plan made before the step
+        does not show it yet, and not at all when placement found no room for the step."""
         record = self._base_model_record(key)
         views = {view.name: view for view in self.adapters_of(key)}
-        for name, why in sorted(record.scaling_reasons.items()):
-            was = before.placements[name].replicas if before and name in before.placements else None
+        for name, (why, was) in sorted(record.scaling_reasons.items()):
             now = plan.placements[name].replicas if name in plan.placements else None
-            # A plan made before the step was decided has yet to show it: its reason waits for the next plan.
             target = (record.scaled or {}).get(name)
-            if now is not None and now == was and target is not None and now != target:
+            if now is not None and target is not None and now != target:
                 continue
             del record.scaling_reasons[name]
-            if (view := views.get(name)) is None or now is None or was is None or now == was or view.spec is None:
+            if (view := views.get(name)) is None or now is None or now == was or view.spec is None:
                 continue
             involved = {"apiVersion": API_VERSION, "kind": LORA_ADAPTER.kind,
                         "metadata": {"namespace": view.namespace, "name": view.name, "uid": view.uid}}
@@ -162,7 +164,7 @@ class PlacementRuns(ClusterView):
         record = self._base_model_record(key)
         before = record.propagated_placement
         record.placement = record.propagated_placement = plan
-        await self._announce_scaling(key, before, plan)
+        await self._announce_scaling(key, plan)
         newly_short = plan.short() - record.warned_short
         record.warned_short = plan.short()
         if newly_short:

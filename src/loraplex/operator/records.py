@@ -104,7 +104,8 @@ class BaseModelRecord(StatusRecord):
     decided: dict[str, DesiredAdapter] | None = None
     # Adapters with spec.maxReplicas -> the replicas demand asks for (None until read back from the adapter set).
     scaled: dict[str, int] | None = None
-    scaling_reasons: dict[str, str] = dataclasses.field(default_factory=dict)  # why each count last stepped
+    # Adapters whose count stepped and no propagated plan has placed yet -> (why, the count before the step).
+    scaling_reasons: dict[str, tuple[str, int]] = dataclasses.field(default_factory=dict)
 
     def forget_shortcuts(self) -> None:
         super().forget_shortcuts()
