@@ -8,8 +8,10 @@ import copy
 import json
 
 from loraplex.api.adapter_set import DATA_KEY
+from loraplex.api.types import API_VERSION
+from loraplex.operator.adapters import AdapterView
 from loraplex.operator.reconciler import Reconciler
-from tests.unit.test_reconciler import BASE, NS, SETTINGS, Cluster, merge, replica_path
+from tests.unit.test_reconciler import BASE, NS, SETTINGS, Cluster, adapter_path, merge, replica_path
 
 
 def adapter_set(cluster: Cluster) -> dict:
@@ -223,3 +225,23 @@ async def test_reports_decided_at_once_on_the_same_placement_step_the_count_once
         for pod in (first, second)))
     await cluster.settle("hot")
     assert len(placed_on(cluster, "hot")) == 3 and cluster.status("hot")["wantedReplicas"] == 3
+
+
+async def test_a_step_decided_before_the_adapter_was_first_published_still_gets_its_scaled_event():
+    """A replica can report demand before any adapter-set run has carried the adapter (its status placed it, from
+    a plan of its own): the step's Event waits for the first published plan that places it."""
+    cluster = await cluster_with(["pod-a", "pod-b", "pod-c"], [], replicas=3)
+    cluster.api.store(adapter_path("hot"), {
+        "apiVersion": API_VERSION, "kind": "LoraAdapter",
+        "metadata": {"name": "hot", "namespace": NS, "creationTimestamp": "2026-01-01T00:00:01Z"},
+        "spec": {"baseModel": BASE, "source": "s3://bucket/hot", "replicas": 1, "maxReplicas": 3}})
+    cluster.reconciler.adapters.put(AdapterView.from_body(cluster.api.objects[adapter_path("hot")]))
+    [holder] = (await cluster.reconciler.placement_of((NS, BASE), "hot")).pods
+    assert adapter_set(cluster)["adapters"] == []  # not published yet
+
+    await cluster.report(holder, {"hot": loaded("Queued")})
+    await cluster.settle("hot")
+    [entry] = adapter_set(cluster)["adapters"]
+    assert len(entry["slots"]) == 2
+    scaled = [e for e in cluster.api.events() if e["reason"] == "Scaled"]
+    assert len(scaled) == 1 and "Placed on 2 replica(s), was 1" in scaled[0]["message"]
