@@ -83,13 +83,17 @@ class LatestEntries:
         return (self.entries.get(adapter) or {}).get("state")
 
 
-@pytest.fixture(scope="module")
-def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("store")
+def make_adapter_store(store: Path) -> Path:
+    """The adapters the agent tests sync: math and its second version (rank 8), and wide (rank 32)."""
     make_hf_adapter(store / "math", rank=8, seed=1)
     make_hf_adapter(store / "math-v2", rank=8, seed=2)
     make_hf_adapter(store / "wide", rank=32, seed=3)
     return store
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_adapter_store(tmp_path_factory.mktemp("store"))
 
 
 class Replica:

@@ -15,20 +15,15 @@ from loraplex.api.contract import RESIDENCY_METRIC
 from loraplex.api.types import AdapterFormat, ReplicaState, Runtime
 from loraplex.sidecar.residency import Residency, ResidencyGauge, residency_of
 from loraplex.sidecar.slots import AdapterSlot, Remove, Sync, Worker
-from tests.adapters import make_hf_adapter
 from tests.epp_scorer import LoraMetrics, latest_series, lora_affinity_score, lora_metrics, parse_spec
-from tests.unit.test_agent import Replica, until
+from tests.unit.test_agent import Replica, make_adapter_store, until
 
 SPEC = RESIDENCY_METRIC
 
 
 @pytest.fixture(scope="module")
 def adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    store = tmp_path_factory.mktemp("store")
-    make_hf_adapter(store / "math", rank=8, seed=1)
-    make_hf_adapter(store / "math-v2", rank=8, seed=2)
-    make_hf_adapter(store / "wide", rank=32, seed=3)
-    return store
+    return make_adapter_store(tmp_path_factory.mktemp("store"))
 
 
 def desired(name: str) -> DesiredAdapter:

@@ -8,6 +8,7 @@ from typing import Any
 from kubernetes.utils.quantity import parse_quantity
 
 from loraplex.kube import ApiError, KubeClient, NotFound, resource_path, retry_on_conflict
+from loraplex.operator.naming import controller_ref
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +83,7 @@ class TakenByAnother(ApiError):
 def other_controller(desired: dict[str, Any], live: dict[str, Any]) -> dict[str, Any] | None:
     """The controller of `live` when it is not the owner we render, nor an earlier object of that owner's kind and
     name (a BaseModelDeployment deleted and created again, whose children the garbage collector has yet to take)."""
-    ours = next((r for r in desired["metadata"].get("ownerReferences") or [] if r.get("controller")), None)
-    theirs = next((r for r in (live.get("metadata") or {}).get("ownerReferences") or [] if r.get("controller")), None)
+    ours, theirs = controller_ref(desired["metadata"]), controller_ref(live.get("metadata") or {})
     if ours is None or theirs is None:
         return None
     same = all(theirs.get(field) == ours.get(field) for field in ("apiVersion", "kind", "name"))

@@ -9,6 +9,7 @@ from loraplex.api.conditions import condition
 from loraplex.api.types import AdapterPhase, BaseModelDeploymentSpec, BaseModelDeploymentStatus, ModelTraffic
 from loraplex.operator.adapters import AdapterView
 from loraplex.operator.naming import endpoint
+from loraplex.operator.routing import routing_condition
 
 # Container waiting reasons that mean the container cannot run as it is, rather than that it is starting.
 FAILING_WAIT_REASONS = frozenset({"CrashLoopBackOff", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
@@ -47,15 +48,15 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
                       problem: tuple[str, str] | None, deployment: dict[str, Any] | None,
                       adapters: list[AdapterView], phases: Mapping[str, str] | None = None,
                       replica_problems: Mapping[str, str] | None = None,
-                      routing: dict[str, Any] | None = None,
+                      routing_problem: tuple[str, str] | None = None, picker: dict[str, Any] | None = None,
                       traffic: list[ModelTraffic] | None = None) -> dict[str, Any]:
     """Every operator-owned status field; conditions carry no transition times yet.
 
     `problem` is the (reason, message) of why the spec could not be applied, or None. `phases` are the
     adapters' phases by name as the operator last decided them, which its watch may not show yet.
-    `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem). `routing` is the
-    Routing condition (routing.routing_condition), None when routing is off; `traffic` the plan of shared model
-    names (traffic.plan_traffic).
+    `replica_problems` are what keeps replica pods from serving, by pod name (replica_problem). `routing_problem`
+    is what keeps routing from working (routing_runs.py) and `picker` the endpoint picker's Deployment, for the
+    Routing condition; `traffic` the plan of shared model names (traffic.plan_traffic).
     """
     meta = body["metadata"]
     generation = int(meta.get("generation") or 1)
@@ -108,6 +109,7 @@ def base_model_status(body: dict[str, Any], spec: BaseModelDeploymentSpec | None
                                    f"{len(ready_adapters)} of {len(live_adapters)} adapter(s) are Ready; "
                                    f"not ready: {shown}.", generation)
 
+    routing = routing_condition(spec, routing_problem, picker, meta["name"], generation)
     return BaseModelDeploymentStatus(
         observed_generation=generation, replicas=replicas, ready_replicas=ready, adapters=len(live_adapters),
         adapters_ready=len(ready_adapters),

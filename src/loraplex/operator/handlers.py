@@ -18,7 +18,7 @@ from loraplex.api.types import BASE_MODEL_DEPLOYMENT, GROUP, LORA_ADAPTER, LORA_
 from loraplex.kube import KubeClient
 from loraplex.operator.base_models import replica_problem
 from loraplex.operator.metrics import OperatorMetrics
-from loraplex.operator.naming import BASE_MODEL_LABEL, ChildNames
+from loraplex.operator.naming import BASE_MODEL_LABEL, ChildNames, controller_ref
 from loraplex.operator.reconciler import Key, Reconciler
 from loraplex.operator.settings import OperatorSettings
 
@@ -38,10 +38,10 @@ def _plain(body: Any) -> dict[str, Any]:
 def owning_base_model(meta: Any) -> str | None:
     """The BaseModelDeployment that controls an object, by its owner reference. Labels are not used for
     this: someone editing them must not hide the object from the operator that should repair it."""
-    for ref in meta.get("ownerReferences") or []:
-        if ref.get("kind") == BASE_MODEL_DEPLOYMENT.kind and ref.get("apiVersion") == f"{GROUP}/{VERSION}" \
-                and ref.get("controller"):
-            return str(ref["name"])
+    ref = controller_ref(meta)
+    if ref is not None and ref.get("kind") == BASE_MODEL_DEPLOYMENT.kind \
+            and ref.get("apiVersion") == f"{GROUP}/{VERSION}":
+        return str(ref["name"])
     return None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from loraplex.api.types import API_VERSION, BASE_MODEL_DEPLOYMENT, BASE_MODEL_LABEL
@@ -68,6 +69,11 @@ def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def controller_ref(meta: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The owner reference of an object's metadata that marks its controller (the API server allows one)."""
+    return next((ref for ref in meta.get("ownerReferences") or [] if ref.get("controller")), None)
 
 
 def object_metadata(owner: dict[str, Any], name: str, component: str) -> dict[str, Any]:

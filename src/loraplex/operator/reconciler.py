@@ -33,7 +33,7 @@ from loraplex.operator.coalescer import Coalescer
 from loraplex.operator.events import post_event
 from loraplex.operator.owned_objects import OwnedObjectRuns
 from loraplex.operator.records import AdapterClaim, AdapterFacts, AdapterRecord, BaseModelRecord
-from loraplex.operator.routing import PICKER_STARTING, routing_condition
+from loraplex.operator.routing import PICKER_STARTING
 from loraplex.operator.settings import OperatorSettings
 from loraplex.operator.status_writes import write_status
 
@@ -164,10 +164,8 @@ class Reconciler(AdapterSetRuns, OwnedObjectRuns):
         # Our own status writes reach the index later than we know their outcome: count what we decided.
         phases = {a.name: adapter.facts.phase for a in adapters
                   if (adapter := self.adapter_records.get((key[0], a.name))) and adapter.facts}
-        routing = routing_condition(spec, record.routing_problem, first(self.pickers, key), key[1],
-                                    int(body["metadata"].get("generation") or 1))
         desired = base_model_status(body, spec, problem, deployment, adapters, phases, self.replica_problems(key),
-                                    routing, record.traffic)
+                                    record.routing_problem, first(self.pickers, key), record.traffic)
         known = record.known_status(body.get("status") or {}).get("conditions")
         before = {kind: find(known, kind) for kind in ("Reconciled", "Routing")}
         await write_status(self.client, record, BASE_MODEL_DEPLOYMENT.plural, body, desired)

@@ -16,7 +16,7 @@ import yaml
 from loraplex.api.conditions import condition
 from loraplex.api.contract import RESIDENCY_METRIC, SIDECAR_PORT
 from loraplex.api.types import BaseModelDeploymentSpec, RoutingSpec, Runtime, TrafficTarget
-from loraplex.operator.naming import MAX_NAME_LENGTH, ChildNames, object_metadata, selector_labels
+from loraplex.operator.naming import MANAGED_BY, MAX_NAME_LENGTH, ChildNames, object_metadata, selector_labels
 
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_API_VERSION = f"{POOL_GROUP}/v1"
@@ -40,15 +40,11 @@ COMPONENT = "endpoint-picker"
 PICKER_STARTING = frozenset({"EndpointPickerMissing", "EndpointPickerUnavailable"})
 
 
-def routing_of(spec: BaseModelDeploymentSpec) -> RoutingSpec | None:
-    return spec.routing
-
-
 def picker_labels(base_model: str) -> dict[str, str]:
     """The picker's pods: without the base-model label, which would make them inference pods of the pool, the
     Service and the operator's replica count."""
     return {"app.kubernetes.io/name": "loraplex-endpoint-picker", "app.kubernetes.io/instance": base_model,
-            "app.kubernetes.io/managed-by": "loraplex"}
+            "app.kubernetes.io/managed-by": MANAGED_BY}
 
 
 def render_inference_pool(owner: dict[str, Any], spec: BaseModelDeploymentSpec, routing: RoutingSpec
@@ -232,7 +228,7 @@ def render_picker_rbac(owner: dict[str, Any]) -> list[dict[str, Any]]:
 
 def render_routing(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list[dict[str, Any]]:
     """Every object routing adds, or none when it is off."""
-    routing = routing_of(spec)
+    routing = spec.routing
     if routing is None:
         return []
     config = render_picker_config_map(owner, spec.runtime)
@@ -240,13 +236,11 @@ def render_routing(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list
             render_picker_deployment(owner, routing, config), render_picker_service(owner)]
 
 
-def routing_object_refs(base_model: str) -> list[tuple[str, str, str]]:
-    """(apiVersion, kind, name) of every object render_routing makes, to prune them once routing is off."""
-    picker = ChildNames(base_model).endpoint_picker
-    return [(POOL_API_VERSION, "InferencePool", ChildNames(base_model).inference_pool), ("v1", "ConfigMap", picker),
-            ("v1", "ServiceAccount", picker), ("rbac.authorization.k8s.io/v1", "Role", picker),
-            ("rbac.authorization.k8s.io/v1", "RoleBinding", picker), ("apps/v1", "Deployment", picker),
-            ("v1", "Service", picker)]
+def routing_object_refs(owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> list[tuple[str, str, str]]:
+    """(apiVersion, kind, name) of every object render_routing makes with routing on, to prune them once it is
+    off."""
+    with_routing = spec.model_copy(update={"routing": spec.routing or RoutingSpec()})
+    return [(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in render_routing(owner, with_routing)]
 
 
 def routing_name_problem(base_model: str) -> str | None:

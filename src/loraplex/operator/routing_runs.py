@@ -17,6 +17,7 @@ from loraplex.operator.adapters import AdapterView
 from loraplex.operator.apply import PLURALS, apply_object
 from loraplex.operator.cluster_view import ClusterView, Key, first
 from loraplex.operator.events import post_event
+from loraplex.operator.naming import controller_ref
 from loraplex.operator.records import AdapterRecord, BaseModelRecord
 from loraplex.operator.routing import (
     OBJECTIVE_GROUPS,
@@ -95,7 +96,7 @@ class RoutingRuns(ClusterView):
             # Left over from routing turned off: known from the picker, or looked for once after each start and
             # resync (an apply that failed halfway leaves no picker but the rest).
             if record.routing_applied is not False or first(self.pickers, key) is not None:
-                await self._prune_routing(key, body)
+                await self._prune_routing(key, body, spec)
                 record.routing_applied = False
             return None
         if (bad_name := routing_name_problem(key[1])) is not None:
@@ -110,7 +111,7 @@ class RoutingRuns(ClusterView):
             return ("ApplyFailed", f"Applying the routing objects failed: {exc}")
         return None
 
-    async def _prune_routing(self, key: Key, owner: dict[str, Any]) -> None:
+    async def _prune_routing(self, key: Key, owner: dict[str, Any], spec: BaseModelDeploymentSpec) -> None:
         """Delete what routing added, each object only if this base model controls it."""
         meta = owner["metadata"]
         if (api_version := (await self.routing_apis()).model_rewrite) is not None:
@@ -119,14 +120,11 @@ class RoutingRuns(ClusterView):
                 record = self._base_model_record(key)
                 record.applied_rewrites = None
                 await self._converge_rewrites(owner, record, [], api_version)
-        for api_version, kind, name in routing_object_refs(meta["name"]):
+        for api_version, kind, name in routing_object_refs(owner, spec):
             path = resource_path(api_version, PLURALS[kind], meta["namespace"], name)
             live = await self.client.get_or_none(path)
             if live is not None and _controlled_by(live, meta["uid"]):
-                try:
-                    await self.client.delete(path)
-                except NotFound:
-                    pass
+                await self._delete_if_present(path)
                 logger.info("deleted %s %s/%s: routing is off", kind, meta["namespace"], name)
 
     # ---- shared model names (spec.traffic) ----------------------------------------------------------
@@ -157,19 +155,12 @@ class RoutingRuns(ClusterView):
             if spec is None or (spec.routing is None and not candidates):
                 record.traffic = []
                 return
-            apis = await self.routing_apis() if spec.routing is not None else None
-            problem = (f"BaseModelDeployment {key[1]} has no spec.routing: nothing rewrites model names"
-                       if spec.routing is None
-                       else f"Routing is not in place: {record.routing_problem[1]}" if record.routing_problem
-                       else None if apis is not None and apis.model_rewrite
-                       else "The cluster serves no InferenceModelRewrite API (llm-d.ai/v1alpha2, or "
-                            "inference.networking.x-k8s.io/v1alpha2): install the endpoint picker's CRDs")
+            api_version = (await self.routing_apis()).model_rewrite if spec.routing is not None else None
             served = {name: view.name for name, view in self.owners_of(key).items()}
-            plan = plan_traffic(candidates, served, problem, spec.model)
-            if apis is not None and apis.model_rewrite:
-                desired = [render_model_rewrite(body, m.model, m.targets, apis.model_rewrite)
-                           for m in plan if m.targets]
-                await self._converge_rewrites(body, record, desired, apis.model_rewrite)
+            plan = plan_traffic(candidates, served, _rewrite_problem(key[1], spec, record, api_version), spec.model)
+            if api_version is not None:
+                desired = [render_model_rewrite(body, m.model, m.targets, api_version) for m in plan if m.targets]
+                await self._converge_rewrites(body, record, desired, api_version)
             await self._announce_withdrawals(body, record.traffic, plan)
             record.traffic = plan
 
@@ -184,11 +175,14 @@ class RoutingRuns(ClusterView):
             await apply_object(self.client, rewrite)
         wanted = {r["metadata"]["name"] for r in desired}
         for name in sorted(record.applied_rewrites - wanted):
-            try:
-                await self.client.delete(resource_path(api_version, "inferencemodelrewrites", meta["namespace"], name))
-            except NotFound:
-                pass
+            await self._delete_if_present(resource_path(api_version, "inferencemodelrewrites", meta["namespace"], name))
         record.applied_rewrites = wanted
+
+    async def _delete_if_present(self, path: str) -> None:
+        try:
+            await self.client.delete(path)
+        except NotFound:
+            pass
 
     async def _announce_withdrawals(self, owner: dict[str, Any], before: list[ModelTraffic] | None,
                                     after: list[ModelTraffic]) -> None:
@@ -203,6 +197,18 @@ class RoutingRuns(ClusterView):
                                      f"{withheld.reason}.")
 
 
+def _rewrite_problem(base_model: str, spec: BaseModelDeploymentSpec, record: BaseModelRecord,
+                     api_version: str | None) -> str | None:
+    """Why no model name of the base model is rewritten at all, or None."""
+    if spec.routing is None:
+        return f"BaseModelDeployment {base_model} has no spec.routing: nothing rewrites model names"
+    if record.routing_problem is not None:
+        return f"Routing is not in place: {record.routing_problem[1]}"
+    if api_version is None:
+        return ("The cluster serves no InferenceModelRewrite API (llm-d.ai/v1alpha2, or "
+                "inference.networking.x-k8s.io/v1alpha2): install the endpoint picker's CRDs")
+    return None
+
+
 def _controlled_by(obj: dict[str, Any], uid: str) -> bool:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return any(ref.get("uid") == uid and ref.get("controller") for ref in refs)
+    return (controller_ref(obj.get("metadata") or {}) or {}).get("uid") == uid
